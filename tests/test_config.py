@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+
+from ttrl.config import Config, ConfigError, config_from_dict, load_config
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def test_defaults_follow_official_scripts():
+    cfg = Config()
+    assert cfg.rollout.n_votes == 64 and cfg.reward.n_train_samples == 32
+    assert cfg.rollout.temperature == 1.0
+    assert cfg.eval.n_samples == 16 and cfg.eval.temperature == 0.6 and cfg.eval.top_p == 0.95
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "demo.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.reward.n_train_samples <= cfg.rollout.n_votes
+
+
+def test_overrides_are_typed():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["rollout.n_votes=12", "algorithm.lr=3e-5", "eval.greedy=false",
+                                              "data.eval=[math500, amc]"])
+    assert cfg.rollout.n_votes == 12 and cfg.algorithm.lr == 3e-5 and cfg.eval.greedy is False
+    assert cfg.data.eval == ["math500", "amc"]
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"rollout": {"n_vote": 3}}, "rollout.n_vote"),
+    ({"rollouts": {}}, "rollouts"),
+    ({"rollout": {"n_votes": "many"}}, "rollout.n_votes"),
+    ({"rollout": {"n_votes": 8}, "reward": {"n_train_samples": 9}}, "reward.n_train_samples"),
+    ({"rollout": {"temperature": 0}}, "rollout.temperature"),
+    ({"rollout": {"n_votes": 1}, "reward": {"n_train_samples": 1}}, "rollout.n_votes"),
+    ({"algorithm": {"advantage": "ppo2"}}, "algorithm.advantage"),
+    ({"train": {"steps": 1.5}}, "train.steps"),
+    ({"model": "gpt"}, "model"),
+])
+def test_bad_values_name_the_key(raw, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_from_dict(raw)
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("rollout:\n  n_votes: 8\n  temperature: [1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+"):
+        load_config(p)
+
+
+def test_unknown_key_in_file_names_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*train\.stepz"):
+        load_config(p)

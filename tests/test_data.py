@@ -1,0 +1,83 @@
+import json
+
+import pytest
+
+from ttrl.config import ArithmeticConfig, DataConfig
+from ttrl.data import DataError, arithmetic_problems, load_file, load_problems, render_prompt, split_holdout
+
+
+@pytest.mark.parametrize("name, rows", [("aime2024", 30), ("amc", 83), ("math500", 500)])
+def test_bundled_benchmarks(name, rows):
+    problems = load_problems(name, DataConfig())
+    assert len(problems) == rows
+    assert all(p.prompt and p.answer is not None for p in problems)
+    assert len({p.id for p in problems}) == rows
+
+
+def test_arithmetic_is_seeded_distinct_and_correct():
+    a = arithmetic_problems(ArithmeticConfig(n=50, seed=3))
+    assert a == arithmetic_problems(ArithmeticConfig(n=50, seed=3))
+    assert a != arithmetic_problems(ArithmeticConfig(n=50, seed=4))
+    assert len({p.id for p in a}) == 50
+    for p in a:
+        x, y = p.prompt.removeprefix("What is ").removesuffix("?").split(" + ")
+        assert int(p.answer) == int(x) + int(y)
+    with pytest.raises(DataError, match="distinct"):
+        arithmetic_problems(ArithmeticConfig(n=101))
+
+
+def test_holdout_split_is_disjoint_and_seeded():
+    problems = arithmetic_problems(ArithmeticConfig(n=40))
+    adapt, held = split_holdout(problems, 0.25, seed=1)
+    assert len(held) == 10 and len(adapt) == 30
+    assert not {p.id for p in adapt} & {p.id for p in held}
+    assert split_holdout(problems, 0.25, seed=1) == (adapt, held)
+
+
+def test_template():
+    p = arithmetic_problems(ArithmeticConfig(n=1))[0]
+    assert render_prompt(p, "{problem} Answer with just the number.") == p.prompt + " Answer with just the number."
+
+
+def _write(tmp_path, name, text, mode="w"):
+    path = tmp_path / name
+    if mode == "wb":
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def test_jsonl_and_json_with_custom_fields(tmp_path):
+    rows = [{"q": "1+1?", "gold": 2, "uid": "a"}, {"q": "2+2?", "uid": "b"}]
+    jl = _write(tmp_path, "p.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    js = _write(tmp_path, "p.json", json.dumps({"data": rows}))
+    for path in (jl, js):
+        ps = load_file(path, prompt_field="q", answer_field="gold", id_field="uid")
+        assert [p.id for p in ps] == ["a", "b"] and ps[0].answer == "2" and ps[1].answer is None
+
+
+@pytest.mark.parametrize("content, pattern", [
+    ('{"problem": "a"}\n{"problem": "b"\n', r"p\.jsonl:2: not valid JSON"),
+    ('{"problem": "a"}\n{"question": "b"}\n', r"p\.jsonl:2: missing or empty prompt field 'problem'"),
+    ('{"problem": "   "}\n', r"p\.jsonl:1: missing or empty prompt field"),
+    ('', r"no prompts found"),
+    ('{"id": 1, "problem": "a"}\n{"id": 1, "problem": "b"}\n', r"p\.jsonl:2: duplicate id '1'"),
+    ('[1, 2]\n', r"p\.jsonl:1: expected a JSON object"),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path, content, pattern):
+    with pytest.raises(DataError, match=pattern):
+        load_file(_write(tmp_path, "p.jsonl", content))
+
+
+def test_non_utf8_names_line(tmp_path):
+    path = _write(tmp_path, "p.jsonl", b'{"problem": "ok"}\n{"problem": "caf\xe9"}\n', mode="wb")
+    with pytest.raises(DataError, match=r"p\.jsonl:2: bytes that are not UTF-8"):
+        load_file(path)
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_file(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="unknown data format"):
+        load_file(_write(tmp_path, "p.csv", "a,b\n"))

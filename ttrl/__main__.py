@@ -1,0 +1,5 @@
+import sys
+
+from ttrl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,138 @@
+"""`ttrl train | eval | demo`: thin argument parsing around config, trainer and evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ttrl.config import ConfigError, load_config
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+
+
+def _quiet_libraries() -> None:
+    """Silence third-party progress bars and warnings that drown our own output."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def prepare_run_dir(path: Path, overwrite: bool) -> None:
+    """Never overwrite an existing run silently."""
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"output directory {path} already holds a run; pass --overwrite to replace it "
+                              "or choose another --output-dir")
+        import shutil
+
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def before_after_table(evals: dict, k: int) -> str:
+    """Plain-text table: per eval set, base vs TTRL avg@k and maj@k."""
+    lines = [f"{'set':<10} {'prompts':>7} {'base avg@' + str(k):>12} {'base maj@' + str(k):>12} "
+             f"{'TTRL avg@' + str(k):>12} {'TTRL maj@' + str(k):>12} {'change':>8}"]
+    for name, rows in evals.items():
+        if not rows or f"avg@{k}" not in rows[-1]:
+            continue
+        first, last = rows[0], rows[-1]
+        lines.append(f"{name:<10} {last['n_prompts']:>7} {first[f'avg@{k}']:>12.3f} {first[f'maj@{k}']:>12.3f} "
+                     f"{last[f'avg@{k}']:>12.3f} {last[f'maj@{k}']:>12.3f} "
+                     f"{last[f'avg@{k}'] - first[f'avg@{k}']:>+8.3f}")
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(args.config, args.overrides + ([f"data.holdout={args.holdout}"] if args.holdout else []))
+    out = Path(args.output_dir or f"runs/ttrl-{time.strftime('%Y%m%d-%H%M%S')}")
+    prepare_run_dir(out, args.overwrite)
+    from ttrl.trainer import train
+
+    t0 = time.time()
+    summary = train(cfg, out, quiet=args.quiet)
+    print(before_after_table(summary["evals"], cfg.eval.n_samples))
+    print(f"\nrun finished in {time.time() - t0:.0f} s; files in {out}/ (metrics.jsonl, summary.json, model/)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from ttrl.data import load_problems
+    from ttrl.evaluation import evaluate
+    from ttrl.models import load_model
+
+    model, tok = load_model(cfg.model, seed=cfg.train.seed)
+    problems = load_problems(cfg.data.train, cfg.data)
+    summary, results = evaluate(model, tok, problems, cfg.eval, cfg.data.template, cfg.model.chat_template,
+                                seed=cfg.train.seed + 7919)
+    summary = {"model": cfg.model.name, "data": cfg.data.train, **summary}
+    for key, value in summary.items():
+        print(f"{key:>16}  {value:.4f}" if isinstance(value, float) else f"{key:>16}  {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**summary, "problems": [r.__dict__ for r in results]}, indent=2))
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    args.config = str(CONFIGS_DIR / "demo.yaml")
+    args.output_dir = args.output_dir or "runs/demo"
+    args.holdout = 0.0
+    return cmd_train(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ttrl", description="Test-Time Reinforcement Learning on unlabeled prompts")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="adapt a model on unlabeled prompts with majority-vote rewards")
+    train.add_argument("--config", help="YAML config file (see configs/)")
+    train.add_argument("--output-dir", help="run directory (default runs/ttrl-<time>)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument("--holdout", type=float, default=0.0, help="fraction of prompts held out for evaluation")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. rollout.n_votes=16")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="avg@k, maj@k, pass@k and greedy accuracy of a model on a data set")
+    ev.add_argument("--config", help="YAML config file")
+    ev.add_argument("--json", help="also write the results (with per-problem votes) to this file")
+    ev.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. model.name=runs/x/model")
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help="TTRL on the embedded SmolLM2-135M and arithmetic prompts (CPU, minutes)")
+    demo.add_argument("--output-dir", help="run directory (default runs/demo)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("overrides", nargs="*", help="key.sub=value settings on top of the demo config")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from ttrl.data import DataError
+    from ttrl.models import ModelError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Accuracy against gold answers: avg@k (pass@1 averaged over k samples), maj@k (the
+majority vote of k samples, a.k.a. cons@k), pass@k (unbiased estimator) and greedy accuracy.
+
+Gold answers are read here and in the trainer's diagnostics only, never on the training path.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from math import comb
+
+import torch
+
+from ttrl.config import EvalConfig
+from ttrl.data import Problem, render_prompt
+from ttrl.grading import extract_answer, is_equivalent
+from ttrl.models import encode_prompts
+from ttrl.rollout import Sampling, generate
+from ttrl.voting import majority_vote
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """P(at least one of k samples drawn without replacement from n, c of them correct, is correct)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+@dataclass
+class ProblemResult:
+    id: str
+    gold: str | None
+    pseudo_label: str | None
+    majority_ratio: float
+    n_correct: int | None
+    n_samples: int
+    maj_correct: bool | None
+    histogram: list[tuple[str, int]]
+    """Vote counts per answer class, largest first ("<no answer>" for samples without one)."""
+
+
+def score_group(answers: list[str | None], gold: str | None, pid: str = "") -> ProblemResult:
+    """Vote over one prompt's answers and (when gold is known) grade each answer and the vote."""
+    vote = majority_vote(answers)
+    hist = Counter({vote.representatives[c]: vote.counts[c] for c in range(len(vote.counts))})
+    missing = sum(1 for c in vote.cluster_of if c < 0)
+    if missing:
+        hist["<no answer>"] = missing
+    n_correct = maj = None
+    if gold is not None:
+        n_correct = sum(is_equivalent(a, gold) for a in answers)
+        maj = is_equivalent(vote.pseudo_label, gold)
+    return ProblemResult(id=pid, gold=gold, pseudo_label=vote.pseudo_label, majority_ratio=vote.majority_ratio,
+                         n_correct=n_correct, n_samples=len(answers), maj_correct=maj,
+                         histogram=hist.most_common())
+
+
+def summarize(results: list[ProblemResult], k: int, greedy: list[bool | None] | None = None) -> dict:
+    """Aggregate metrics over problems; accuracy keys appear only when every problem has gold."""
+    out: dict = {"n_prompts": len(results),
+                 "majority_ratio": sum(r.majority_ratio for r in results) / max(1, len(results))}
+    if results and all(r.gold is not None for r in results):
+        out[f"avg@{k}"] = sum(r.n_correct / r.n_samples for r in results) / len(results)
+        out[f"maj@{k}"] = sum(bool(r.maj_correct) for r in results) / len(results)
+        out[f"pass@{k}"] = sum(pass_at_k(r.n_samples, r.n_correct, k) for r in results) / len(results)
+        if greedy:
+            out["greedy"] = sum(bool(g) for g in greedy) / len(greedy)
+    return out
+
+
+def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, template: str,
+             chat_template: bool = True, seed: int = 0) -> tuple[dict, list[ProblemResult]]:
+    """Sample k answers per problem with the evaluation sampler; (summary, per-problem results)."""
+    prompt_ids = encode_prompts(tokenizer, [render_prompt(p, template) for p in problems], chat_template)
+    k = cfg.n_samples
+    generator = torch.Generator().manual_seed(seed)
+    sampling = Sampling(n=k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                        max_new_tokens=cfg.max_new_tokens)
+    rollout = generate(model, tokenizer, prompt_ids, sampling, generator)
+    answers = [extract_answer(t) for t in rollout.texts]
+    results = [score_group([answers[i] for i in rollout.group(p)], prob.answer, prob.id)
+               for p, prob in enumerate(problems)]
+    greedy = None
+    if cfg.greedy and all(p.answer is not None for p in problems):
+        g = generate(model, tokenizer, prompt_ids, Sampling(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens))
+        greedy = [is_equivalent(extract_answer(t), p.answer) for t, p in zip(g.texts, problems)]
+    summary = summarize(results, k, greedy)
+    summary["mean_length"] = rollout.n_tokens / max(1, len(rollout.texts))
+    return summary, results

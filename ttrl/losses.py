@@ -1,0 +1,41 @@
+"""Policy-gradient loss terms on per-token tensors [batch, seq] with a 0/1 mask.
+
+Losses are summed over tokens and divided by `n_tokens`, the token count of the whole
+mini-batch, so gradient accumulation over micro-batches gives exactly the token-mean loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip_eps: float, n_tokens: float) -> tuple[torch.Tensor, dict]:
+    """PPO/GRPO clipped surrogate. advantages [batch] (one per sample, broadcast over tokens).
+
+    Returns (loss, stats) with stats `clipfrac` and `approx_kl` (old -> new, k3) as floats.
+    """
+    adv = advantages[:, None]
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = (per_token * mask).sum() / n_tokens
+    with torch.no_grad():
+        stats = {
+            "clipfrac": float(((clipped > unclipped).float() * mask).sum() / n_tokens),
+            "approx_kl": float((((ratio - 1) - log_ratio) * mask).sum() / n_tokens),
+        }
+    return loss, stats
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1 >= 0,
+    unbiased and low-variance for samples drawn from the policy (Schulman, 2020)."""
+    d = ref_logp - logp
+    return d.exp() - d - 1
+
+
+def masked_sum_over(x: torch.Tensor, mask: torch.Tensor, n_tokens: float) -> torch.Tensor:
+    return (x * mask).sum() / n_tokens

@@ -1,0 +1,228 @@
+"""The TTRL loop, top to bottom: prompts -> samples -> votes -> rewards -> advantages -> update
+-> metrics. Gold answers enter only `diagnostics()` and evaluation, after the update is done."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ttrl.advantages import compute_advantages
+from ttrl.config import Config
+from ttrl.data import Problem, load_problems, render_prompt, split_holdout
+from ttrl.evaluation import evaluate
+from ttrl.grading import extract_answer, is_equivalent
+from ttrl.losses import kl_k3, policy_loss
+from ttrl.metrics import MetricsWriter, progress_bar
+from ttrl.models import encode_prompts, load_model
+from ttrl.rewards import majority_rewards, similarity_rewards
+from ttrl.rollout import Rollout, Sampling, generate, score
+from ttrl.voting import Vote, majority_vote
+
+
+@dataclass
+class Group:
+    """One prompt's votes and the M samples chosen for training, with their rewards."""
+    vote: Vote
+    answers: list[str | None]
+    train_idx: list[int]
+    """Indices (within the group) of the M samples that are rewarded and trained on."""
+    rewards: list[float]
+    skipped: bool
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def vote_and_reward(rollout: Rollout, cfg: Config, generator: torch.Generator) -> list[Group]:
+    """Majority vote over each prompt's N samples; reward M of them drawn at random."""
+    answers = [extract_answer(t) for t in rollout.texts]
+    groups = []
+    for p in range(len(rollout.prompt_ids)):
+        idx = list(rollout.group(p))
+        vote = majority_vote([answers[i] for i in idx])
+        chosen = torch.randperm(rollout.n, generator=generator)[: cfg.reward.n_train_samples].tolist()
+        if cfg.reward.kind == "similarity":
+            rewards = similarity_rewards([rollout.texts[i] for i in idx], chosen)
+        else:
+            rewards = majority_rewards(vote, chosen)
+        groups.append(Group(vote=vote, answers=[answers[i] for i in idx], train_idx=chosen,
+                            rewards=list(rewards), skipped=vote.majority_ratio < cfg.reward.min_majority_ratio))
+    return groups
+
+
+def update(model, ref_model, rollout: Rollout, groups: list[Group], cfg: Config, optimizer, scheduler,
+           pad_id: int) -> dict:
+    """Advantages from rewards, then clipped policy-gradient steps on the trained samples."""
+    algo = cfg.algorithm
+    kept = [(p, g) for p, g in enumerate(groups) if not g.skipped]
+    if not kept:
+        return {"loss/policy": 0.0, "train/updated": 0}
+    adv = compute_advantages(algo.advantage, torch.tensor([g.rewards for _, g in kept])).flatten()
+    samples = [p * rollout.n + i for p, g in kept for i in g.train_idx]
+    prompts = [rollout.prompt_ids[i // rollout.n] for i in samples]
+    completions = [rollout.completion_ids[i] for i in samples]
+    old = torch.nn.utils.rnn.pad_sequence([rollout.logprobs[i] for i in samples], batch_first=True)
+    n_tokens = float(sum(len(c) for c in completions))
+    params = [p for p in model.parameters() if p.requires_grad]
+    totals = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/clipfrac": 0.0, "loss/approx_kl": 0.0}
+    grad_norm, skipped_updates = 0.0, 0
+    model.train()
+    for _ in range(algo.ppo_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        for s in range(0, len(samples), algo.micro_batch_size):
+            mb = slice(s, s + algo.micro_batch_size)
+            logp, mask = score(model, prompts[mb], completions[mb], cfg.rollout.temperature, pad_id)
+            old_mb = old[mb, : logp.shape[1]].to(logp.device)
+            loss, stats = policy_loss(logp, old_mb, adv[mb].to(logp.device), mask, algo.clip_eps, n_tokens)
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref_logp, _ = score(ref_model, prompts[mb], completions[mb], cfg.rollout.temperature, pad_id)
+                kl = (kl_k3(logp, ref_logp) * mask).sum() / n_tokens
+                loss = loss + algo.kl_coef * kl
+                totals["loss/kl"] += float(kl) / algo.ppo_epochs
+            loss.backward()
+            totals["loss/policy"] += float(loss) / algo.ppo_epochs
+            totals["loss/clipfrac"] += stats["clipfrac"] / algo.ppo_epochs
+            totals["loss/approx_kl"] += stats["approx_kl"] / algo.ppo_epochs
+        norm = torch.nn.utils.clip_grad_norm_(params, algo.max_grad_norm)
+        grad_norm = float(norm)
+        if not math.isfinite(grad_norm):  # a NaN/inf gradient must not reach the weights
+            skipped_updates += 1
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        optimizer.step()
+    scheduler.step()
+    return {**totals, "optim/grad_norm": grad_norm, "optim/lr": scheduler.get_last_lr()[0],
+            "optim/skipped_updates": skipped_updates, "train/updated": len(kept)}
+
+
+def diagnostics(groups: list[Group], golds: list[str | None]) -> dict:
+    """Gold-based metrics (label accuracy, reward accuracy, rollout accuracy); read-only."""
+    if any(g is None for g in golds):
+        return {}
+    label_ok = [is_equivalent(g.vote.pseudo_label, gold) for g, gold in zip(groups, golds)]
+    rollout_ok = [is_equivalent(a, gold) for g, gold in zip(groups, golds) for a in g.answers]
+    reward_ok = []
+    for g, gold in zip(groups, golds):
+        for i, r in zip(g.train_idx, g.rewards):
+            reward_ok.append(float(is_equivalent(g.answers[i], gold)) == r)
+    return {"train/label_accuracy": float(np.mean(label_ok)),
+            "train/reward_accuracy": float(np.mean(reward_ok)) if reward_ok else None,
+            "train/rollout_accuracy": float(np.mean(rollout_ok))}
+
+
+def rollout_metrics(rollout: Rollout, groups: list[Group], seconds: float) -> dict:
+    lengths = [len(c) for c in rollout.completion_ids]
+    ent = torch.cat(rollout.entropy) if rollout.entropy else torch.zeros(1)
+    trained = [r for g in groups for r in g.rewards]
+    return {
+        "train/reward": float(np.mean(trained)) if trained else 0.0,
+        "train/majority_ratio": float(np.mean([g.vote.majority_ratio for g in groups])),
+        "train/skipped_prompts": sum(g.skipped for g in groups),
+        "train/no_answer": float(np.mean([a is None for g in groups for a in g.answers])),
+        "train/entropy": float(ent.mean()),
+        "train/response_length": float(np.mean(lengths)),
+        "train/truncated": float(np.mean(rollout.truncated)),
+        "perf/rollout_seconds": seconds,
+        "perf/tokens_per_second": sum(lengths) / max(seconds, 1e-9),
+    }
+
+
+def batch_order(n_prompts: int, per_step: int, step: int, seed: int) -> list[int]:
+    """Prompt indices for `step` (0-based): epochs of seeded shuffles laid end to end."""
+    per_step = min(per_step, n_prompts)
+    start = step * per_step
+    out = []
+    while len(out) < per_step:
+        epoch, offset = divmod(start + len(out), n_prompts)
+        perm = list(range(n_prompts))
+        random.Random(seed * 100003 + epoch).shuffle(perm)
+        out.append(perm[offset])
+    return out
+
+
+def total_steps(cfg: Config, n_prompts: int) -> int:
+    if cfg.train.steps:
+        return cfg.train.steps
+    return cfg.train.epochs * math.ceil(n_prompts / min(cfg.train.prompts_per_step, n_prompts))
+
+
+def run_evals(model, tok, sets: dict[str, list[Problem]], cfg: Config, step: int, writer: MetricsWriter,
+              store: dict) -> None:
+    for name, problems in sets.items():
+        if not problems:
+            continue
+        summary, results = evaluate(model, tok, problems, cfg.eval, cfg.data.template, cfg.model.chat_template,
+                                    seed=cfg.train.seed + 7919)
+        writer.log({"step": step, **{f"eval/{name}/{k}": v for k, v in summary.items()}})
+        store.setdefault(name, []).append({"step": step, **summary,
+                                           "examples": [r.__dict__ for r in results[:8]]})
+
+
+def train(cfg: Config, run_dir: str | Path, quiet: bool = False) -> dict:
+    """Run TTRL end to end; returns the summary also written to RUN_DIR/summary.json."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    seed_everything(cfg.train.seed)
+    problems = load_problems(cfg.data.train, cfg.data)
+    adapt, held = split_holdout(problems, cfg.data.holdout, cfg.train.seed)
+    eval_sets = {"adapt": adapt, "heldout": held}
+    for name in cfg.data.eval:
+        eval_sets[Path(name).stem] = load_problems(name, cfg.data)
+
+    model, tok = load_model(cfg.model, seed=cfg.train.seed)
+    ref_model = None
+    if cfg.algorithm.kl_coef > 0:
+        ref_model, _ = load_model(type(cfg.model)(**{**cfg.model.__dict__, "lora_rank": 0}), seed=cfg.train.seed)
+        ref_model.eval().requires_grad_(False)
+    pad_id = tok.pad_token_id
+    prompt_ids = encode_prompts(tok, [render_prompt(p, cfg.data.template) for p in adapt], cfg.model.chat_template)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.algorithm.lr, weight_decay=cfg.algorithm.weight_decay)
+    warm = cfg.algorithm.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    sampling = Sampling(n=cfg.rollout.n_votes, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                        top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+    writer = MetricsWriter(run_dir)
+    evals: dict = {}
+    steps = total_steps(cfg, len(adapt))
+    if cfg.eval.before:
+        run_evals(model, tok, eval_sets, cfg, 0, writer, evals)
+
+    bar = progress_bar(disable=quiet)
+    with bar:
+        task = bar.add_task("ttrl train", total=steps, info="")
+        for step in range(steps):
+            t0 = time.perf_counter()
+            batch = batch_order(len(adapt), cfg.train.prompts_per_step, step, cfg.train.seed)
+            rollout = generate(model, tok, [prompt_ids[i] for i in batch], sampling, generator)
+            t_roll = time.perf_counter() - t0
+            groups = vote_and_reward(rollout, cfg, generator)
+            stats = update(model, ref_model, rollout, groups, cfg, optimizer, scheduler, pad_id)
+            row = {"step": step + 1, **rollout_metrics(rollout, groups, t_roll), **stats,
+                   **diagnostics(groups, [adapt[i].answer for i in batch]),
+                   "perf/step_seconds": time.perf_counter() - t0}
+            writer.log(row)
+            bar.update(task, advance=1, info=f"reward {row['train/reward']:.2f} "
+                                             f"maj {row['train/majority_ratio']:.2f}")
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < steps:
+                run_evals(model, tok, eval_sets, cfg, step + 1, writer, evals)
+    run_evals(model, tok, eval_sets, cfg, steps, writer, evals)
+    writer.close()
+    model.save_pretrained(run_dir / "model")
+    tok.save_pretrained(run_dir / "model")
+    summary = {"steps": steps, "evals": evals}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
