@@ -86,6 +86,14 @@ def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator | 
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(1), entropy
 
 
+def _cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version takes."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
 def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
@@ -104,8 +112,9 @@ def _generate_chunk(model, prompts: list[list[int]], s: Sampling, eos: set[int],
     ids, mask = _left_pad(prompts, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+    cache_kw = {_cache_kwarg(model): cache}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **cache_kw)
     # Prefix sharing: one prefill per prompt, then its cache is copied to its n samples.
     rows = len(prompts) * s.n
     logits = out.logits[:, -1].repeat_interleave(s.n, 0)
@@ -138,7 +147,7 @@ def _generate_chunk(model, prompts: list[list[int]], s: Sampling, eos: set[int],
             tok, mask, next_pos, active = tok[keep], mask[keep], next_pos[keep], active[keep.cpu()]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       use_cache=True, **cache_kw).logits[:, -1]
         next_pos = next_pos + 1
     return tokens, logprobs, entropy, lengths
 

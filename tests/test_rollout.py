@@ -1,0 +1,102 @@
+import torch
+
+from ttrl.models import encode_prompts
+from ttrl.rollout import Sampling, generate, score, tempered_logprobs
+
+PROMPTS = ["What is 2 + 3?", "Hi", "Please add seven and eight and say the result in words, then digits."]
+
+
+def _rollout(tiny, s, seed=0, eos=None):
+    model, tok = tiny
+    saved = model.generation_config.eos_token_id
+    if eos is not None:
+        model.generation_config.eos_token_id = eos
+    try:
+        ids = encode_prompts(tok, PROMPTS)
+        return generate(model, tok, ids, s, torch.Generator().manual_seed(seed))
+    finally:
+        model.generation_config.eos_token_id = saved
+
+
+def _check_logprobs_match_teacher_forcing(tiny, r, temperature):
+    model, tok = tiny
+    prompts = [r.prompt_ids[i // r.n] for i in range(len(r.completion_ids))]
+    with torch.no_grad():
+        lp, mask = score(model, prompts, r.completion_ids, temperature, tok.pad_token_id)
+    for i, c in enumerate(r.completion_ids):
+        assert mask[i].sum() == len(c)
+        assert torch.allclose(lp[i, : len(c)], r.logprobs[i], atol=1e-4), i
+
+
+def test_logprobs_equal_teacher_forced_forward(tiny):
+    s = Sampling(n=4, temperature=0.8, max_new_tokens=12)
+    r = _rollout(tiny, s)
+    assert len(r.completion_ids) == 12 and len({len(p) for p in r.prompt_ids}) > 1  # padded prompts
+    _check_logprobs_match_teacher_forcing(tiny, r, 0.8)
+
+
+def test_early_stopped_rows_leave_batch_and_logprobs_still_match(tiny):
+    # Make a tenth of the vocabulary end-of-sequence so rows finish at many different steps.
+    eos = list(range(0, 49152, 10))
+    r = _rollout(tiny, Sampling(n=8, temperature=1.0, max_new_tokens=16), eos=eos)
+    lengths = [len(c) for c in r.completion_ids]
+    assert min(lengths) < 16 and len(set(lengths)) > 2
+    for c, trunc in zip(r.completion_ids, r.truncated):
+        assert trunc == (c[-1] not in eos)
+        assert all(t not in eos for t in c[:-1])  # nothing generated after end-of-sequence
+    _check_logprobs_match_teacher_forcing(tiny, r, 1.0)
+
+
+def test_fixed_seed_reproducible(tiny):
+    s = Sampling(n=3, temperature=1.0, top_p=0.9, max_new_tokens=8)
+    a, b, c = _rollout(tiny, s, 1), _rollout(tiny, s, 1), _rollout(tiny, s, 2)
+    assert a.completion_ids == b.completion_ids
+    assert a.completion_ids != c.completion_ids
+
+
+def test_temperature_zero_matches_greedy_generate(tiny):
+    model, tok = tiny
+    r = _rollout(tiny, Sampling(n=1, temperature=0.0, max_new_tokens=10))
+    for p, c in zip(r.prompt_ids, r.completion_ids):
+        out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             do_sample=False, max_new_tokens=10, pad_token_id=tok.pad_token_id)
+        ref = out[0, len(p):].tolist()
+        assert c == ref[: len(c)]
+
+
+def test_chunking_by_max_batch_rows_gives_same_groups(tiny):
+    s = Sampling(n=2, temperature=0.0, max_new_tokens=6)
+    whole = _rollout(tiny, s)
+    s.max_batch_rows = 2  # one prompt per chunk
+    assert _rollout(tiny, s).completion_ids == whole.completion_ids
+
+
+def _first_token_frequencies(tiny, s, n):
+    model, tok = tiny
+    ids = encode_prompts(tok, PROMPTS[:1])
+    s.n, s.max_new_tokens = n, 1
+    r = generate(model, tok, ids, s, torch.Generator().manual_seed(0))
+    counts = torch.bincount(torch.tensor([c[0] for c in r.completion_ids]), minlength=len(tok))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(ids)).logits[0, -1]
+    return counts.float() / n, logits
+
+
+def test_sampled_distribution_matches_softmax_over_temperature(tiny):
+    # top_k makes the support small enough to estimate; within it, p ∝ softmax(logits / T).
+    freq, logits = _first_token_frequencies(tiny, Sampling(temperature=0.7, top_k=8), 6000)
+    top = torch.topk(logits, 8).indices
+    expected = torch.zeros_like(freq)
+    expected[top] = torch.softmax(logits[top] / 0.7, -1)
+    tv = 0.5 * (freq - expected).abs().sum()
+    assert tv < 0.03, tv  # sampling noise at n=6000 over 8 outcomes is ~0.01
+    assert freq[[i for i in range(len(freq)) if i not in set(top.tolist())]].sum() == 0
+
+
+def test_top_p_keeps_smallest_nucleus(tiny):
+    freq, logits = _first_token_frequencies(tiny, Sampling(temperature=0.05, top_p=0.5), 500)
+    probs = tempered_logprobs(logits[None], 0.05)[0].exp()
+    order = torch.argsort(probs, descending=True)
+    k = int((probs[order].cumsum(0) < 0.5).sum()) + 1
+    allowed = set(order[:k].tolist())
+    assert set(torch.nonzero(freq).flatten().tolist()) <= allowed

@@ -1,0 +1,83 @@
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ttrl.config import load_config
+from ttrl.trainer import batch_order, train
+
+ROOT = Path(__file__).parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+
+TRAIN_KEYS = ["train/reward", "train/majority_ratio", "train/label_accuracy", "train/reward_accuracy",
+              "train/rollout_accuracy", "train/entropy", "train/response_length", "loss/policy", "loss/kl",
+              "optim/grad_norm", "optim/lr", "perf/step_seconds", "perf/tokens_per_second"]
+
+
+def test_tiny_config_through_the_cli(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "ttrl", "train", "--config", str(TINY), "--output-dir", str(out),
+                           "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/reward" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    for key in TRAIN_KEYS:
+        assert all(key in r for r in train_rows), key
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    assert {r["step"] for r in evals} == {0, 3}
+    assert any("eval/heldout/avg@4" in r for r in evals)
+    assert "base avg@4" in proc.stdout
+    assert (out / "model" / "config.json").is_file()
+    # A second run into the same directory is refused, not silently overwritten.
+    again = subprocess.run([sys.executable, "-m", "ttrl", "train", "--config", str(TINY), "--output-dir", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_batch_order_covers_each_prompt_once_per_epoch():
+    steps = [batch_order(10, 5, s, seed=3) for s in range(4)]
+    assert sorted(steps[0] + steps[1]) == list(range(10))
+    assert sorted(steps[2] + steps[3]) == list(range(10))
+    assert steps[0] + steps[1] != steps[2] + steps[3]  # reshuffled each epoch
+
+
+def _arithmetic_file(path: Path, gold: str) -> Path:
+    rows = [{"id": f"{a}+{b}", "problem": f"What is {a} + {b}?", "answer": str(a + b)}
+            for a, b in [(3, 4), (5, 2), (1, 1), (6, 2)]]
+    answers = [r["answer"] for r in rows]
+    if gold == "shuffled":
+        random.Random(0).shuffle(answers)
+        answers = answers[1:] + answers[:1]
+    for r, a in zip(rows, answers):
+        if gold == "removed":
+            del r["answer"]
+        else:
+            r["answer"] = a
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_gold_answers_never_reach_training(tmp_path):
+    """Real SmolLM2 (so votes and rewards are non-trivial): training with the gold answers
+    shuffled or removed gives bit-identical parameters and training rewards."""
+    params, rewards = {}, {}
+    for gold in ("true", "shuffled", "removed"):
+        data = _arithmetic_file(tmp_path / f"{gold}.jsonl", gold)
+        cfg = load_config(TINY, ["model.architecture={}", f"data.train={data}", "data.holdout=0",
+                                 "train.steps=2", "train.prompts_per_step=2", "rollout.max_new_tokens=5",
+                                 "eval.before=false", "eval.n_samples=1", "eval.greedy=false", "algorithm.lr=1e-5"])
+        train(cfg, tmp_path / gold, quiet=True)
+        rows = [json.loads(l) for l in (tmp_path / gold / "metrics.jsonl").read_text().splitlines()]
+        rewards[gold] = [(r["train/reward"], r["loss/policy"]) for r in rows if "train/reward" in r]
+        from safetensors.torch import load_file
+
+        params[gold] = load_file(tmp_path / gold / "model" / "model.safetensors")
+    assert any(r != 0 for r, _ in rewards["true"]), "test needs a non-zero reward to be meaningful"
+    assert rewards["true"] == rewards["shuffled"] == rewards["removed"]
+    for name, tensor in params["true"].items():
+        assert torch.equal(tensor, params["shuffled"][name]) and torch.equal(tensor, params["removed"][name]), name
