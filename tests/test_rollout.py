@@ -19,13 +19,16 @@ def _rollout(tiny, s, seed=0, eos=None):
 
 
 def _check_logprobs_match_teacher_forcing(tiny, r, temperature):
+    """Both ways of scoring: each sample with its own prompt copy, and one prompt per group."""
     model, tok = tiny
-    prompts = [r.prompt_ids[i // r.n] for i in range(len(r.completion_ids))]
+    per_sample = [r.prompt_ids[i // r.n] for i in range(len(r.completion_ids))]
     with torch.no_grad():
-        lp, mask = score(model, prompts, r.completion_ids, temperature, tok.pad_token_id)
-    for i, c in enumerate(r.completion_ids):
-        assert mask[i].sum() == len(c)
-        assert torch.allclose(lp[i, : len(c)], r.logprobs[i], atol=1e-4), i
+        scored = [score(model, per_sample, r.completion_ids, temperature, tok.pad_token_id),
+                  score(model, r.prompt_ids, r.completion_ids, temperature, tok.pad_token_id, group_size=r.n)]
+    for lp, mask in scored:
+        for i, c in enumerate(r.completion_ids):
+            assert mask[i].sum() == len(c)
+            assert torch.allclose(lp[i, : len(c)], r.logprobs[i], atol=1e-4), i
 
 
 def test_logprobs_equal_teacher_forced_forward(tiny):
@@ -100,3 +103,16 @@ def test_top_p_keeps_smallest_nucleus(tiny):
     k = int((probs[order].cumsum(0) < 0.5).sum()) + 1
     allowed = set(order[:k].tolist())
     assert set(torch.nonzero(freq).flatten().tolist()) <= allowed
+
+
+def test_shared_prefix_scoring_gives_the_same_gradient(tiny):
+    model, tok = tiny
+    r = _rollout(tiny, Sampling(n=3, temperature=1.0, max_new_tokens=5))
+    grads = []
+    for prompts, group in ((r.prompt_ids, r.n), ([r.prompt_ids[i // r.n] for i in range(len(r.texts))], 1)):
+        model.zero_grad()
+        lp, mask = score(model, prompts, r.completion_ids, 1.0, tok.pad_token_id, group_size=group)
+        (lp * mask).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    model.zero_grad()
+    assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-5  # float32 summation-order noise

@@ -94,13 +94,15 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(seqs: list[list[int]], pad_id: int, device, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) [len(seqs), longest]; prompts are left-padded so they end together."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
     return ids, mask
 
 
@@ -109,7 +111,7 @@ def _generate_chunk(model, prompts: list[list[int]], s: Sampling, eos: set[int],
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, pad_id, device)
+    ids, mask = _pad(prompts, pad_id, device, left=True)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     cache_kw = {_cache_kwarg(model): cache}
@@ -186,25 +188,35 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], s: Sampling,
 
 
 def score(model, prompts: list[list[int]], completions: list[list[int]], temperature: float,
-          pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced log-probs of `completions` given `prompts` (with grad when enabled).
+          pad_id: int, group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs of `completions` (with grad when enabled).
 
-    Returns (logprobs [B, Tc], mask [B, Tc]); layout is left-padded prompt + right-padded
-    completion, and the LM head runs only over completion positions (it is ~20% of a small
-    model's FLOPs per position).
+    `prompts` has one entry per group of `group_size` consecutive completions: each prompt is
+    run once and its KV cache (with its autograd graph) is expanded to the group, which gives the
+    same gradient as repeating the prompt, at a fraction of the cost when prompts are long.
+    Returns (logprobs [B, Tc], mask [B, Tc]); the LM head runs over completion positions only.
     """
+    from transformers import DynamicCache
+
+    if len(prompts) * group_size != len(completions):
+        raise ValueError(f"{len(prompts)} prompts x group_size {group_size} != {len(completions)} completions")
     device = next(model.parameters()).device
-    p_ids, p_mask = _left_pad(prompts, pad_id, device)
-    width = max(len(c) for c in completions)
-    c_ids = torch.full((len(completions), width), pad_id, dtype=torch.long, device=device)
-    c_mask = torch.zeros((len(completions), width), dtype=torch.long, device=device)
-    for i, c in enumerate(completions):
-        c_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-        c_mask[i, : len(c)] = 1
-    ids = torch.cat([p_ids, c_ids], 1)
+    p_ids, p_mask = _pad(prompts, pad_id, device, left=True)
+    c_ids, c_mask = _pad(completions, pad_id, device, left=False)
+    cache = DynamicCache()
+    cache_kw = {_cache_kwarg(model): cache}
+    p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+    last = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1,
+                 **cache_kw).logits[:, -1:]
+    if group_size > 1:
+        cache.batch_repeat_interleave(group_size)
+        last = last.repeat_interleave(group_size, 0)
+        p_mask = p_mask.repeat_interleave(group_size, 0)
     mask = torch.cat([p_mask, c_mask], 1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                   logits_to_keep=width + 1).logits[:, :-1]
+    c_pos = p_mask.sum(-1, keepdim=True) + torch.arange(c_ids.shape[1], device=device)
+    # Completion token t is predicted at position t-1: the prompt's last logit, then the completion's own.
+    logits = model(input_ids=c_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=c_pos[:, :-1],
+                   use_cache=True, **cache_kw).logits if c_ids.shape[1] > 1 else last[:, :0]
+    logits = torch.cat([last, logits], 1)
     logp = tempered_logprobs(logits, temperature).gather(-1, c_ids[..., None]).squeeze(-1)
     return logp, c_mask.float()

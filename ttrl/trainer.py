@@ -67,26 +67,29 @@ def update(model, ref_model, rollout: Rollout, groups: list[Group], cfg: Config,
     kept = [(p, g) for p, g in enumerate(groups) if not g.skipped]
     if not kept:
         return {"loss/policy": 0.0, "train/updated": 0}
+    m = cfg.reward.n_train_samples
     adv = compute_advantages(algo.advantage, torch.tensor([g.rewards for _, g in kept])).flatten()
     samples = [p * rollout.n + i for p, g in kept for i in g.train_idx]
-    prompts = [rollout.prompt_ids[i // rollout.n] for i in samples]
+    prompts = [rollout.prompt_ids[p] for p, _ in kept]
     completions = [rollout.completion_ids[i] for i in samples]
     old = torch.nn.utils.rnn.pad_sequence([rollout.logprobs[i] for i in samples], batch_first=True)
     n_tokens = float(sum(len(c) for c in completions))
     params = [p for p in model.parameters() if p.requires_grad]
     totals = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/clipfrac": 0.0, "loss/approx_kl": 0.0}
     grad_norm, skipped_updates = 0.0, 0
+    per_mb = max(1, algo.micro_batch_size // m)  # whole groups per micro-batch: each prompt runs once
     model.train()
     for _ in range(algo.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
-        for s in range(0, len(samples), algo.micro_batch_size):
-            mb = slice(s, s + algo.micro_batch_size)
-            logp, mask = score(model, prompts[mb], completions[mb], cfg.rollout.temperature, pad_id)
+        for g0 in range(0, len(prompts), per_mb):
+            pg, mb = prompts[g0:g0 + per_mb], slice(g0 * m, (g0 + per_mb) * m)
+            logp, mask = score(model, pg, completions[mb], cfg.rollout.temperature, pad_id, group_size=m)
             old_mb = old[mb, : logp.shape[1]].to(logp.device)
             loss, stats = policy_loss(logp, old_mb, adv[mb].to(logp.device), mask, algo.clip_eps, n_tokens)
             if ref_model is not None:
                 with torch.no_grad():
-                    ref_logp, _ = score(ref_model, prompts[mb], completions[mb], cfg.rollout.temperature, pad_id)
+                    ref_logp, _ = score(ref_model, pg, completions[mb], cfg.rollout.temperature, pad_id,
+                                        group_size=m)
                 kl = (kl_k3(logp, ref_logp) * mask).sum() / n_tokens
                 loss = loss + algo.kl_coef * kl
                 totals["loss/kl"] += float(kl) / algo.ppo_epochs
