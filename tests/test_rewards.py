@@ -1,0 +1,72 @@
+"""Label-free rewards: majority reward and the ROUGE-L similarity reward."""
+
+import random
+import time
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ttrl.rewards import lcs_length, majority_rewards, rouge_l, similarity_rewards
+from ttrl.voting import majority_vote
+
+
+def test_majority_rewards_hand_computed():
+    vote = majority_vote(["\\frac12", "0.5", "3", "\\dfrac{1}{2}", None])
+    assert majority_rewards(vote, [0, 1, 2, 3, 4]) == [1.0, 1.0, 0.0, 1.0, 0.0]
+    assert majority_rewards(vote, [4, 2, 0]) == [0.0, 0.0, 1.0]  # order of `indices` kept
+    assert majority_rewards(vote, []) == []
+
+
+def test_majority_rewards_without_a_winner_are_zero():
+    assert majority_rewards(majority_vote([None, None]), [0, 1]) == [0.0, 0.0]
+
+
+def test_rouge_l_hand_computed():
+    # LCS("the cat sat on the mat", "the cat on the mat") = 5; F1 = 2 * 5 / (6 + 5)
+    assert abs(rouge_l("The cat sat on the mat.", "the cat on the mat") - 10 / 11) < 1e-12
+    assert rouge_l("a b c", "a b c") == 1.0
+    assert rouge_l("a b c", "d e f") == 0.0
+    assert rouge_l("", "a") == 0.0 and rouge_l("", "") == 0.0
+
+
+def _lcs_table(a, b):
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+    return table[-1][-1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from("abcd"), max_size=30), st.lists(st.sampled_from("abcd"), max_size=30))
+def test_bit_parallel_lcs_matches_the_textbook_table(a, b):
+    assert lcs_length(a, b) == _lcs_table(a, b) == lcs_length(b, a)
+
+
+def test_similarity_rewards_hand_computed():
+    texts = ["a b c d", "a b c e", "a b c d", "x y z"]
+    # the medoid is "a b c d" (mean F1 (0.75 + 1 + 0) / 3); rewards are F1 to it
+    assert similarity_rewards(texts, [0, 1, 2, 3]) == [1.0, 0.75, 1.0, 0.0]
+    assert similarity_rewards(texts, [3, 1]) == [0.0, 0.75]
+    assert similarity_rewards(["only one"], [0]) == [1.0]
+    assert similarity_rewards(texts, []) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from("abc"), max_size=6).map(" ".join), min_size=1, max_size=8), st.randoms())
+def test_similarity_rewards_are_invariant_to_order_and_bounded(texts, rnd):
+    order = list(range(len(texts)))
+    rnd.shuffle(order)
+    rewards = similarity_rewards(texts, range(len(texts)))
+    shuffled = similarity_rewards([texts[i] for i in order], range(len(texts)))
+    assert all(0.0 <= r <= 1.0 for r in rewards)
+    assert shuffled == [rewards[i] for i in order]
+
+
+def test_similarity_rewards_for_64_long_texts_are_fast():
+    rng = random.Random(0)
+    texts = [" ".join(f"w{rng.randrange(300)}" for _ in range(1000)) for _ in range(64)]
+    start = time.perf_counter()
+    rewards = similarity_rewards(texts, range(64))
+    assert len(rewards) == 64 and max(rewards) == 1.0  # the medoid itself
+    assert time.perf_counter() - start < 10
