@@ -106,6 +106,33 @@ def _pad(seqs: list[list[int]], pad_id: int, device, left: bool) -> tuple[torch.
     return ids, mask
 
 
+def _static_cache(model, prefill, n: int, max_len: int):
+    """A preallocated cache for n samples per prompt, holding the prefill's keys and values.
+
+    Decoding then writes one column per step in place, where a dynamic cache re-concatenates
+    (copies) the whole cache every step: O(length^2) memory traffic.
+    """
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    for layer, src in zip(cache.layers, prefill.layers):
+        layer.update(src.keys.repeat_interleave(n, 0), src.values.repeat_interleave(n, 0))
+    return cache
+
+
+def _select_rows(cache, rows: torch.Tensor) -> None:
+    """Keep only `rows` of every layer of a static cache (compaction after rows finish)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, rows)
+        layer.values = layer.values.index_select(0, rows)
+        layer.batch_size = len(rows)
+
+
+COMPACT_FRACTION = 0.125
+"""Finished rows are dropped from the batch once they make up this share of it: at most
+1/8 of a step's compute is spent on finished rows, and the cache copy is amortised."""
+
+
 @torch.no_grad()
 def _generate_chunk(model, prompts: list[list[int]], s: Sampling, eos: set[int], pad_id: int, generator):
     from transformers import DynamicCache
@@ -113,42 +140,45 @@ def _generate_chunk(model, prompts: list[list[int]], s: Sampling, eos: set[int],
     device = next(model.parameters()).device
     ids, mask = _pad(prompts, pad_id, device, left=True)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    cache_kw = {_cache_kwarg(model): cache}
+    T = s.max_new_tokens
+    prefill = DynamicCache()
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **cache_kw)
+                **{_cache_kwarg(model): prefill})
     # Prefix sharing: one prefill per prompt, then its cache is copied to its n samples.
     rows = len(prompts) * s.n
     logits = out.logits[:, -1].repeat_interleave(s.n, 0)
-    cache.batch_repeat_interleave(s.n)
-    mask = mask.repeat_interleave(s.n, 0)
+    cache = _static_cache(model, prefill, s.n, ids.shape[1] + T)
+    del out, prefill
+    cache_kw = {_cache_kwarg(model): cache}
+    # Columns past the prompt are 1: the causal mask hides those not yet written.
+    full_mask = torch.cat([mask, mask.new_ones((mask.shape[0], T))], 1).repeat_interleave(s.n, 0)
     next_pos = positions[:, -1:].repeat_interleave(s.n, 0) + 1
-    del out
 
-    T = s.max_new_tokens
     tokens = torch.full((rows, T), pad_id, dtype=torch.long)
     logprobs = torch.zeros((rows, T))
     entropy = torch.zeros((rows, T))
     lengths = torch.zeros(rows, dtype=torch.long)
-    active = torch.arange(rows)
+    row_id = torch.arange(rows)  # sample index of each batch row
+    alive = torch.ones(rows, dtype=torch.bool)
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device)
     for t in range(T):
         tok, lp, ent = sample_next(logits, s, generator)
-        tokens[active, t] = tok.cpu()
-        logprobs[active, t] = lp.cpu()
-        entropy[active, t] = ent.cpu()
-        lengths[active] += 1
-        if t == T - 1:
+        tok, lp, ent = tok.cpu(), lp.cpu(), ent.cpu()
+        live = row_id[alive]
+        tokens[live, t] = tok[alive]
+        logprobs[live, t] = lp[alive]
+        entropy[live, t] = ent[alive]
+        lengths[live] += 1
+        alive &= ~torch.isin(tok, eos_t.cpu())
+        n_alive = int(alive.sum())
+        if t == T - 1 or n_alive == 0:
             break
-        done = torch.isin(tok, eos_t)
-        if done.any():  # finished rows leave the batch: they stop costing compute
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            cache.batch_select_indices(keep)
-            tok, mask, next_pos, active = tok[keep], mask[keep], next_pos[keep], active[keep.cpu()]
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+        if len(alive) - n_alive >= max(1, COMPACT_FRACTION * len(alive)):
+            keep = alive.nonzero().squeeze(1)
+            _select_rows(cache, keep.to(device))
+            tok, full_mask, next_pos, row_id = tok[keep], full_mask[keep], next_pos[keep], row_id[keep]
+            alive = alive[keep]
+        logits = model(input_ids=tok[:, None].to(device), attention_mask=full_mask, position_ids=next_pos,
                        use_cache=True, **cache_kw).logits[:, -1]
         next_pos = next_pos + 1
     return tokens, logprobs, entropy, lengths
