@@ -70,3 +70,20 @@ def test_similarity_rewards_for_64_long_texts_are_fast():
     rewards = similarity_rewards(texts, range(64))
     assert len(rewards) == 64 and max(rewards) == 1.0  # the medoid itself
     assert time.perf_counter() - start < 10
+
+
+def test_label_free_reward_zoo_hand_computed():
+    from ttrl.rewards import KINDS, label_free_rewards
+    from ttrl.voting import majority_vote
+
+    answers = ["4", "4", "5", None]
+    vote = majority_vote(answers)
+    texts = ["it is 4", "4", "5", "no idea"]
+    entropy, certainty = [0.5, 1.0, 2.0, 3.0], [1.5, 1.0, 0.2, 0.1]
+    idx = [0, 2, 3]
+    assert label_free_rewards("majority", vote, texts, entropy, certainty, idx) == [1.0, 0.0, 0.0]
+    assert label_free_rewards("semantic_entropy", vote, texts, entropy, certainty, idx) == [0.5, 0.25, 0.0]
+    assert label_free_rewards("neg_entropy", vote, texts, entropy, certainty, idx) == [-0.5, -2.0, -3.0]
+    assert label_free_rewards("self_certainty", vote, texts, entropy, certainty, idx) == [1.5, 0.2, 0.1]
+    assert len(label_free_rewards("similarity", vote, texts, entropy, certainty, idx)) == 3
+    assert set(KINDS) >= {"majority", "similarity", "semantic_entropy", "neg_entropy", "self_certainty"}

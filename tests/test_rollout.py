@@ -116,3 +116,15 @@ def test_shared_prefix_scoring_gives_the_same_gradient(tiny):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     model.zero_grad()
     assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-5  # float32 summation-order noise
+
+
+def test_entropy_and_self_certainty_of_the_first_step(tiny):
+    model, tok = tiny
+    r = _rollout(tiny, Sampling(n=2, temperature=0.7, max_new_tokens=3))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([r.prompt_ids[0]])).logits[0, -1]
+    p = torch.softmax(logits.double() / 0.7, -1)
+    entropy = float(-(p * p.log()).sum())
+    certainty = float((-(p * len(p)).log()).mean())  # KL(U || p) = mean_j log(1 / (V p_j))
+    assert abs(float(r.entropy[0][0]) - entropy) < 1e-3
+    assert abs(float(r.certainty[0][0]) - certainty) < 1e-3

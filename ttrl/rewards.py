@@ -83,3 +83,31 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
             u = v & m
             v = ((v + u) | (v - u)) & full
     return len(a) - v.bit_count()
+
+
+KINDS = ("majority", "similarity", "semantic_entropy", "neg_entropy", "self_certainty")
+"""Label-free rewards selectable by `reward.kind`, all computed from one prompt's samples:
+- majority: TTRL, 1 if in the majority vote's equivalence class;
+- similarity: ROUGE-L F1 to the consensus text, for open-ended outputs;
+- semantic_entropy: EMPO, the frequency of the sample's answer class (its share of the N
+  votes), so minimising semantic entropy over answers;
+- neg_entropy: RENT, minus the sample's mean token entropy;
+- self_certainty: Intuitor, the sample's mean KL(uniform || next-token distribution)."""
+
+
+def label_free_rewards(kind: str, vote: Vote, texts: Sequence[str], entropy: Sequence[float],
+                       certainty: Sequence[float], indices: Sequence[int]) -> list[float]:
+    """Rewards of the samples at `indices` of one group; entropy and certainty are per-sample
+    means over tokens."""
+    if kind == "majority":
+        return majority_rewards(vote, indices)
+    if kind == "similarity":
+        return similarity_rewards(texts, indices)
+    if kind == "semantic_entropy":
+        n = len(vote.cluster_of)
+        return [vote.counts[vote.cluster_of[i]] / n if vote.cluster_of[i] >= 0 else 0.0 for i in indices]
+    if kind == "neg_entropy":
+        return [-float(entropy[i]) for i in indices]
+    if kind == "self_certainty":
+        return [float(certainty[i]) for i in indices]
+    raise ValueError(f"unknown reward kind {kind!r}; use one of {', '.join(KINDS)}")

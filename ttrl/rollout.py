@@ -9,6 +9,7 @@ sampled from, so no second scoring pass is needed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,8 @@ class Rollout:
     """Per sample [len]: log-prob of each generated token under softmax(logits / T)."""
     entropy: list[torch.Tensor]
     """Per sample [len]: entropy (nats) of softmax(logits / T) at each step."""
+    certainty: list[torch.Tensor]
+    """Per sample [len]: self-certainty KL(uniform || softmax(logits / T)) at each step (Intuitor)."""
     texts: list[str]
     truncated: list[bool]
     """True where max_new_tokens was hit before end-of-sequence."""
@@ -75,15 +78,16 @@ def _truncate(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None):
-    """(tokens [rows], logprob [rows], entropy [rows]) for one decoding step."""
+    """(tokens, logprob, entropy, self-certainty), each [rows], for one decoding step."""
     logp = tempered_logprobs(logits, s.temperature)
     entropy = -(logp.exp() * logp).nan_to_num().sum(-1)
+    certainty = -math.log(logp.shape[-1]) - logp.clamp(min=-1e4).mean(-1)
     if s.temperature == 0:
         tokens = logp.argmax(-1)
     else:
         probs = _truncate(logp, s.top_k, s.top_p).exp()
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(1), entropy
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(1), entropy, certainty
 
 
 def _cache_kwarg(model) -> str:
@@ -157,17 +161,18 @@ def _generate_chunk(model, prompts: list[list[int]], s: Sampling, eos: set[int],
     tokens = torch.full((rows, T), pad_id, dtype=torch.long)
     logprobs = torch.zeros((rows, T))
     entropy = torch.zeros((rows, T))
+    certainty = torch.zeros((rows, T))
     lengths = torch.zeros(rows, dtype=torch.long)
     row_id = torch.arange(rows)  # sample index of each batch row
     alive = torch.ones(rows, dtype=torch.bool)
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device)
     for t in range(T):
-        tok, lp, ent = sample_next(logits, s, generator)
-        tok, lp, ent = tok.cpu(), lp.cpu(), ent.cpu()
+        tok, lp, ent, cert = (x.cpu() for x in sample_next(logits, s, generator))
         live = row_id[alive]
         tokens[live, t] = tok[alive]
         logprobs[live, t] = lp[alive]
         entropy[live, t] = ent[alive]
+        certainty[live, t] = cert[alive]
         lengths[live] += 1
         alive &= ~torch.isin(tok, eos_t.cpu())
         n_alive = int(alive.sum())
@@ -181,7 +186,7 @@ def _generate_chunk(model, prompts: list[list[int]], s: Sampling, eos: set[int],
         logits = model(input_ids=tok[:, None].to(device), attention_mask=full_mask, position_ids=next_pos,
                        use_cache=True, **cache_kw).logits[:, -1]
         next_pos = next_pos + 1
-    return tokens, logprobs, entropy, lengths
+    return tokens, logprobs, entropy, certainty, lengths
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -200,21 +205,22 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], s: Sampling,
     eos = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
     per_chunk = max(1, s.max_batch_rows // s.n)
-    completion_ids, lps, ents, truncated = [], [], [], []
+    completion_ids, lps, ents, certs, truncated = [], [], [], [], []
     for start in range(0, len(prompt_ids), per_chunk):
         chunk = prompt_ids[start:start + per_chunk]
-        tokens, logprobs, entropy, lengths = _generate_chunk(model, chunk, s, eos, pad_id, generator)
+        tokens, logprobs, entropy, certainty, lengths = _generate_chunk(model, chunk, s, eos, pad_id, generator)
         for r in range(tokens.shape[0]):
             n = int(lengths[r])
             seq = tokens[r, :n].tolist()
             completion_ids.append(seq)
             lps.append(logprobs[r, :n].clone())
             ents.append(entropy[r, :n].clone())
+            certs.append(certainty[r, :n].clone())
             truncated.append(not seq or seq[-1] not in eos)
     model.train(was_training)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(n=s.n, prompt_ids=[list(p) for p in prompt_ids], completion_ids=completion_ids,
-                   logprobs=lps, entropy=ents, texts=texts, truncated=truncated)
+                   logprobs=lps, entropy=ents, certainty=certs, texts=texts, truncated=truncated)
 
 
 def score(model, prompts: list[list[int]], completions: list[list[int]], temperature: float,
