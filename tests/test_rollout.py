@@ -67,11 +67,15 @@ def test_temperature_zero_matches_greedy_generate(tiny):
         assert c == ref[: len(c)]
 
 
-def test_chunking_by_max_batch_rows_gives_same_groups(tiny):
-    s = Sampling(n=2, temperature=0.0, max_new_tokens=6)
-    whole = _rollout(tiny, s)
-    s.max_batch_rows = 2  # one prompt per chunk
-    assert _rollout(tiny, s).completion_ids == whole.completion_ids
+def test_samples_do_not_depend_on_batching(tiny):
+    model, tok = tiny
+    ids = encode_prompts(tok, PROMPTS)
+    s = Sampling(n=4, temperature=1.0, top_k=20, max_new_tokens=8)
+    whole = generate(model, tok, ids, s, seeds=[11, 12, 13])
+    s.max_batch_rows = 4  # one prompt per chunk
+    assert generate(model, tok, ids, s, seeds=[11, 12, 13]).completion_ids == whole.completion_ids
+    alone = generate(model, tok, ids[1:2], s, seeds=[12])  # as a data-parallel rank would see it
+    assert alone.completion_ids == whole.completion_ids[4:8]
 
 
 def _first_token_frequencies(tiny, s, n):

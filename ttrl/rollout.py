@@ -77,17 +77,34 @@ def _truncate(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logp
 
 
-def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None):
-    """(tokens, logprob, entropy, self-certainty), each [rows], for one decoding step."""
+def sample_next(logits: torch.Tensor, s: Sampling, noise: torch.Tensor | None):
+    """(tokens, logprob, entropy, self-certainty), each [rows], for one decoding step.
+
+    `noise` [rows, vocab] is Exp(1): argmax(log p - log noise) is an exact draw from p (the
+    exponential race), which lets each prompt's samples use their own random stream.
+    """
     logp = tempered_logprobs(logits, s.temperature)
     entropy = -(logp.exp() * logp).nan_to_num().sum(-1)
     certainty = -math.log(logp.shape[-1]) - logp.clamp(min=-1e4).mean(-1)
-    if s.temperature == 0:
+    if s.temperature == 0 or noise is None:
         tokens = logp.argmax(-1)
     else:
-        probs = _truncate(logp, s.top_k, s.top_p).exp()
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        tokens = (_truncate(logp, s.top_k, s.top_p) - noise.log()).argmax(-1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(1), entropy, certainty
+
+
+def _race_noise(gens: list[torch.Generator], n: int, vocab: int, row_id: torch.Tensor,
+                alive: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise [rows in batch, vocab]. Prompt g's rows draw from its own generator, all n
+    of them every step while any is alive, so a sample does not depend on which prompts share
+    its batch (chunking, data-parallel ranks) or on when finished rows are dropped."""
+    group = row_id // n
+    noise = torch.ones((len(row_id), vocab))
+    for g in torch.unique(group[alive]).tolist():
+        draw = torch.empty((n, vocab)).exponential_(generator=gens[g])
+        sel = group == g
+        noise[sel] = draw[row_id[sel] - g * n]
+    return noise
 
 
 def _cache_kwarg(model) -> str:
@@ -138,7 +155,7 @@ COMPACT_FRACTION = 0.125
 
 
 @torch.no_grad()
-def _generate_chunk(model, prompts: list[list[int]], s: Sampling, eos: set[int], pad_id: int, generator):
+def _generate_chunk(model, prompts: list[list[int]], s: Sampling, eos: set[int], pad_id: int, seeds: list[int]):
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -165,16 +182,18 @@ def _generate_chunk(model, prompts: list[list[int]], s: Sampling, eos: set[int],
     lengths = torch.zeros(rows, dtype=torch.long)
     row_id = torch.arange(rows)  # sample index of each batch row
     alive = torch.ones(rows, dtype=torch.bool)
-    eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+    eos_t = torch.tensor(sorted(eos), dtype=torch.long)
+    gens = [torch.Generator().manual_seed(seed) for seed in seeds]
     for t in range(T):
-        tok, lp, ent, cert = (x.cpu() for x in sample_next(logits, s, generator))
+        noise = None if s.temperature == 0 else _race_noise(gens, s.n, logits.shape[-1], row_id, alive).to(device)
+        tok, lp, ent, cert = (x.cpu() for x in sample_next(logits, s, noise))
         live = row_id[alive]
         tokens[live, t] = tok[alive]
         logprobs[live, t] = lp[alive]
         entropy[live, t] = ent[alive]
         certainty[live, t] = cert[alive]
         lengths[live] += 1
-        alive &= ~torch.isin(tok, eos_t.cpu())
+        alive &= ~torch.isin(tok, eos_t)
         n_alive = int(alive.sum())
         if t == T - 1 or n_alive == 0:
             break
@@ -198,8 +217,14 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 def generate(model, tokenizer, prompt_ids: list[list[int]], s: Sampling,
-             generator: torch.Generator | None = None) -> Rollout:
-    """Sample `s.n` completions for each prompt (token ids, chat template already applied)."""
+             generator: torch.Generator | None = None, seeds: list[int] | None = None) -> Rollout:
+    """Sample `s.n` completions for each prompt (token ids, chat template already applied).
+
+    Each prompt samples from its own random stream, seeded by `seeds[p]` or else drawn from
+    `generator`: the same seed gives the same samples however prompts are batched.
+    """
+    if seeds is None:
+        seeds = torch.randint(0, 2**62, (len(prompt_ids),), generator=generator).tolist()
     was_training = model.training
     model.eval()
     eos = eos_ids(model, tokenizer)
@@ -207,8 +232,9 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], s: Sampling,
     per_chunk = max(1, s.max_batch_rows // s.n)
     completion_ids, lps, ents, certs, truncated = [], [], [], [], []
     for start in range(0, len(prompt_ids), per_chunk):
-        chunk = prompt_ids[start:start + per_chunk]
-        tokens, logprobs, entropy, certainty, lengths = _generate_chunk(model, chunk, s, eos, pad_id, generator)
+        chunk = slice(start, start + per_chunk)
+        tokens, logprobs, entropy, certainty, lengths = _generate_chunk(model, prompt_ids[chunk], s, eos, pad_id,
+                                                                        seeds[chunk])
         for r in range(tokens.shape[0]):
             n = int(lengths[r])
             seq = tokens[r, :n].tolist()
