@@ -55,3 +55,23 @@ def test_unknown_key_in_file_names_file(tmp_path):
     p.write_text("train:\n  stepz: 3\n")
     with pytest.raises(ConfigError, match=r"c\.yaml.*train\.stepz"):
         load_config(p)
+
+
+def test_checkpoint_and_fault_settings_have_safe_defaults():
+    cfg = Config()
+    assert cfg.train.keep_checkpoints == 2 and cfg.algorithm.max_bad_steps == 3 and cfg.data.too_long == "skip"
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"train": {"save_every": -2}}, "train.save_every"),
+    ({"train": {"keep_checkpoints": 0}}, "train.keep_checkpoints"),
+    ({"algorithm": {"max_bad_steps": 0}}, "algorithm.max_bad_steps"),
+    ({"algorithm": {"lr": float("inf")}}, "algorithm.lr"),
+    ({"rollout": {"temperature": "nan"}}, "rollout.temperature"),
+    ({"data": {"too_long": "cut"}}, "data.too_long"),
+    ({"data": {"eval": [1]}}, "data.eval"),
+    ({"model": {1: 2, "x": 3}}, "model.1"),
+])
+def test_more_bad_values_name_the_key(raw, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_from_dict(raw)

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from ttrl.config import ArithmeticConfig, DataConfig
-from ttrl.data import DataError, arithmetic_problems, load_file, load_problems, render_prompt, split_holdout
+from ttrl.data import (DataError, Problem, arithmetic_problems, drop_too_long, load_file, load_problems,
+                       render_prompt, split_holdout)
 
 
 @pytest.mark.parametrize("name, rows", [("aime2024", 30), ("amc", 83), ("math500", 500)])
@@ -81,3 +82,26 @@ def test_missing_file_and_unknown_format(tmp_path):
         load_file(tmp_path / "nope.jsonl")
     with pytest.raises(DataError, match="unknown data format"):
         load_file(_write(tmp_path, "p.csv", "a,b\n"))
+
+
+def test_jsonl_lines_split_on_newline_only_and_bom_is_dropped(tmp_path):
+    rows = [{"id": "a", "problem": "x\u2028y\x85z"}, {"id": "b", "problem": "2+2?"}]
+    text = "\ufeff" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n"
+    path = _write(tmp_path, "p.jsonl", text.encode("utf-8"), mode="wb")
+    assert [p.prompt for p in load_file(path)] == ["x\u2028y\x85z", "2+2?"]
+
+
+def test_problems_remember_where_they_came_from(tmp_path):
+    path = _write(tmp_path, "p.jsonl", '{"problem": "a"}\n\n{"problem": "b"}\n')
+    assert [p.source for p in load_file(path)] == [f"{path}:1", f"{path}:3"]
+
+
+def test_drop_too_long_skips_or_fails():
+    problems = [Problem(id=str(i), prompt="q", source=f"f.jsonl:{i + 1}") for i in range(4)]
+    kept, skipped = drop_too_long(problems, [5, 11, 10, 12], budget=10, policy="skip", why="test")
+    assert [p.id for p in kept] == ["0", "2"] and [p.id for p in skipped] == ["1", "3"]
+    with pytest.raises(DataError, match=r"f\.jsonl:2 \(id '1'\): the prompt is 11 tokens, but only 10 fit \(test\); "
+                                        r"2 prompt\(s\) are too long"):
+        drop_too_long(problems, [5, 11, 10, 12], budget=10, policy="fail", why="test")
+    with pytest.raises(DataError, match="every prompt is longer"):
+        drop_too_long(problems, [11] * 4, budget=10, policy="skip", why="test")

@@ -81,3 +81,24 @@ def test_gold_answers_never_reach_training(tmp_path):
     assert rewards["true"] == rewards["shuffled"] == rewards["removed"]
     for name, tensor in params["true"].items():
         assert torch.equal(tensor, params["shuffled"][name]) and torch.equal(tensor, params["removed"][name]), name
+
+
+def test_resume_names_changed_settings_and_refuses_another_model(tmp_path, tiny, capsys):
+    from ttrl.checkpoint import CheckpointError, save_checkpoint
+    from ttrl.trainer import resumed_state
+
+    model, _ = tiny
+    cfg = load_config(TINY)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    gen = torch.Generator()
+    assert resumed_state(tmp_path, cfg, model, opt, sched, gen) is None
+    assert "no checkpoint" in capsys.readouterr().err
+    save_checkpoint(tmp_path, 2, model, opt, sched, gen, state={"config": cfg.to_dict(), "evals": {}})
+    changed = load_config(TINY, ["algorithm.lr=0.5", "train.steps=9"])
+    assert resumed_state(tmp_path, changed, model, opt, sched, gen)["step"] == 2
+    err = capsys.readouterr().err
+    assert "algorithm.lr 0.0001 -> 0.5" in err and "train.steps" not in err
+    other = load_config(TINY, ["model.lora_rank=4"])
+    with pytest.raises(CheckpointError, match="model.lora_rank"):
+        resumed_state(tmp_path, other, model, opt, sched, gen)

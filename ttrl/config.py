@@ -4,6 +4,7 @@ before any model is loaded so a typo costs seconds, not a model load."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,9 @@ class DataConfig:
     """Use only the first `limit` prompts (0 = all)."""
     template: str = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
     """How a problem becomes the user message; `{problem}` is replaced."""
+    too_long: str = "skip"
+    """A prompt that leaves no room for max_new_tokens in the model's context: skip (with a
+    counted warning) or fail (stop with an error naming the prompt)."""
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 
 
@@ -102,6 +106,9 @@ class AlgorithmConfig:
     """Optimisation passes over each rollout batch."""
     micro_batch_size: int = 16
     """Sequences per forward/backward pass (gradient accumulation beyond it)."""
+    max_bad_steps: int = 3
+    """Stop (with a checkpoint of the last good weights) after this many steps in a row whose
+    update was skipped for a NaN/inf loss or gradient."""
 
 
 @dataclass
@@ -128,7 +135,9 @@ class TrainConfig:
     prompts_per_step: int = 8
     seed: int = 0
     save_every: int = 0
-    """Checkpoint every this many steps (0 = only at the end)."""
+    """Checkpoint every this many steps (0 = only at the end, or when stopped by a signal)."""
+    keep_checkpoints: int = 2
+    """How many of the latest checkpoints to keep in RUN_DIR/checkpoints."""
 
 
 @dataclass
@@ -150,6 +159,7 @@ CHOICES = {
     "reward.kind": ("majority", "similarity"),
     "algorithm.advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.too_long": ("skip", "fail"),
 }
 
 
@@ -169,19 +179,29 @@ def validate(cfg: Config) -> Config:
         ("algorithm.kl_coef", cfg.algorithm.kl_coef >= 0, "must be >= 0"),
         ("algorithm.ppo_epochs", cfg.algorithm.ppo_epochs >= 1, "must be >= 1"),
         ("algorithm.micro_batch_size", cfg.algorithm.micro_batch_size >= 1, "must be >= 1"),
+        ("algorithm.weight_decay", cfg.algorithm.weight_decay >= 0, "must be >= 0"),
+        ("algorithm.max_grad_norm", cfg.algorithm.max_grad_norm > 0, "must be > 0"),
+        ("algorithm.warmup_steps", cfg.algorithm.warmup_steps >= 0, "must be >= 0"),
+        ("algorithm.max_bad_steps", cfg.algorithm.max_bad_steps >= 1, "must be >= 1"),
         ("eval.n_samples", cfg.eval.n_samples >= 1, "must be >= 1"),
         ("eval.temperature", cfg.eval.temperature > 0, "must be > 0 (greedy is reported separately by eval.greedy)"),
         ("eval.top_p", 0 < cfg.eval.top_p <= 1, "must be in (0, 1]"),
+        ("eval.top_k", cfg.eval.top_k >= 0, "must be >= 0 (0 = off)"),
         ("eval.max_new_tokens", cfg.eval.max_new_tokens >= 1, "must be >= 1"),
         ("eval.every", cfg.eval.every >= 0, "must be >= 0"),
         ("train.steps", cfg.train.steps >= 0, "must be >= 0"),
         ("train.epochs", cfg.train.epochs >= 1, "must be >= 1"),
         ("train.prompts_per_step", cfg.train.prompts_per_step >= 1, "must be >= 1"),
+        ("train.save_every", cfg.train.save_every >= 0, "must be >= 0 (0 = only at the end)"),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, "must be >= 1"),
         ("data.holdout", 0 <= cfg.data.holdout < 1, "must be in [0, 1)"),
         ("data.limit", cfg.data.limit >= 0, "must be >= 0 (0 = all)"),
         ("data.template", "{problem}" in cfg.data.template, "must contain {problem}"),
+        ("data.prompt_field", cfg.data.prompt_field != "", "must name the field holding the question"),
+        ("data.arithmetic.n", cfg.data.arithmetic.n >= 1, "must be >= 1"),
         ("data.arithmetic.high", cfg.data.arithmetic.high >= cfg.data.arithmetic.low, "must be >= data.arithmetic.low"),
         ("model.lora_rank", cfg.model.lora_rank >= 0, "must be >= 0 (0 = full fine-tune)"),
+        ("model.lora_dropout", 0 <= cfg.model.lora_dropout < 1, "must be in [0, 1)"),
     ]
     for key, ok, why in checks:
         if not ok:
@@ -192,6 +212,10 @@ def validate(cfg: Config) -> Config:
     for op in cfg.data.arithmetic.ops:
         if op not in ("+", "-", "*"):
             raise ConfigError(f"config key 'data.arithmetic.ops' has {op!r}: use +, - or *")
+    for key in ("data.eval", "model.lora_target_modules"):
+        for item in _get(cfg, key):
+            if not isinstance(item, str):
+                raise ConfigError(f"config key '{key}' has {item!r}: every entry must be a string")
     return cfg
 
 
@@ -214,13 +238,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # strings too: YAML 1.1 reads `1e-5` (no dot) as a string
+                number = float(value)
+            except (ValueError, OverflowError):
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -237,7 +264,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(str(k) for k in set(values) - names)
     if unknown:
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}'; known keys here: {', '.join(sorted(names))}")
@@ -277,6 +304,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} not found")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: bytes that are not UTF-8 (at byte {e.start}); "
+                              "re-save the file as UTF-8") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -292,5 +322,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_dict(raw: dict) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
     return validate(_build(Config, raw))
 

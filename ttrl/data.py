@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ttrl.config import ArithmeticConfig, DataConfig
@@ -28,6 +28,8 @@ class Problem:
     """The problem text, before the chat template and instruction are applied."""
     answer: str | None = None
     """Gold answer, for evaluation and diagnostics only."""
+    source: str = field(default="", compare=False)
+    """Where the problem came from (`file:line`), for error messages."""
 
 
 def arithmetic_problems(cfg: ArithmeticConfig) -> list[Problem]:
@@ -51,11 +53,18 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"{path}: reading Parquet needs pyarrow: pip install 'ttrl[parquet]'") from None
-        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+        try:
+            return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise DataError(f"{path}: not a readable Parquet file ({e}); re-export it") from None
     try:
-        text = path.read_bytes().decode("utf-8")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror}); check the path and its permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark is harmless; drop it
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: bytes that are not UTF-8 (at byte {e.start}); "
                         "re-save the file as UTF-8") from None
     if suffix == ".json":
@@ -63,6 +72,8 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # e.g. a 5000-digit number, or [[[[... nested too deep
+            raise DataError(f"{path}: not valid JSON ({e})") from None
         if isinstance(data, dict):  # {"data": [...]} or a single list under one key
             lists = [v for v in data.values() if isinstance(v, list)]
             data = lists[0] if len(lists) == 1 else None
@@ -72,7 +83,9 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
     if suffix not in (".jsonl", ".ndjson"):
         raise DataError(f"{path}: unknown data format '{suffix}'; use .jsonl, .json or .parquet")
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines separates records by "\n" only: str.splitlines() would also split inside strings
+    # holding U+2028 or U+0085, which JSON allows unescaped.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -80,6 +93,8 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno}); "
                             "each line must be one JSON object") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e}); each line must be one JSON object") from None
     return records
 
 
@@ -87,7 +102,8 @@ def load_file(path: str | Path, prompt_field: str = "problem", answer_field: str
               id_field: str = "id") -> list[Problem]:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file {path} not found; give a .jsonl/.json/.parquet file or one of: "
+        what = "is a directory" if path.is_dir() else "not found"
+        raise DataError(f"data file {path} {what}; give a .jsonl/.json/.parquet file or one of: "
                         f"{', '.join(BUNDLED)}")
     problems, seen = [], {}
     for where, record in _read_records(path):
@@ -95,7 +111,10 @@ def load_file(path: str | Path, prompt_field: str = "problem", answer_field: str
         if not isinstance(record, dict):
             raise DataError(f"{at}: expected a JSON object, got {type(record).__name__}")
         prompt = record.get(prompt_field)
-        if not isinstance(prompt, str) or not prompt.strip():
+        if prompt is not None and not isinstance(prompt, str):
+            raise DataError(f"{at}: prompt field '{prompt_field}' holds a {type(prompt).__name__}, "
+                            "not text; each prompt must be a JSON string")
+        if not prompt or not prompt.strip():
             keys = ", ".join(sorted(map(str, record))) or "none"
             raise DataError(f"{at}: missing or empty prompt field '{prompt_field}' (keys here: {keys}); "
                             "set data.prompt_field to the field holding the question")
@@ -104,10 +123,41 @@ def load_file(path: str | Path, prompt_field: str = "problem", answer_field: str
             raise DataError(f"{at}: duplicate id {pid!r} (first at {seen[pid]}); ids must be unique")
         seen[pid] = at
         answer = record.get(answer_field)
-        problems.append(Problem(id=pid, prompt=prompt, answer=None if answer is None else str(answer)))
+        answer = None if answer is None else str(answer)
+        for name, value in ((prompt_field, prompt), (answer_field, answer), (id_field, pid)):
+            if value is not None and not _encodable(value):
+                raise DataError(f"{at}: field '{name}' holds an unpaired surrogate escape (\\ud800-\\udfff), "
+                                "which is not text; fix the escape or drop the character")
+        problems.append(Problem(id=pid, prompt=prompt, answer=answer, source=at))
     if not problems:
         raise DataError(f"{path}: no prompts found; the file is empty")
     return problems
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def drop_too_long(problems: list[Problem], lengths: list[int], budget: int, policy: str,
+                  why: str) -> tuple[list[Problem], list[Problem]]:
+    """(kept, skipped): prompts of more than `budget` tokens are skipped, or fail when
+    policy == "fail". `why` says where the budget comes from, for the message."""
+    over = {i for i, n in enumerate(lengths) if n > budget}
+    if over and policy == "fail":
+        i = min(over)
+        p = problems[i]
+        raise DataError(f"{p.source or 'prompt'} (id {p.id!r}): the prompt is {lengths[i]} tokens, but only {budget} "
+                        f"fit ({why}); {len(over)} prompt(s) are too long in all. Shorten them, lower "
+                        "max_new_tokens, or set data.too_long=skip to leave them out")
+    kept = [p for i, p in enumerate(problems) if i not in over]
+    if problems and not kept:
+        raise DataError(f"every prompt is longer than the {budget} tokens that fit ({why}); "
+                        "lower max_new_tokens or use a model with a longer context")
+    return kept, [p for i, p in enumerate(problems) if i in over]
 
 
 def load_problems(source: str, cfg: DataConfig) -> list[Problem]:

@@ -18,16 +18,19 @@ def _clean(value):
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, purge_step: int | None = None):
+        """`purge_step`: on resume, TensorBoard hides events of the killed run from this step on."""
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.n_rows = len(read_metrics(run_dir))
+        """Rows in the file, counting those of earlier (resumed) sessions; a checkpoint records it."""
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
             except ImportError:  # TensorBoard is optional; metrics.jsonl is the record
                 self._tb = None
 
@@ -37,6 +40,7 @@ class MetricsWriter:
         self._file.write(json.dumps(row, sort_keys=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
+        self.n_rows += 1
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -61,6 +65,20 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             except json.JSONDecodeError:  # a torn last line from a hard kill is skipped
                 continue
     return rows
+
+
+def truncate_metrics(run_dir: str | Path, n_rows: int) -> int:
+    """Keep the first `n_rows` rows of metrics.jsonl (a resumed run drops what was logged after
+    its checkpoint, and any torn last line); atomic. Returns how many rows were kept."""
+    path = Path(run_dir) / METRICS_FILE
+    rows = read_metrics(run_dir)[:n_rows]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(rows)
 
 
 def progress_bar(disable: bool = False):

@@ -1,11 +1,14 @@
 """The TTRL loop, top to bottom: prompts -> samples -> votes -> rewards -> advantages -> update
--> metrics. Gold answers enter only `diagnostics()` and evaluation, after the update is done."""
+-> metrics. Gold answers enter only `diagnostics()` and evaluation, after the update is done.
+Checkpoints (ttrl.checkpoint) let a killed run resume exactly where it stopped."""
 
 from __future__ import annotations
 
 import json
 import math
 import random
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +17,13 @@ import numpy as np
 import torch
 
 from ttrl.advantages import compute_advantages
+from ttrl.checkpoint import CHECKPOINTS, CheckpointError, StopSignals, load_checkpoint, save_checkpoint
 from ttrl.config import Config
-from ttrl.data import Problem, load_problems, render_prompt, split_holdout
+from ttrl.data import Problem, drop_too_long, load_problems, render_prompt, split_holdout
 from ttrl.evaluation import evaluate
 from ttrl.grading import extract_answer, is_equivalent
 from ttrl.losses import kl_k3, policy_loss
-from ttrl.metrics import MetricsWriter, progress_bar
+from ttrl.metrics import MetricsWriter, progress_bar, truncate_metrics
 from ttrl.models import encode_prompts, load_model
 from ttrl.rewards import majority_rewards, similarity_rewards
 from ttrl.rollout import Rollout, Sampling, generate, score
@@ -81,6 +85,7 @@ def update(model, ref_model, rollout: Rollout, groups: list[Group], cfg: Config,
     model.train()
     for _ in range(algo.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
+        finite = True
         for g0 in range(0, len(prompts), per_mb):
             pg, mb = prompts[g0:g0 + per_mb], slice(g0 * m, (g0 + per_mb) * m)
             logp, mask = score(model, pg, completions[mb], cfg.rollout.temperature, pad_id, group_size=m)
@@ -92,14 +97,17 @@ def update(model, ref_model, rollout: Rollout, groups: list[Group], cfg: Config,
                                         group_size=m)
                 kl = (kl_k3(logp, ref_logp) * mask).sum() / n_tokens
                 loss = loss + algo.kl_coef * kl
-                totals["loss/kl"] += float(kl) / algo.ppo_epochs
-            loss.backward()
-            totals["loss/policy"] += float(loss) / algo.ppo_epochs
+                totals["loss/kl"] += float(kl.detach()) / algo.ppo_epochs
+            value = float(loss.detach())
+            totals["loss/policy"] += value / algo.ppo_epochs
             totals["loss/clipfrac"] += stats["clipfrac"] / algo.ppo_epochs
             totals["loss/approx_kl"] += stats["approx_kl"] / algo.ppo_epochs
-        norm = torch.nn.utils.clip_grad_norm_(params, algo.max_grad_norm)
-        grad_norm = float(norm)
-        if not math.isfinite(grad_norm):  # a NaN/inf gradient must not reach the weights
+            finite = math.isfinite(value)
+            if not finite:
+                break
+            loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, algo.max_grad_norm)) if finite else math.nan
+        if not math.isfinite(grad_norm):  # a NaN/inf loss or gradient must not reach the weights
             skipped_updates += 1
             optimizer.zero_grad(set_to_none=True)
             continue
@@ -172,17 +180,70 @@ def run_evals(model, tok, sets: dict[str, list[Problem]], cfg: Config, step: int
                                            "examples": [r.__dict__ for r in results[:8]]})
 
 
-def train(cfg: Config, run_dir: str | Path, quiet: bool = False) -> dict:
-    """Run TTRL end to end; returns the summary also written to RUN_DIR/summary.json."""
+class TrainingStopped(RuntimeError):
+    """The run stopped before the end (a signal, or too many non-finite steps in a row) after
+    saving a checkpoint; `exit_code` is what a command line should return."""
+
+    def __init__(self, message: str, checkpoint: Path, exit_code: int):
+        super().__init__(message)
+        self.checkpoint, self.exit_code = checkpoint, exit_code
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)  # rich's live progress bar redirects stderr above itself
+
+
+def fit_context(problems: list[Problem], tok, model, cfg: Config, max_new_tokens: int, key: str) -> list[Problem]:
+    """Leave out (data.too_long=skip) or fail on prompts that leave no room for `max_new_tokens`
+    in the model's context."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not context or not problems:
+        return problems
+    ids = encode_prompts(tok, [render_prompt(p, cfg.data.template) for p in problems], cfg.model.chat_template)
+    budget, why = context - max_new_tokens, f"context {context} (max_position_embeddings) - {key} {max_new_tokens}"
+    kept, skipped = drop_too_long(problems, [len(x) for x in ids], budget, cfg.data.too_long, why)
+    if skipped:
+        names = ", ".join(repr(p.id) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        warn(f"skipped {len(skipped)} of {len(problems)} prompts longer than {budget} tokens ({why}): {names}; "
+             "set data.too_long=fail to stop instead")
+    return kept
+
+
+def resumed_state(run_dir: Path, cfg: Config, model, optimizer, scheduler, generator) -> dict | None:
+    """Load the latest checkpoint; settings that differ from the checkpointed run are named
+    (model.* ones refused: the weights would not fit)."""
+    state = load_checkpoint(run_dir, model, optimizer, scheduler, generator)
+    if state is None:
+        warn(f"no checkpoint in {run_dir}/{CHECKPOINTS}; starting from step 0")
+        return None
+    old, new = _flatten(state["config"]), _flatten(cfg.to_dict())
+    free = ("train.steps", "train.save_every", "train.keep_checkpoints", "algorithm.max_bad_steps")
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in free]
+    if any(k.startswith("model.") for k in changed):
+        raise CheckpointError(f"cannot resume {run_dir}: the checkpoint was trained with other model settings "
+                              f"({', '.join(k for k in changed if k.startswith('model.'))}); use the original config")
+    if changed:
+        warn("resuming with changed settings (the run will differ from an uninterrupted one): "
+             + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
+    print(f"resuming from {state['path']} (step {state['step']})", file=sys.stderr)
+    return state
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = False) -> dict:
+    """Run TTRL end to end; returns the summary also written to RUN_DIR/summary.json.
+    `resume`: continue from the latest valid checkpoint in RUN_DIR (from step 0 if there is none)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     seed_everything(cfg.train.seed)
     problems = load_problems(cfg.data.train, cfg.data)
-    adapt, held = split_holdout(problems, cfg.data.holdout, cfg.train.seed)
-    eval_sets = {"adapt": adapt, "heldout": held}
-    for name in cfg.data.eval:
-        eval_sets[Path(name).stem] = load_problems(name, cfg.data)
+    extra = {Path(name).stem: load_problems(name, cfg.data) for name in cfg.data.eval}
 
     model, tok = load_model(cfg.model, seed=cfg.train.seed)
     ref_model = None
@@ -190,6 +251,11 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False) -> dict:
         ref_model, _ = load_model(type(cfg.model)(**{**cfg.model.__dict__, "lora_rank": 0}), seed=cfg.train.seed)
         ref_model.eval().requires_grad_(False)
     pad_id = tok.pad_token_id
+    problems = fit_context(problems, tok, model, cfg, cfg.rollout.max_new_tokens, "rollout.max_new_tokens")
+    adapt, held = split_holdout(problems, cfg.data.holdout, cfg.train.seed)
+    eval_sets = {"adapt": adapt, "heldout": held}
+    for name, probs in extra.items():
+        eval_sets[name] = fit_context(probs, tok, model, cfg, cfg.eval.max_new_tokens, "eval.max_new_tokens")
     prompt_ids = encode_prompts(tok, [render_prompt(p, cfg.data.template) for p in adapt], cfg.model.chat_template)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.algorithm.lr, weight_decay=cfg.algorithm.weight_decay)
@@ -198,32 +264,63 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False) -> dict:
     generator = torch.Generator().manual_seed(cfg.train.seed)
     sampling = Sampling(n=cfg.rollout.n_votes, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                         top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
-    writer = MetricsWriter(run_dir)
-    evals: dict = {}
     steps = total_steps(cfg, len(adapt))
-    if cfg.eval.before:
-        run_evals(model, tok, eval_sets, cfg, 0, writer, evals)
 
-    bar = progress_bar(disable=quiet)
-    with bar:
-        task = bar.add_task("ttrl train", total=steps, info="")
-        for step in range(steps):
-            t0 = time.perf_counter()
-            batch = batch_order(len(adapt), cfg.train.prompts_per_step, step, cfg.train.seed)
-            rollout = generate(model, tok, [prompt_ids[i] for i in batch], sampling, generator)
-            t_roll = time.perf_counter() - t0
-            groups = vote_and_reward(rollout, cfg, generator)
-            stats = update(model, ref_model, rollout, groups, cfg, optimizer, scheduler, pad_id)
-            row = {"step": step + 1, **rollout_metrics(rollout, groups, t_roll), **stats,
-                   **diagnostics(groups, [adapt[i].answer for i in batch]),
-                   "perf/step_seconds": time.perf_counter() - t0}
-            writer.log(row)
-            bar.update(task, advance=1, info=f"reward {row['train/reward']:.2f} "
-                                             f"maj {row['train/majority_ratio']:.2f}")
-            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < steps:
-                run_evals(model, tok, eval_sets, cfg, step + 1, writer, evals)
-    run_evals(model, tok, eval_sets, cfg, steps, writer, evals)
-    writer.close()
+    # Resume: weights, optimizer, RNGs and eval history from the checkpoint; metrics rows logged
+    # after it (and a torn last line) are dropped, so the file reads as if never interrupted.
+    state = resumed_state(run_dir, cfg, model, optimizer, scheduler, generator) if resume else None
+    start, evals, bad_steps = (state["step"], state["evals"], state["bad_steps"]) if state else (0, {}, 0)
+    if resume:
+        truncate_metrics(run_dir, state["metric_rows"] if state else 0)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    writer = MetricsWriter(run_dir, purge_step=(start + 1 if state else 0) if resume else None)
+
+    def checkpoint(done: int) -> Path:
+        return save_checkpoint(run_dir, done, model, optimizer, scheduler, generator, keep=cfg.train.keep_checkpoints,
+                               state={"evals": evals, "bad_steps": bad_steps, "metric_rows": writer.n_rows,
+                                      "config": cfg.to_dict()})
+
+    try:
+        if cfg.eval.before and not state:
+            run_evals(model, tok, eval_sets, cfg, 0, writer, evals)
+        with StopSignals() as stop, progress_bar(disable=quiet) as bar:
+            task = bar.add_task("ttrl train", total=steps, completed=start, info="")
+            for step in range(start, steps):
+                t0 = time.perf_counter()
+                batch = batch_order(len(adapt), cfg.train.prompts_per_step, step, cfg.train.seed)
+                rollout = generate(model, tok, [prompt_ids[i] for i in batch], sampling, generator)
+                t_roll = time.perf_counter() - t0
+                groups = vote_and_reward(rollout, cfg, generator)
+                stats = update(model, ref_model, rollout, groups, cfg, optimizer, scheduler, pad_id)
+                row = {"step": step + 1, **rollout_metrics(rollout, groups, t_roll), **stats,
+                       **diagnostics(groups, [adapt[i].answer for i in batch]),
+                       "perf/step_seconds": time.perf_counter() - t0}
+                writer.log(row)
+                bar.update(task, advance=1, info=f"reward {row['train/reward']:.2f} "
+                                                 f"maj {row['train/majority_ratio']:.2f}")
+                done = step + 1
+                bad_steps = bad_steps + 1 if stats.get("optim/skipped_updates") else 0
+                if bad_steps:
+                    warn(f"step {done}: NaN/inf loss or gradient; update skipped "
+                         f"({bad_steps} in a row, algorithm.max_bad_steps={cfg.algorithm.max_bad_steps})")
+                if cfg.eval.every and done % cfg.eval.every == 0 and done < steps:
+                    run_evals(model, tok, eval_sets, cfg, done, writer, evals)
+                # A signal that lands after this line is handled at the end of the next step.
+                failing, stopping = bad_steps >= cfg.algorithm.max_bad_steps, stop.received
+                due = done == steps or (cfg.train.save_every and done % cfg.train.save_every == 0)
+                if due or failing or stopping:
+                    path = checkpoint(done)
+                if failing:
+                    raise TrainingStopped(
+                        f"stopped after step {done}: {bad_steps} steps in a row had a NaN/inf loss or gradient "
+                        f"(algorithm.max_bad_steps); their updates were skipped, so {path} holds the last good "
+                        "weights. Lower algorithm.lr or algorithm.max_grad_norm, or use model.dtype=float32", path, 1)
+                if stopping:
+                    raise TrainingStopped(f"stopped by {stopping} after step {done} of {steps}; "
+                                          f"checkpoint saved in {path}", path, 128 + signal.Signals[stopping])
+        run_evals(model, tok, eval_sets, cfg, steps, writer, evals)
+    finally:
+        writer.close()
     model.save_pretrained(run_dir / "model")
     tok.save_pretrained(run_dir / "model")
     summary = {"steps": steps, "evals": evals}

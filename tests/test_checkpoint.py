@@ -1,0 +1,201 @@
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ttrl import checkpoint as ckpt
+from ttrl.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+# Non-trivial training (ROUGE-L rewards give non-zero gradients on a random model), small and quick.
+RUN = ["reward.kind=similarity", "train.steps=4", "train.save_every=1", "train.prompts_per_step=2",
+       "rollout.n_votes=4", "reward.n_train_samples=2", "rollout.max_new_tokens=4", "data.arithmetic.n=4",
+       "eval.n_samples=1", "eval.greedy=false"]
+
+
+def _train(out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ttrl", "train", "--config", str(TINY), "--output-dir", str(out), "--quiet",
+           "--no-report", *RUN, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path} appeared: {proc.communicate()[1][-2000:]}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def _rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    """SIGTERM (clean stop), then SIGKILL at an arbitrary moment, a torn metrics line, two resumes:
+    same weights and the same metrics rows as a run that was never interrupted."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    reference = _train(ref)  # in parallel: the two runs share nothing but the CPU
+    proc = _train(run)
+    _wait_for(run / "checkpoints" / "step-00000001" / "state.json", proc)
+    proc.send_signal(signal.SIGTERM)  # finishes step 2, saves it, exits with a resume hint
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM after step 2 of 4" in err and "--resume" in err and "Traceback" not in err
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000001", "step-00000002"]
+
+    proc = _train(run, "--resume")
+    _wait_for(run / "checkpoints" / "step-00000003" / "state.json", proc)
+    proc.kill()
+    proc.wait()
+    assert not (run / "summary.json").exists(), "the kill came too late to test anything"
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "train/rew')  # a row torn by the kill
+
+    proc = _train(run, "--resume")
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-2000:]
+    _, ref_err = reference.communicate(timeout=180)
+    assert reference.returncode == 0, ref_err[-2000:]
+
+    from safetensors.torch import load_file
+
+    a, b = load_file(ref / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    rows = _rows(ref)
+    assert [r["step"] for r in rows if "train/reward" in r] == [1, 2, 3, 4]
+    assert any(r.get("optim/grad_norm") for r in rows), "the test needs non-zero gradients to mean anything"
+    assert _rows(run) == rows
+    assert json.loads((run / "summary.json").read_text()) == json.loads((ref / "summary.json").read_text())
+
+
+def test_resume_refuses_other_model_and_cli_refuses_silent_overwrite(tmp_path, capsys):
+    from ttrl.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert main(["train", "--config", str(TINY), "--output-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert main(["train", "--config", str(TINY), "--resume", "--overwrite", "--output-dir", str(run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+# --- the checkpoint component on its own: small model, no training -------------------------------
+
+def _parts(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return opt, sched, torch.Generator().manual_seed(0)
+
+
+def _step(model, opt, sched):
+    loss = sum((p.float() ** 2).sum() for p in model.parameters() if p.requires_grad)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _small_model():
+    from ttrl.config import ModelConfig
+    from ttrl.models import load_model
+
+    arch = {"num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+            "num_key_value_heads": 1}
+    return load_model(ModelConfig(architecture=arch), seed=0)[0]
+
+
+@pytest.fixture()
+def small():
+    return _small_model()
+
+
+def test_round_trip_restores_weights_optimizer_and_every_rng(tmp_path, small):
+    opt, sched, gen = _parts(small)
+    _step(small, opt, sched)
+    save_checkpoint(tmp_path, 1, small, opt, sched, gen, state={"evals": {"adapt": [{"step": 0, "x": 0.5}]}})
+    saved = _snapshot(small)
+    draws = (random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=gen))
+    _step(small, opt, sched)  # move everything on
+    state = load_checkpoint(tmp_path, small, opt, sched, gen)
+    assert state["step"] == 1 and state["evals"] == {"adapt": [{"step": 0, "x": 0.5}]}
+    assert all(torch.equal(p, saved[n]) for n, p in small.named_parameters())
+    assert (random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=gen)) == draws
+    # The restored optimizer continues exactly as the original would have.
+    opt2, sched2, _ = _parts(small)
+    _step(small, opt, sched)
+    after = _snapshot(small)
+    load_checkpoint(tmp_path, small, opt2, sched2, torch.Generator())
+    _step(small, opt2, sched2)
+    assert all(torch.equal(p, after[n]) for n, p in small.named_parameters())
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, small, monkeypatch):
+    opt, sched, gen = _parts(small)
+    save_checkpoint(tmp_path, 1, small, opt, sched, gen, state={})
+    good = _snapshot(small)
+    _step(small, opt, sched)
+
+    def crash(*args, **kwargs):  # weights.safetensors is written, trainer.pt is not
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 2, small, opt, sched, gen, state={})
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
+    assert load_checkpoint(tmp_path, small, opt, sched, gen)["step"] == 1
+    assert all(torch.equal(p, good[n]) for n, p in small.named_parameters())
+    # The next successful save clears the debris and keeps only the latest `keep`.
+    for step in (2, 3, 4):
+        save_checkpoint(tmp_path, step, small, opt, sched, gen, state={}, keep=2)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000003", "step-00000004"]
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, small, capsys):
+    opt, sched, gen = _parts(small)
+    save_checkpoint(tmp_path, 1, small, opt, sched, gen, state={})
+    good = _snapshot(small)
+    _step(small, opt, sched)
+    latest = save_checkpoint(tmp_path, 2, small, opt, sched, gen, state={})
+    data = (latest / ckpt.TRAINER).read_bytes()
+    (latest / ckpt.TRAINER).write_bytes(data[: len(data) // 2])
+    assert load_checkpoint(tmp_path, small, opt, sched, gen)["step"] == 1
+    assert "step-00000002 is damaged" in capsys.readouterr().err
+    assert all(torch.equal(p, good[n]) for n, p in small.named_parameters())
+
+
+def test_lora_checkpoint_holds_only_the_adapter(tmp_path, small):
+    from ttrl.config import ModelConfig
+    from ttrl.models import add_lora
+
+    model = add_lora(small, ModelConfig(lora_rank=2, lora_target_modules=["q_proj"]))
+    opt, sched, gen = _parts(model)
+    _step(model, opt, sched)
+    path = save_checkpoint(tmp_path, 1, model, opt, sched, gen, state={})
+    from safetensors.torch import load_file
+
+    names = list(load_file(path / ckpt.WEIGHTS))
+    assert names and all("lora_" in n for n in names)
+    with pytest.raises(CheckpointError, match="different model"):
+        plain = _small_model()
+        load_checkpoint(tmp_path, plain, *_parts(plain))

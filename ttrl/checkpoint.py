@@ -1,0 +1,173 @@
+"""Crash-safe checkpoints: RUN_DIR/checkpoints/step-NNNNNNNN/ holds everything a resumed run
+needs to continue bit for bit — trained weights (all of them, or the LoRA adapter's), optimizer
+and scheduler state, the sampling generator and the Python/NumPy/torch RNG states, the eval
+history and how many metrics rows were logged.
+
+A checkpoint is written into a temporary directory, fsynced, then renamed into place, so a crash
+at any moment leaves either the whole new checkpoint or none of it beside the previous ones.
+`state.json` is written last; a directory without it is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINTS = "checkpoints"
+WEIGHTS, TRAINER, STATE = "weights.safetensors", "trainer.pt", "state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used for this run; the message says why and what to do."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def trained_weights(model) -> dict[str, torch.Tensor]:
+    """The parameters the optimizer updates: the whole model, or only a LoRA adapter."""
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_states() -> tuple[dict, dict]:
+    """(JSON-able, tensor) RNG states of Python, NumPy and torch (CPU and CUDA)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.cuda.get_rng_state_all()
+    return plain, tensors
+
+
+def set_rng_states(plain: dict, tensors: dict) -> None:
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensors["cuda"])
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (with state.json), oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if (p / STATE).is_file() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, generator: torch.Generator,
+                    state: dict, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically and keep only the latest `keep`. `state` is JSON-able
+    (evals, counters, config); tensors and RNG states are gathered here."""
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    plain, tensors = rng_states()
+    save_file(trained_weights(model), tmp / WEIGHTS)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(), "rng": tensors}, tmp / TRAINER)
+    (tmp / STATE).write_text(json.dumps({**state, "step": step, "rng": plain}, default=str), encoding="utf-8")
+    for name in (WEIGHTS, TRAINER, STATE):
+        _fsync(tmp / name)
+    _fsync(tmp)
+    if final.exists():  # the same step saved again (e.g. stopped right after resuming): swap it out
+        _retire(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        _retire(old)
+    for stale in list(root.glob(".tmp-*")) + list(root.glob(".old-*")):  # left by an earlier crash
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _retire(path: Path) -> None:
+    """Rename away, then delete: a crash mid-delete never leaves a half checkpoint under a valid name."""
+    gone = path.with_name(f".old-{path.name}-{os.getpid()}")
+    os.rename(path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _read(path: Path) -> tuple[dict, dict, dict]:
+    from safetensors.torch import load_file
+
+    state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    weights = load_file(path / WEIGHTS)
+    trainer = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
+    return state, weights, trainer
+
+
+def load_checkpoint(run_dir: str | Path, model, optimizer, scheduler, generator: torch.Generator) -> dict | None:
+    """Restore the newest readable checkpoint into the given objects and the global RNGs; return
+    its `state` (None when there is none). A damaged checkpoint is skipped with a warning."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            state, weights, trainer = _read(path)
+        except Exception as e:  # noqa: BLE001 - any damage means: fall back to the one before
+            print(f"warning: checkpoint {path} is damaged ({type(e).__name__}: {e}); trying the one before",
+                  file=sys.stderr)
+            continue
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if set(weights) != set(params) or any(weights[k].shape != params[k].shape for k in weights):
+            raise CheckpointError(f"checkpoint {path} holds weights of a different model (or LoRA setup) than "
+                                  "this config builds; resume with the model.* settings of the original run")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(trainer["optimizer"])
+        scheduler.load_state_dict(trainer["scheduler"])
+        generator.set_state(trainer["generator"])
+        set_rng_states(state.pop("rng"), trainer["rng"])
+        return {**state, "path": str(path)}
+    return None
+
+
+class StopSignals:
+    """While active, SIGINT/SIGTERM ask the training loop to stop after the step in flight (it then
+    saves a checkpoint); a second signal abandons the step at once, keeping the last checkpoint."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.received = signal.Signals(signum).name
+        print(f"\n{self.received} received: finishing the step in flight, then saving a checkpoint "
+              "(send it again to stop at once and keep the previous checkpoint)", file=sys.stderr)
