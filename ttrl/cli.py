@@ -1,14 +1,17 @@
-"""`ttrl train | eval | demo`: thin argument parsing around config, trainer and evaluation."""
+"""`ttrl train | eval | report | compare | demo`: thin argument parsing around config, trainer,
+evaluation and report."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from ttrl.config import ConfigError, load_config
+from ttrl.report import ENVIRONMENT_FILE, ReportError, environment, write_compare, write_report
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 
@@ -32,8 +35,8 @@ def prepare_run_dir(path: Path, overwrite: bool) -> None:
     """Never overwrite an existing run silently."""
     if path.exists() and any(path.iterdir()):
         if not overwrite:
-            raise ConfigError(f"output directory {path} already holds a run; pass --overwrite to replace it "
-                              "or choose another --output-dir")
+            raise ConfigError(f"output directory {path} already holds a run; pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another --output-dir")
         import shutil
 
         shutil.rmtree(path)
@@ -56,13 +59,35 @@ def before_after_table(evals: dict, k: int) -> str:
 
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides + ([f"data.holdout={args.holdout}"] if args.holdout else []))
+    resume = getattr(args, "resume", False)
+    if resume and (args.overwrite or not args.output_dir):
+        raise ConfigError("--resume continues the run in --output-dir: give --output-dir, and not --overwrite")
     out = Path(args.output_dir or f"runs/ttrl-{time.strftime('%Y%m%d-%H%M%S')}")
-    prepare_run_dir(out, args.overwrite)
-    from ttrl.trainer import train
+    if not resume:
+        prepare_run_dir(out, args.overwrite)
+    from ttrl.checkpoint import CheckpointError
+    from ttrl.trainer import TrainingStopped, train
 
+    again = shlex.join(["ttrl", "train", "--resume", "--output-dir", str(out)]
+                       + (["--config", args.config] if args.config else [])
+                       + (["--holdout", str(args.holdout)] if args.holdout else []) + args.overrides)
+    if out.is_dir():  # a --resume of a missing directory is left to train() to explain
+        (out / ENVIRONMENT_FILE).write_text(json.dumps(environment(), indent=2))
     t0 = time.time()
-    summary = train(cfg, out, quiet=args.quiet)
+    try:
+        summary = train(cfg, out, quiet=args.quiet, resume=resume)
+    except TrainingStopped as e:
+        print(f"{e}\nto continue: {again}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the last checkpoint is kept. to continue: {again}", file=sys.stderr)
+        return 130
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(before_after_table(summary["evals"], cfg.eval.n_samples))
+    if not getattr(args, "no_report", False):  # `ttrl demo` has no --no-report: it always reports
+        print(f"report: {write_report(out)}")
     print(f"\nrun finished in {time.time() - t0:.0f} s; files in {out}/ (metrics.jsonl, summary.json, model/)")
     return 0
 
@@ -93,6 +118,26 @@ def cmd_demo(args) -> int:
     return cmd_train(args)
 
 
+def cmd_report(args) -> int:
+    try:
+        page = write_report(args.run_dir)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{page}\n{page.with_suffix('.md')} (plots in {page.with_suffix('')}/)")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    try:
+        page = write_compare(args.run_dirs, args.output)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{page}\n{page.with_suffix('.md')} (plots in {page.with_suffix('')}/)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttrl", description="Test-Time Reinforcement Learning on unlabeled prompts")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,8 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML config file (see configs/)")
     train.add_argument("--output-dir", help="run directory (default runs/ttrl-<time>)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --output-dir from its latest checkpoint (same config and overrides)")
     train.add_argument("--holdout", type=float, default=0.0, help="fraction of prompts held out for evaluation")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--no-report", action="store_true", help="skip writing report.html / report.md at the end")
     train.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. rollout.n_votes=16")
     train.set_defaults(func=cmd_train)
 
@@ -118,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.add_argument("overrides", nargs="*", help="key.sub=value settings on top of the demo config")
     demo.set_defaults(func=cmd_demo)
+
+    report = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) and report.md with plots")
+    report.add_argument("run_dir", help="a run directory written by `ttrl train`")
+    report.set_defaults(func=cmd_report)
+
+    compare = sub.add_parser("compare", help="put runs side by side: compare.html and compare.md, curves overlaid")
+    compare.add_argument("run_dirs", nargs="+", help="run directories written by `ttrl train`")
+    compare.add_argument("--output", default="compare", help="directory for compare.html/.md (default ./compare)")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 

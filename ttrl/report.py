@@ -1,0 +1,770 @@
+"""Reports a person would rather look at than read: `ttrl report RUN_DIR` writes report.html (one
+self-contained file, plots embedded as base64 PNG, no external URL) and report.md (PNGs beside it
+in report/); `ttrl compare` puts several runs side by side the same way.
+
+Everything is read back from the run directory (config.json, environment.json, metrics.jsonl,
+summary.json), so a report can be rebuilt at any time, also for a run that stopped early.
+Content is built once as a list of blocks, then rendered to HTML and to Markdown."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ttrl.metrics import read_metrics
+
+ENVIRONMENT_FILE = "environment.json"
+
+
+class ReportError(ValueError):
+    """A directory that holds no run: the message names it and what to pass instead."""
+
+
+def environment() -> dict:
+    """Versions and machine of this process, saved as RUN_DIR/environment.json for the report."""
+    import torch
+    import transformers
+
+    from ttrl import __version__
+
+    env = {"ttrl": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "platform": platform.platform(),
+           "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(Path(a).name if i == 0 else a
+                                                                             for i, a in enumerate(sys.argv))}
+    try:  # the code being run: the commit of the working directory, "-dirty" with uncommitted changes
+        git = ["git", "-C", os.getcwd()]
+        sha = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        if sha.returncode == 0:
+            dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=5).stdout.strip()
+            env["git_commit"] = sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):  # no git, or not a repository: nothing to record
+        pass
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------- reading a run back
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    config: dict
+    env: dict
+    steps: list[dict]
+    """One row per training step (the last logged wins when a resumed run logged a step twice)."""
+    evals: dict[str, list[dict]]
+    """Eval set -> [{step, avg@k, maj@k, pass@k, greedy, majority_ratio, examples?}], oldest first."""
+    finished: bool
+
+    def cfg(self, dotted: str, default=None):
+        node = self.config
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    @property
+    def k(self) -> int:
+        return int(self.cfg("eval.n_samples", 0) or _k_of(self.evals))
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        pts = [(r["step"], r[key]) for r in self.steps if isinstance(r.get(key), (int, float))]
+        return [s for s, _ in pts], [float(v) for _, v in pts]
+
+    def base(self, name: str = "adapt") -> dict | None:
+        rows = self.evals.get(name) or []
+        return rows[0] if rows and rows[0]["step"] == 0 else None
+
+    def final(self, name: str = "adapt") -> dict | None:
+        rows = self.evals.get(name) or []
+        return rows[-1] if rows and rows[-1]["step"] > 0 else None
+
+
+def _k_of(evals: dict) -> int:
+    for rows in evals.values():
+        for row in rows:
+            for key in row:
+                if key.startswith("avg@"):
+                    return int(key[4:])
+    return 0
+
+
+def load_run(run_dir: str | Path) -> Run:
+    path = Path(run_dir)
+    if not (path / "metrics.jsonl").is_file() and not (path / "summary.json").is_file():
+        raise ReportError(f"{path} holds no ttrl run (no metrics.jsonl or summary.json); "
+                          "pass the --output-dir of a `ttrl train` run")
+
+    def read_json(name: str) -> dict:
+        try:
+            return json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    steps: dict[int, dict] = {}
+    evals: dict[str, dict[int, dict]] = {}
+    for row in read_metrics(path):
+        step = row.get("step", 0)
+        for key, value in row.items():
+            if key.startswith("eval/"):
+                _, name, metric = key.split("/", 2)
+                evals.setdefault(name, {}).setdefault(step, {"step": step})[metric] = value
+            elif key != "step":
+                steps.setdefault(step, {"step": step})[key] = value
+    summary = read_json("summary.json")
+    eval_rows = summary.get("evals") or {n: [rows[s] for s in sorted(rows)] for n, rows in evals.items()}
+    name = path.resolve().name
+    return Run(path=path, name=name, config=read_json("config.json"), env=read_json(ENVIRONMENT_FILE),
+               steps=[steps[s] for s in sorted(steps)], evals=eval_rows, finished=bool(summary))
+
+
+# ---------------------------------------------------------------- formatting helpers
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def pts(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def _short(text, n: int = 48) -> str:
+    text = "<none>" if text is None else str(text).replace("\n", " ")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def describe_model(run: Run) -> str:
+    name = str(run.cfg("model.name", "?"))
+    if run.cfg("model.architecture"):
+        name = f"a randomly initialised model of {name}'s shape"
+    lora = run.cfg("model.lora_rank", 0)
+    return name + (f" (LoRA rank {lora})" if lora else "")
+
+
+def set_label(name: str) -> str:
+    return {"adapt": "adapt (trained on, transductive)", "heldout": "heldout (never trained on)"}.get(name, name)
+
+
+# ---------------------------------------------------------------- plots
+
+# One colour per quantity, the same in every report; compare gives each run its own colour instead.
+COLOURS = {"train/rollout_accuracy": "#0072B2", "base": "#555555", "train/label_accuracy": "#E69F00",
+           "train/reward_accuracy": "#009E73", "train/majority_ratio": "#CC79A7", "train/entropy": "#D55E00",
+           "train/response_length": "#56B4E9", "train/reward": "#117733", "loss/kl": "#882255",
+           "loss/approx_kl": "#AA4499", "perf/tokens_per_second": "#332288", "adapt": "#0072B2",
+           "heldout": "#E69F00"}
+RUN_COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#882255", "#332288"]
+STYLES = ["-", "--", ":", "-."]
+RC = {"font.size": 8.5, "axes.titlesize": 9.5, "axes.titleweight": "bold", "axes.titlelocation": "left",
+      "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.color": "#e5e7eb",
+      "grid.linewidth": 0.6, "axes.edgecolor": "#9ca3af", "legend.frameon": False, "legend.fontsize": 7.5,
+      "lines.linewidth": 1.8, "font.family": "DejaVu Sans"}
+
+# (slug, title, [(metric key, label)], y is a fraction in [0, 1])
+PANELS = [
+    ("accuracy", "Rollout accuracy vs base maj@k", [("train/rollout_accuracy", "rollout accuracy (pass@1)")], True),
+    ("label_reward", "Label and reward accuracy", [("train/label_accuracy", "label accuracy"),
+                                                  ("train/reward_accuracy", "reward accuracy")], True),
+    ("majority_ratio", "Majority ratio", [("train/majority_ratio", "majority ratio")], True),
+    ("entropy", "Entropy (nats / token)", [("train/entropy", "entropy")], False),
+    ("response_length", "Response length (tokens)", [("train/response_length", "mean length")], False),
+    ("reward", "Mean reward", [("train/reward", "reward")], True),
+    ("kl", "KL", [("loss/kl", "KL to reference"), ("loss/approx_kl", "KL to rollout policy")], False),
+    ("throughput", "Rollout tokens / s", [("perf/tokens_per_second", "tokens / s")], False),
+]
+
+
+@dataclass
+class Plot:
+    slug: str
+    title: str
+    png: bytes = b""
+    caption: str = ""
+
+
+def _ema(values: list[float], span: int) -> list[float]:
+    a, out, acc = 2 / (span + 1), [], None
+    for v in values:
+        acc = v if acc is None else a * v + (1 - a) * acc
+        out.append(acc)
+    return out
+
+
+def _kl_keys(run: Run) -> set[str]:
+    """KL terms that were measured: to the reference only with a KL penalty, to the rollout policy only
+    when it moves within a step (ppo_epochs > 1; with one epoch it is 0 by construction)."""
+    keys = set()
+    if (run.cfg("algorithm.kl_coef", 0) or 0) > 0:
+        keys.add("loss/kl")
+    if (run.cfg("algorithm.ppo_epochs", 1) or 1) > 1:
+        keys.add("loss/approx_kl")
+    return keys
+
+
+def make_plots(runs: list[Run]) -> tuple[list[Plot], list[str]]:
+    """The small multiples for one run (colour per quantity) or several (colour per run);
+    also the reasons for the panels left out."""
+    from matplotlib import rc_context
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    many = len(runs) > 1
+    plots, missing = [], []
+    with rc_context(RC):
+        for slug, title, series, unit in PANELS:
+            fig = Figure(figsize=(4.3, 2.7), dpi=150, layout="constrained")
+            ax = fig.add_subplot()
+            drawn, styles = False, set()
+            for r, run in enumerate(runs):
+                named = False  # compare: the run's name goes on its first curve in the panel
+                for j, (key, label) in enumerate(series):
+                    if slug == "kl" and key not in _kl_keys(run):
+                        continue
+                    x, y = run.series(key)
+                    if not x:
+                        continue
+                    colour = RUN_COLOURS[r % len(RUN_COLOURS)] if many else COLOURS[key]
+                    style = STYLES[j % len(STYLES)] if many else "-"
+                    name = (None if named else run.name) if many else label
+                    if len(y) > 30:  # long runs: faint raw curve, bold smoothed one
+                        ax.plot(x, y, color=colour, alpha=0.25, linewidth=0.8, linestyle=style)
+                        y = _ema(y, max(3, len(y) // 15))
+                    ax.plot(x, y, color=colour, linestyle=style, label=name, marker="o" if len(x) <= 12 else None,
+                            markersize=3)
+                    drawn = named = True
+                    styles.add(j)
+                if slug == "accuracy" and drawn:
+                    _draw_baseline(ax, run, RUN_COLOURS[r % len(RUN_COLOURS)] if many else None)
+            if not drawn:
+                missing.append(_why_missing(slug, runs))
+                continue
+            if unit:
+                ax.set_ylim(-0.03, 1.03)
+                ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+            elif ax.dataLim.y0 >= 0:  # from zero, so that a change of 6.0 -> 5.9 tokens does not look like a cliff
+                ax.set_ylim(bottom=0)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("step")
+            ax.set_title(title.replace("@k", f"@{runs[0].k}") if not many or len({r.k for r in runs}) == 1
+                         else title)
+            if many and len(series) > 1:  # colour tells the run, line style the quantity: grey keys for styles
+                for j in sorted(styles):
+                    ax.plot([], [], color="#6b7280", linestyle=STYLES[j % len(STYLES)], label=series[j][1])
+            if many and slug == "accuracy":
+                ax.plot([], [], color="#6b7280", linestyle="--", label=f"base maj@{runs[0].k}")
+                ax.plot([], [], color="#6b7280", linestyle="none", marker="D", label="eval avg@k")
+            if ax.get_legend_handles_labels()[0]:
+                _legend(ax, many)
+            plots.append(Plot(slug, ax.get_title(loc="left"), _png(fig)))
+        eval_plot = _eval_plot(runs)
+        if eval_plot:
+            plots.append(eval_plot)
+        elif not any(_has_gold(r) for r in runs):
+            missing.append("eval accuracy over steps: no gold answers")
+        else:
+            missing.append("eval accuracy over steps: evaluated only before and after training "
+                           "(set eval.every to see it during training)")
+    return plots, missing
+
+
+def _draw_baseline(ax, run: Run, colour: str | None) -> None:
+    """Base maj@k on the adapt set as a line, and eval avg@k at each evaluation as points: the
+    question is whether sampled pass@1 climbs to and past the base model's own vote."""
+    base, k = run.base(), run.k
+    if base and f"maj@{k}" in base:
+        ax.axhline(base[f"maj@{k}"], color=colour or COLOURS["base"], linestyle="--", linewidth=1.2,
+                   label=None if colour else f"base maj@{k} (eval)")
+    pts_ = [(row["step"], row[f"avg@{k}"]) for row in run.evals.get("adapt", []) if f"avg@{k}" in row]
+    if pts_:
+        ax.plot(*zip(*pts_), linestyle="none", marker="D", markersize=4.5, color=colour or "#111827",
+                label=None if colour else f"eval avg@{k}")
+
+
+def _eval_plot(runs: list[Run]) -> Plot | None:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    many = len(runs) > 1
+    fig = Figure(figsize=(4.3, 2.7), dpi=150, layout="constrained")
+    ax = fig.add_subplot()
+    drawn = False
+    for r, run in enumerate(runs):
+        k = run.k
+        for s, (name, rows) in enumerate(run.evals.items()):
+            rows = [row for row in rows if f"avg@{k}" in row]
+            if len({row["step"] for row in rows}) <= 2 or (many and name != "adapt"):
+                continue
+            colour = RUN_COLOURS[r % len(RUN_COLOURS)] if many else COLOURS.get(name, RUN_COLOURS[(s + 2) % 8])
+            x = [row["step"] for row in rows]
+            ax.plot(x, [row[f"avg@{k}"] for row in rows], color=colour, marker="o", markersize=3,
+                    label=run.name if many else f"{name} avg@{k}")
+            ax.plot(x, [row[f"maj@{k}"] for row in rows], color=colour, linestyle="--", linewidth=1.1,
+                    label=None if many else f"{name} maj@{k}")
+            drawn = True
+    if not drawn:
+        return None
+    ax.set_ylim(-0.03, 1.03)
+    ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_title("Eval accuracy over steps" + (" (adapt; dashed: maj@k)" if many else ""))
+    _legend(ax, many)
+    return Plot("eval", ax.get_title(loc="left"), _png(fig))
+
+
+def _legend(ax, many: bool) -> None:
+    if many:  # one entry per run: beside the axes, so no curve hides behind it
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    else:
+        ax.legend(loc="best")
+
+
+def _why_missing(slug: str, runs: list[Run]) -> str:
+    if slug in ("accuracy", "label_reward"):
+        return f"{slug.replace('_', ' and ')} curves: the prompts trained on have no gold answers"
+    if slug == "kl":
+        return "KL: not measured (algorithm.kl_coef = 0 keeps no reference model, and with ppo_epochs = 1 " \
+               "the policy equals the rollout policy)"
+    return f"{slug.replace('_', ' ')}: no training step logged"
+
+
+def _png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    # No Software tag: matplotlib's names its web site, and the report holds no URL at all.
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- content
+
+@dataclass
+class Doc:
+    title: str
+    blocks: list[tuple] = field(default_factory=list)
+
+    def add(self, kind: str, *args) -> None:
+        self.blocks.append((kind, *args))
+
+
+def _has_gold(run: Run) -> bool:
+    return any(r.get("train/rollout_accuracy") is not None for r in run.steps) or bool(
+        (run.base() or run.final() or {}).get(f"avg@{run.k}") is not None)
+
+
+def beats_voting(run: Run) -> str:
+    """The plain answer to "does training beat just voting?": TTRL avg@k against base maj@k."""
+    base, final, k = run.base(), run.final(), run.k
+    if not base or not final:
+        return ("Does training beat just voting? Not answered: this needs the base model's evaluation "
+                "(eval.before) and one after training.")
+    if f"maj@{k}" not in base or f"avg@{k}" not in final:
+        return ("Does training beat just voting? Not answered: the adaptation prompts have no gold answers.")
+    a, m = final[f"avg@{k}"], base[f"maj@{k}"]
+    small = f"; on {base['n_prompts']} prompts a few points are noise" if base.get("n_prompts", 99) < 50 else ""
+    if a > m:
+        verdict = f"**Yes.** After TTRL one sample is right {pct(a)} of the time (avg@{k}), above the base " \
+                  f"model's majority vote of {k} samples ({pct(m)} maj@{k}): {pts(a - m)} points"
+    elif a == m:
+        verdict = f"**A tie.** After TTRL one sample is right {pct(a)} of the time (avg@{k}), exactly as often " \
+                  f"as the base model's majority vote of {k} samples (maj@{k})"
+    else:
+        verdict = f"**Not yet.** After TTRL one sample is right {pct(a)} of the time (avg@{k}), below the base " \
+                  f"model's majority vote of {k} samples ({pct(m)} maj@{k}): {pts(a - m)} points"
+    return f"Does training beat just voting? {verdict}{small}."
+
+
+def _mean(run: Run, key: str) -> float | None:
+    _, y = run.series(key)
+    return sum(y) / len(y) if y else None
+
+
+def headline(run: Run, doc: Doc) -> None:
+    k, steps = run.k, run.cfg("train.steps") or len(run.steps)
+    doc.add("p", f"TTRL adapted {describe_model(run)} on **{run.cfg('data.train', '?')}** for {len(run.steps)} "
+                 f"step{'s' * (len(run.steps) != 1)} of {str(run.cfg('algorithm.advantage', '?')).upper()} "
+                 f"(N = {run.cfg('rollout.n_votes')} votes, M = {run.cfg('reward.n_train_samples')} trained "
+                 f"samples, T = {run.cfg('rollout.temperature')}, lr {run.cfg('algorithm.lr')}), evaluated with "
+                 f"k = {k} samples." + ("" if run.finished else f" **The run has not finished** "
+                                                                f"({len(run.steps)} of {steps} steps logged)."))
+    cards = []
+    for name in run.evals:  # the headline number of each eval set: avg@k, base -> after
+        base, final, metric = run.base(name), run.final(name), f"avg@{k}"
+        if base and final and metric in base and metric in final:
+            cards.append((f"{name} {metric}", f"{pct(base[metric])} → {pct(final[metric])}",
+                          f"{pts(final[metric] - base[metric])} points"))
+    base = run.base()
+    if base and f"maj@{k}" in base:
+        cards.append((f"base maj@{k} (adapt)", pct(base[f"maj@{k}"]), "the bar to beat"))
+    la, ra = _mean(run, "train/label_accuracy"), _mean(run, "train/reward_accuracy")
+    if la is not None and ra is not None:
+        cards.append(("label / reward accuracy", f"{pct(la)} / {pct(ra)}", "mean over steps"))
+    _, mr = run.series("train/majority_ratio")
+    if mr:
+        cards.append(("majority ratio", f"{pct(mr[0])} → {pct(mr[-1])}", "first → last step"))
+    if cards:
+        doc.add("cards", cards)
+    doc.add("p", beats_voting(run))
+    if la is not None and ra is not None:
+        lucky = " — the \"lucky hit\" effect: when the vote is wrong, samples that disagree with it are " \
+                "mostly wrong too, so their 0 reward is still right" if ra > la else ""
+        doc.add("p", f"Across training the pseudo-label matched gold on {pct(la)} of prompts, and "
+                     f"{pct(ra)} of rewards equalled the reward gold would give{lucky}.")
+    if not _has_gold(run):
+        doc.add("note", "**No gold answers.** This run's prompts have no reference answers, so accuracy "
+                        "(avg@k, maj@k, pass@k, greedy), label/reward accuracy and the accuracy curves are "
+                        "left out; majority ratio, entropy and the vote histograms show how confident the "
+                        "model grew, which is not the same as how right it is.")
+
+
+def results_table(runs: list[Run]) -> tuple[list[str], list[list]]:
+    """Before -> after per eval set (and per run when several): accuracy and majority ratio."""
+    many = len(runs) > 1
+    ks = {r.k for r in runs}
+    kk = str(ks.pop()) if len(ks) == 1 else "k"
+    metrics = [("avg", f"avg@{kk}"), ("maj", f"maj@{kk}"), ("pass", f"pass@{kk}"), ("greedy", "greedy"),
+               ("majority_ratio", "majority ratio")]
+    headers = (["run"] if many else []) + ["eval set", "prompts"] + [h for _, h in metrics]
+    rows = []
+    for run in runs:
+        for name, evals in run.evals.items():
+            base, final = run.base(name), run.final(name)
+            if not evals:
+                continue
+            row = ([run.name] if many else []) + [name if many else set_label(name), evals[-1].get("n_prompts", "")]
+            for m, _ in metrics:
+                key = f"{m}@{run.k}" if m in ("avg", "maj", "pass") else m
+                b, f = (base or {}).get(key), (final or {}).get(key)
+                if b is not None and f is not None:
+                    row.append((b, f))
+                else:
+                    row.append(pct(f if f is not None else b))
+            rows.append(row)
+    keep = [i for i, h in enumerate(headers) if any(row[i] != "–" for row in rows)]  # no gold: no accuracy columns
+    return [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
+
+
+def setup_table(runs: list[Run]) -> tuple[list[str], list[list]]:
+    fields = [("model", describe_model), ("data", lambda r: str(r.cfg("data.train"))),
+              ("N", lambda r: r.cfg("rollout.n_votes")), ("M", lambda r: r.cfg("reward.n_train_samples")),
+              ("T", lambda r: r.cfg("rollout.temperature")),
+              ("algorithm", lambda r: f"{r.cfg('algorithm.advantage')}, {r.cfg('reward.kind')} reward"),
+              ("lr", lambda r: r.cfg("algorithm.lr")), ("KL coef", lambda r: r.cfg("algorithm.kl_coef")),
+              ("steps × prompts", lambda r: f"{len(r.steps)} × {r.cfg('train.prompts_per_step')}"),
+              ("holdout", lambda r: r.cfg("data.holdout")), ("eval k, T", lambda r: f"{r.k}, "
+                                                                                  f"{r.cfg('eval.temperature')}"),
+              ("seed", lambda r: r.cfg("train.seed"))]
+    if len(runs) == 1:
+        return ["setting", "value"], [[k, str(f(runs[0]))] for k, f in fields]
+    return ["run"] + [k for k, _ in fields], [[r.name] + [str(f(r)) for _, f in fields] for r in runs]
+
+
+def env_table(run: Run) -> list[list]:
+    env = run.env
+    keys = [("ttrl", "ttrl"), ("python", "python"), ("torch", "torch"), ("transformers", "transformers"),
+            ("device", "device"), ("CPU", "cpu"), ("CPU count", "cpu_count"), ("platform", "platform"),
+            ("git commit", "git_commit"), ("started", "started"), ("command", "command")]
+    rows = [[label, str(env[key])] for label, key in keys if key in env]
+    secs = sum(r.get("perf/step_seconds") or 0 for r in run.steps)
+    if secs:
+        rows.append(["training time", f"{secs:.0f} s ({secs / max(1, len(run.steps)):.1f} s / step)"])
+    return rows
+
+
+def examples(run: Run, per_set: dict | None = None) -> list[dict]:
+    """A few prompts with their vote histograms before and after training."""
+    per_set = per_set or {"adapt": 4}
+    out = []
+    for name, rows in run.evals.items():
+        n = per_set.get(name, 2)
+        final = rows[-1] if rows else {}
+        base = run.base(name) if run.final(name) else None
+        before = {e["id"]: e for e in (base or {}).get("examples", [])}
+        for ex in final.get("examples", [])[:n]:
+            out.append({"set": name, "id": ex["id"], "problem": ex.get("problem") or ex.get("prompt"),
+                        "gold": ex.get("gold"), "after": ex, "before": before.get(ex["id"])})
+    return out
+
+
+def build_report(run: Run, plots: list[Plot], missing: list[str]) -> Doc:
+    doc = Doc(f"TTRL report · {run.name}")
+    headline(run, doc)
+    doc.add("h2", "Before and after")
+    headers, rows = results_table([run])
+    if rows:
+        doc.add("table", headers, rows)
+        doc.add("small", "adapt: the prompts trained on (TTRL is transductive: it learns on the test prompts "
+                         "without their answers); heldout: prompts of the same source never trained on. "
+                         "avg@k: mean accuracy of k samples (pass@1); maj@k: accuracy of their majority vote.")
+    else:
+        doc.add("note", "No evaluation recorded.")
+    doc.add("h2", "Training curves")
+    doc.add("figures", plots)
+    if missing:
+        doc.add("small", "Not shown: " + "; ".join(missing) + ".")
+    exs = examples(run)
+    if exs:
+        doc.add("h2", "Example votes")
+        doc.add("small", "Vote histogram over the k evaluation samples (answer → count), before and after "
+                         "training; the top answer is the pseudo-label, ✓ marks the gold answer where known.")
+        doc.add("examples", exs)
+    doc.add("h2", "Setup and environment")
+    env = env_table(run) if run.env else env_table(run) + [["", f"({ENVIRONMENT_FILE} was not recorded)"]]
+    doc.add("tables", [("Setup", *setup_table([run])), ("Environment", ["", ""], env)])
+    doc.add("details", "Full config (config.json)", json.dumps(run.config, indent=2))
+    return doc
+
+
+def build_compare(runs: list[Run], plots: list[Plot], missing: list[str]) -> Doc:
+    doc = Doc(f"TTRL comparison · {len(runs)} runs")
+    doc.add("p", "Does training beat just voting?")
+    for r in runs:
+        doc.add("p", f"**{r.name}**: {beats_voting(r).split('? ', 1)[1]}")
+    doc.add("h2", "Results")
+    doc.add("table", *results_table(runs))
+    doc.add("h2", "Curves")
+    doc.add("legend", [(r.name, RUN_COLOURS[i % len(RUN_COLOURS)]) for i, r in enumerate(runs)])
+    doc.add("figures", plots)
+    if missing:
+        doc.add("small", "Not shown: " + "; ".join(missing) + ".")
+    doc.add("h2", "Setup")
+    doc.add("table", *setup_table(runs))
+    return doc
+
+
+# ---------------------------------------------------------------- rendering
+
+CSS = """
+body{font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:#111827;
+background:#f9fafb;margin:0}
+main{max-width:1180px;margin:0 auto;padding:28px 24px 48px}
+h1{font-size:24px;margin:0 0 6px}h2{font-size:17px;margin:30px 0 10px;border-bottom:1px solid #e5e7eb;
+padding-bottom:4px}
+p{margin:8px 0;max-width:900px}.small{color:#6b7280;font-size:12.5px;max-width:900px}
+.note{background:#fffbeb;border-left:4px solid #f59e0b;padding:8px 12px;border-radius:4px;max-width:880px}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin:14px 0}
+.card{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:10px 14px;min-width:150px}
+.card .l{color:#6b7280;font-size:12px}.card .v{font-size:20px;font-weight:600;font-variant-numeric:tabular-nums}
+.card .d{font-size:12px;color:#6b7280}
+table{border-collapse:collapse;background:#fff;border:1px solid #e5e7eb;border-radius:6px;font-size:13px;
+font-variant-numeric:tabular-nums}
+th,td{padding:5px 10px;border-bottom:1px solid #f3f4f6;text-align:left;vertical-align:top;max-width:460px}
+th{background:#f3f4f6;font-weight:600}td.ba{white-space:nowrap}.up{color:#047857}.down{color:#b91c1c}
+.flat{color:#9ca3af}td.ba span{font-size:11.5px;margin-left:3px}
+.tables{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}.tables h3{font-size:14px;margin:0 0 6px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:12px}
+figure{margin:0;background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:6px}
+figure img{width:100%;display:block}
+.ex{display:grid;grid-template-columns:repeat(auto-fill,minmax(270px,1fr));gap:12px}
+.exc{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:10px 12px;font-size:12.5px}
+.exc h3{font-size:13px;margin:0 0 4px}.exc .m{color:#6b7280}
+.hist{display:grid;grid-template-columns:40% 1fr 24px;gap:2px 6px;align-items:center;
+margin:4px 0 8px}
+.bar{height:10px;background:#9ca3af;border-radius:2px}.bar.g{background:#059669}
+.legend span{display:inline-block;margin-right:14px}.legend i{display:inline-block;width:12px;height:12px;
+border-radius:2px;margin-right:5px;vertical-align:-1px}
+details{margin-top:12px}pre{background:#fff;border:1px solid #e5e7eb;padding:10px;font-size:12px;overflow:auto}
+code{font-size:12px}
+"""
+
+
+def _inline(text: str) -> str:
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
+
+
+def _cell_html(cell) -> str:
+    if isinstance(cell, tuple):  # (before, after): both, and the change coloured by its sign
+        b, f = cell
+        sign = "up" if f > b else "down" if f < b else "flat"
+        return f'<td class="ba">{pct(b)} → <b>{pct(f)}</b> <span class="{sign}">{pts(f - b)}</span></td>'
+    return f"<td>{html.escape(str(cell))}</td>"
+
+
+def _hist_html(ex: dict | None, gold, when: str) -> str:
+    if not ex:
+        return f'<div class="m">{when} · not evaluated</div>'
+    from ttrl.grading import is_equivalent
+
+    hist = ex.get("histogram") or []
+    total = sum(c for _, c in hist) or 1
+    rows = []
+    for answer, count in hist[:6]:
+        ok = gold is not None and answer != "<no answer>" and is_equivalent(answer, gold)
+        rows.append(f"<code>{html.escape(_short(answer, 24))}{' ✓' if ok else ''}</code>"
+                    f'<div><div class="bar{" g" if ok else ""}" style="width:{100 * count / total:.0f}%"></div></div>'
+                    f"<span>{count}</span>")
+    if len(hist) > 6:
+        rows.append(f"<code>+{len(hist) - 6} more</code><div></div><span>{sum(c for _, c in hist[6:])}</span>")
+    return (f'<div class="m">{when} · pseudo-label <strong>{html.escape(_short(ex.get("pseudo_label"), 24))}'
+            f'</strong> · majority {pct(ex.get("majority_ratio"))}</div><div class="hist">{"".join(rows)}</div>')
+
+
+def _table_html(headers: list[str], rows: list[list]) -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>" if any(headers) else ""
+    return f"<table>{head}" + "".join("<tr>" + "".join(_cell_html(c) for c in row) + "</tr>" for row in rows) \
+        + "</table>"
+
+
+def to_html(doc: Doc, plots_b64: dict) -> str:
+    out = [f"<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport "
+           f"content='width=device-width,initial-scale=1'><title>{html.escape(doc.title)}</title>"
+           f"<style>{CSS}</style></head><body><main><h1>{html.escape(doc.title)}</h1>"]
+    for kind, *args in doc.blocks:
+        if kind == "h2":
+            out.append(f"<h2>{html.escape(args[0])}</h2>")
+        elif kind in ("p", "small", "note"):
+            out.append(f'<p class="{kind}">{_inline(args[0])}</p>')
+        elif kind == "cards":
+            out.append('<div class="cards">' + "".join(
+                f'<div class="card"><div class="l">{html.escape(l)}</div><div class="v">{html.escape(v)}</div>'
+                f'<div class="d">{html.escape(d)}</div></div>' for l, v, d in args[0]) + "</div>")
+        elif kind == "table":
+            out.append(_table_html(*args))
+        elif kind == "tables":
+            out.append('<div class="tables">' + "".join(f"<div><h3>{html.escape(t)}</h3>{_table_html(h, r)}</div>"
+                                                       for t, h, r in args[0]) + "</div>")
+        elif kind == "figures":
+            out.append('<div class="grid">' + "".join(
+                f'<figure><img alt="{html.escape(p.title)}" src="data:image/png;base64,{plots_b64[p.slug]}">'
+                f"</figure>" for p in args[0]) + "</div>")
+        elif kind == "legend":
+            out.append('<p class="legend">' + "".join(f'<span><i style="background:{c}"></i>{html.escape(n)}</span>'
+                                                      for n, c in args[0]) + "</p>")
+        elif kind == "examples":
+            cards = []
+            for ex in args[0]:
+                problem = f'<div>{html.escape(_short(ex["problem"], 200))}</div>' if ex["problem"] else ""
+                gold = f'gold <strong>{html.escape(_short(ex["gold"], 30))}</strong>' if ex["gold"] is not None \
+                    else "no gold answer"
+                cards.append(f'<div class="exc"><h3>{html.escape(_short(ex["id"], 60))} '
+                             f'<span class="m">· {html.escape(ex["set"])} · {gold}</span></h3>{problem}'
+                             f'{_hist_html(ex["before"], ex["gold"], "before")}'
+                             f'{_hist_html(ex["after"], ex["gold"], "after")}</div>')
+            out.append('<div class="ex">' + "".join(cards) + "</div>")
+        elif kind == "details":
+            out.append(f"<details><summary>{html.escape(args[0])}</summary><pre>{html.escape(args[1])}</pre>"
+                       "</details>")
+    out.append("</main></body></html>")
+    return "\n".join(out)
+
+
+def _md_cell(cell) -> str:
+    if isinstance(cell, tuple):
+        return f"{pct(cell[0])} → **{pct(cell[1])}** ({pts(cell[1] - cell[0])})"
+    return str(cell).replace("|", "\\|").replace("\n", " ")
+
+
+def _hist_md(ex: dict | None, gold) -> list[str]:
+    if not ex:
+        return ["  not evaluated"]
+    from ttrl.grading import is_equivalent
+
+    hist = ex.get("histogram") or []
+    total = sum(c for _, c in hist) or 1
+    width = max([len(_short(a, 24)) for a, _ in hist[:6]] + [1])
+    lines = []
+    for answer, count in hist[:6]:
+        ok = gold is not None and answer != "<no answer>" and is_equivalent(answer, gold)
+        lines.append(f"  {_short(answer, 24):<{width}} {'█' * max(1, round(20 * count / total)):<20} {count}"
+                     f"{'  ✓ gold' if ok else ''}")
+    if len(hist) > 6:
+        lines.append(f"  +{len(hist) - 6} more answers, {sum(c for _, c in hist[6:])} votes")
+    return lines
+
+
+def _table_md(headers: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + \
+        ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows] + [""]
+
+
+def to_markdown(doc: Doc, plot_dir: str) -> str:
+    out = [f"# {doc.title}", ""]
+    for kind, *args in doc.blocks:
+        if kind == "h2":
+            out += [f"## {args[0]}", ""]
+        elif kind in ("p", "small"):
+            out += [args[0] if kind == "p" else f"<sub>{args[0]}</sub>", ""]
+        elif kind == "note":
+            out += [f"> {args[0]}", ""]
+        elif kind == "cards":
+            out += [f"- **{l}**: {v} ({d})" for l, v, d in args[0]] + [""]
+        elif kind == "table":
+            out += _table_md(*args)
+        elif kind == "tables":
+            for title, headers, rows in args[0]:
+                out += [f"### {title}", ""] + _table_md(headers, rows)
+        elif kind == "figures":
+            out += [f"![{p.title}]({plot_dir}/{p.slug}.png)" for p in args[0]] + [""]
+        elif kind == "legend":
+            out += ["Runs, in plot colour order: " + ", ".join(n for n, _ in args[0]), ""]
+        elif kind == "examples":
+            for ex in args[0]:
+                gold = f"gold {ex['gold']}" if ex["gold"] is not None else "no gold answer"
+                out += [f"**{ex['id']}** ({ex['set']}, {gold})" + (f": {_short(ex['problem'], 200)}"
+                                                                   if ex["problem"] else ""), "", "```"]
+                for when in ("before", "after"):
+                    e = ex[when]
+                    label = f"pseudo-label {_short(e.get('pseudo_label'), 24)}, majority ratio " \
+                            f"{pct(e.get('majority_ratio'))}" if e else ""
+                    out += [f"{when}: {label}"] + _hist_md(e, ex["gold"])
+                out += ["```", ""]
+        elif kind == "details":
+            out += [f"<details><summary>{args[0]}</summary>", "", "```json", args[1], "```", "", "</details>", ""]
+    return "\n".join(out)
+
+
+def _write(doc: Doc, plots: list[Plot], out_dir: Path, stem: str) -> Path:
+    plot_dir = out_dir / stem
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    for old in plot_dir.glob("*.png"):  # a panel left out this time must not linger from a previous report
+        old.unlink()
+    for p in plots:
+        (plot_dir / f"{p.slug}.png").write_bytes(p.png)
+    (out_dir / f"{stem}.md").write_text(to_markdown(doc, stem), encoding="utf-8")
+    page = to_html(doc, {p.slug: base64.b64encode(p.png).decode() for p in plots})
+    (out_dir / f"{stem}.html").write_text(page, encoding="utf-8")
+    return out_dir / f"{stem}.html"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """RUN_DIR/report.html, RUN_DIR/report.md and RUN_DIR/report/*.png; returns the HTML path."""
+    run = load_run(run_dir)
+    plots, missing = make_plots([run])
+    return _write(build_report(run, plots, missing), plots, Path(run_dir), "report")
+
+
+def write_compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
+    """OUT_DIR/compare.html, compare.md and compare/*.png: runs side by side, curves overlaid."""
+    runs = [load_run(d) for d in run_dirs]
+    names = [r.name for r in runs]
+    for r in runs:  # two runs both named `run` in different folders: tell them apart by path
+        if names.count(r.name) > 1:
+            r.name = str(r.path)
+    plots, missing = make_plots(runs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return _write(build_compare(runs, plots, missing), plots, out, "compare")
