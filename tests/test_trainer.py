@@ -102,3 +102,48 @@ def test_resume_names_changed_settings_and_refuses_another_model(tmp_path, tiny,
     other = load_config(TINY, ["model.lora_rank=4"])
     with pytest.raises(CheckpointError, match="model.lora_rank"):
         resumed_state(tmp_path, other, model, opt, sched, gen)
+
+
+def _run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "ttrl", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_holdout_prompts_never_reach_training_and_sets_are_labelled(tmp_path):
+    out = tmp_path / "run"
+    proc = _run_cli("train", "--config", TINY, "--output-dir", out, "--quiet", "--holdout", "0.25",
+                    "data.arithmetic.n=16", "train.steps=4", "data.eval=[aime2024]", "data.limit=16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    held = {e["id"] for e in summary["evals"]["heldout"][0]["examples"]}
+    assert summary["evals"]["heldout"][0]["n_prompts"] == 4 and held
+    seen = {json.loads(line)["prompt_id"] for line in (out / "rollouts.jsonl").read_text().splitlines()}
+    assert seen and not seen & held
+    assert len(seen) == 12  # 4 steps x 4 prompts = every adaptation prompt once (12 of 16)
+    html = (out / "report.html").read_text()
+    assert "adapt (trained on, transductive)" in html and "heldout (never trained on)" in html
+    assert "aime2024 (cross-task, never trained on)" in html
+
+
+def test_base_model_baseline_equals_a_separate_eval(tmp_path):
+    out = tmp_path / "run"
+    common = ["data.holdout=0", "eval.n_samples=4"]
+    proc = _run_cli("train", "--config", TINY, "--output-dir", out, "--quiet", "--no-report", "train.steps=1", *common)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    base = json.loads((out / "summary.json").read_text())["evals"]["adapt"][0]
+    ev = _run_cli("eval", "--config", TINY, "--json", tmp_path / "eval.json", *common)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    separate = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("avg@4", "maj@4", "pass@4", "majority_ratio", "mean_length"):
+        assert separate[key] == base[key], key
+    assert [p["histogram"] for p in separate["problems"][:8]] == [e["histogram"] for e in base["examples"]]
+
+
+def test_stopping_rule_ends_the_run_and_says_why(tmp_path):
+    cfg = load_config(TINY, ["train.steps=6", "train.stop_on=entropy", "train.entropy_floor=100",
+                             "eval.before=false"])
+    summary = train(cfg, tmp_path / "run", quiet=True)
+    assert summary["steps"] == 1 and "below the floor" in summary["stopped_early"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/reward" in r] == [1]
+    assert "stop_reason" in rows[0] or any("stop_reason" in r for r in rows)

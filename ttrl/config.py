@@ -86,7 +86,8 @@ class RewardConfig:
     n_train_samples: int = 32
     """M: samples per prompt that are rewarded and trained on, drawn from the N votes."""
     kind: str = "majority"
-    """majority (TTRL: 1 if equivalent to the pseudo-label) or similarity (ROUGE-L to the consensus text)."""
+    """majority (TTRL: 1 if equivalent to the pseudo-label), similarity (ROUGE-L to the consensus text),
+    semantic_entropy (EMPO), neg_entropy (RENT) or self_certainty (Intuitor); see ttrl/rewards.py."""
     min_majority_ratio: float = 0.0
     """Prompts whose majority ratio is below this are skipped for training."""
 
@@ -138,7 +139,12 @@ class TrainConfig:
     """Checkpoint every this many steps (0 = only at the end, or when stopped by a signal)."""
     keep_checkpoints: int = 2
     """How many of the latest checkpoints to keep in RUN_DIR/checkpoints."""
-
+    stop_on: str = ""
+    """Optional early stop on an unlabeled signal: majority_ratio or reward (plateau over
+    stop_window steps), or entropy (below entropy_floor). Never on gold-based metrics."""
+    stop_window: int = 5
+    stop_min_delta: float = 0.01
+    entropy_floor: float = 0.05
 
 @dataclass
 class Config:
@@ -156,7 +162,8 @@ class Config:
 
 CHOICES = {
     "rollout.backend": ("torch", "vllm"),
-    "reward.kind": ("majority", "similarity"),
+    "reward.kind": ("majority", "similarity", "semantic_entropy", "neg_entropy", "self_certainty"),
+    "train.stop_on": ("", "majority_ratio", "reward", "entropy"),
     "algorithm.advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.too_long": ("skip", "fail"),

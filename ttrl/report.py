@@ -165,7 +165,8 @@ def describe_model(run: Run) -> str:
 
 
 def set_label(name: str) -> str:
-    return {"adapt": "adapt (trained on, transductive)", "heldout": "heldout (never trained on)"}.get(name, name)
+    return {"adapt": "adapt (trained on, transductive)",
+            "heldout": "heldout (never trained on)"}.get(name, f"{name} (cross-task, never trained on)")
 
 
 # ---------------------------------------------------------------- plots

@@ -23,10 +23,11 @@ from ttrl.data import Problem, drop_too_long, load_problems, render_prompt, spli
 from ttrl.evaluation import evaluate
 from ttrl.grading import extract_answer, is_equivalent
 from ttrl.losses import kl_k3, policy_loss
-from ttrl.metrics import MetricsWriter, progress_bar, truncate_metrics
+from ttrl.metrics import MetricsWriter, progress_bar, read_metrics, truncate_metrics
 from ttrl.models import encode_prompts, load_model
-from ttrl.rewards import majority_rewards, similarity_rewards
+from ttrl.rewards import label_free_rewards
 from ttrl.rollout import Rollout, Sampling, generate, score
+from ttrl.stopping import stop_reason
 from ttrl.voting import Vote, majority_vote
 
 
@@ -47,18 +48,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def vote_and_reward(rollout: Rollout, cfg: Config, generator: torch.Generator) -> list[Group]:
+def prompt_seed(seed: int, step: int, index: int) -> int:
+    """The random stream of one prompt at one step: a prompt's samples and its choice of M
+    trained samples are the same whichever batch, chunk or rank it lands in."""
+    return (seed * 1_000_003 + step) * 1_000_033 + index
+
+
+def vote_and_reward(rollout: Rollout, cfg: Config, seeds: list[int]) -> list[Group]:
     """Majority vote over each prompt's N samples; reward M of them drawn at random."""
     answers = [extract_answer(t) for t in rollout.texts]
     groups = []
     for p in range(len(rollout.prompt_ids)):
         idx = list(rollout.group(p))
         vote = majority_vote([answers[i] for i in idx])
-        chosen = torch.randperm(rollout.n, generator=generator)[: cfg.reward.n_train_samples].tolist()
-        if cfg.reward.kind == "similarity":
-            rewards = similarity_rewards([rollout.texts[i] for i in idx], chosen)
-        else:
-            rewards = majority_rewards(vote, chosen)
+        pick = torch.Generator().manual_seed(seeds[p] + 1)  # not the sampling stream itself
+        chosen = torch.randperm(rollout.n, generator=pick)[: cfg.reward.n_train_samples].tolist()
+        rewards = label_free_rewards(cfg.reward.kind, vote, [rollout.texts[i] for i in idx],
+                                     [float(rollout.entropy[i].mean()) for i in idx],
+                                     [float(rollout.certainty[i].mean()) for i in idx], chosen)
         groups.append(Group(vote=vote, answers=[answers[i] for i in idx], train_idx=chosen,
                             rewards=list(rewards), skipped=vote.majority_ratio < cfg.reward.min_majority_ratio))
     return groups
@@ -147,6 +154,35 @@ def rollout_metrics(rollout: Rollout, groups: list[Group], seconds: float) -> di
         "perf/rollout_seconds": seconds,
         "perf/tokens_per_second": sum(lengths) / max(seconds, 1e-9),
     }
+
+
+ROLLOUTS_FILE = "rollouts.jsonl"
+
+
+def log_rollouts(run_dir: Path, step: int, ids: list[str], groups: list[Group], rollout: Rollout,
+                 keep: int = 4) -> None:
+    """One row per trained prompt: its vote and a few samples, to see what the model did.
+    Written from the training path, so it holds no gold answer."""
+    with open(run_dir / ROLLOUTS_FILE, "a", encoding="utf-8") as f:
+        for p, (pid, g) in enumerate(zip(ids, groups)):
+            f.write(json.dumps({"step": step, "prompt_id": pid, "pseudo_label": g.vote.pseudo_label,
+                                "majority_ratio": g.vote.majority_ratio, "rewards": g.rewards,
+                                "samples": [rollout.texts[i] for i in list(rollout.group(p))[:keep]]}) + "\n")
+
+
+def truncate_rollouts(run_dir: Path, last_step: int) -> None:
+    """On resume, drop rows of steps after the checkpoint (they will be redone)."""
+    path = run_dir / ROLLOUTS_FILE
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):  # a torn last line from a hard kill
+            continue
+    path.write_text("".join(kept), encoding="utf-8")
 
 
 def batch_order(n_prompts: int, per_step: int, step: int, seed: int) -> list[int]:
@@ -272,8 +308,11 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
     start, evals, bad_steps = (state["step"], state["evals"], state["bad_steps"]) if state else (0, {}, 0)
     if resume:
         truncate_metrics(run_dir, state["metric_rows"] if state else 0)
+        truncate_rollouts(run_dir, start)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     writer = MetricsWriter(run_dir, purge_step=(start + 1 if state else 0) if resume else None)
+    history = [r for r in read_metrics(run_dir) if "train/reward" in r]  # for stopping rules on resume
+    stopped_reason = None
 
     def checkpoint(done: int) -> Path:
         return save_checkpoint(run_dir, done, model, optimizer, scheduler, generator, keep=cfg.train.keep_checkpoints,
@@ -288,14 +327,21 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
             for step in range(start, steps):
                 t0 = time.perf_counter()
                 batch = batch_order(len(adapt), cfg.train.prompts_per_step, step, cfg.train.seed)
-                rollout = generate(model, tok, [prompt_ids[i] for i in batch], sampling, generator)
+                seeds = [prompt_seed(cfg.train.seed, step, i) for i in batch]
+                rollout = generate(model, tok, [prompt_ids[i] for i in batch], sampling, seeds=seeds)
                 t_roll = time.perf_counter() - t0
-                groups = vote_and_reward(rollout, cfg, generator)
+                groups = vote_and_reward(rollout, cfg, seeds)
                 stats = update(model, ref_model, rollout, groups, cfg, optimizer, scheduler, pad_id)
                 row = {"step": step + 1, **rollout_metrics(rollout, groups, t_roll), **stats,
                        **diagnostics(groups, [adapt[i].answer for i in batch]),
                        "perf/step_seconds": time.perf_counter() - t0}
+                history.append(row)
+                stopped_reason = stop_reason(history, cfg.train.stop_on, cfg.train.stop_window,
+                                             cfg.train.stop_min_delta, cfg.train.entropy_floor)
+                if stopped_reason:
+                    row["stop_reason"] = stopped_reason
                 writer.log(row)
+                log_rollouts(run_dir, step + 1, [adapt[i].id for i in batch], groups, rollout)
                 bar.update(task, advance=1, info=f"reward {row['train/reward']:.2f} "
                                                  f"maj {row['train/majority_ratio']:.2f}")
                 done = step + 1
@@ -303,6 +349,9 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
                 if bad_steps:
                     warn(f"step {done}: NaN/inf loss or gradient; update skipped "
                          f"({bad_steps} in a row, algorithm.max_bad_steps={cfg.algorithm.max_bad_steps})")
+                if stopped_reason:
+                    print(f"stopping early after step {done}: {stopped_reason}", file=sys.stderr)
+                    steps = done
                 if cfg.eval.every and done % cfg.eval.every == 0 and done < steps:
                     run_evals(model, tok, eval_sets, cfg, done, writer, evals)
                 # A signal that lands after this line is handled at the end of the next step.
@@ -318,11 +367,13 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
                 if stopping:
                     raise TrainingStopped(f"stopped by {stopping} after step {done} of {steps}; "
                                           f"checkpoint saved in {path}", path, 128 + signal.Signals[stopping])
+                if stopped_reason:
+                    break
         run_evals(model, tok, eval_sets, cfg, steps, writer, evals)
     finally:
         writer.close()
     model.save_pretrained(run_dir / "model")
     tok.save_pretrained(run_dir / "model")
-    summary = {"steps": steps, "evals": evals}
+    summary = {"steps": steps, "evals": evals, "stopped_early": stopped_reason}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
