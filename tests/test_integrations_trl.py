@@ -63,7 +63,7 @@ def test_logs_through_trls_hooks():
            log_metric=metrics.__setitem__, log_extra=extra.__setitem__)
     assert metrics["ttrl/label_accuracy"] == 1.0 and metrics["ttrl/majority_ratio"] == 0.625
     assert extra["pseudo_label"] == ["0.5"] * 4 + ["7"] * 4  # a class is named by its most frequent, then shortest form
-    assert extra["answer"][3] is None and extra["answer"][4] == "7"
+    assert extra["extracted_answer"][3] is None and extra["extracted_answer"][4] == "7"
 
 
 def test_group_size_is_inferred_or_checked():
@@ -116,6 +116,36 @@ def test_a_group_split_across_processes_is_gathered_before_the_vote(monkeypatch)
         monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
         monkeypatch.setattr(dist, "all_gather_object", lambda out, local: out.__setitem__(slice(None), rows.values()))
         assert MajorityVoteReward()(prompts[shards[rank]], texts[shards[rank]]) == whole[shards[rank]]
+
+
+def test_several_processes_without_torch_distributed_are_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(GroupingError, match="WORLD_SIZE=2 processes but torch.distributed is not initialised"):
+        majority_vote_reward(PROMPTS, COMPLETIONS)
+
+
+def _vote_on_rank(rank, world, init_file, prompts, texts, out_dir):
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    shard = slice(rank * 4, (rank + 1) * 4)
+    rewards = MajorityVoteReward(num_generations=6)(prompts[shard], texts[shard])
+    (out_dir / f"{rank}.json").write_text(json.dumps(rewards))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_gather_with_real_processes(tmp_path):
+    """The same split as above, with three gloo processes instead of a stand-in."""
+    import json
+
+    prompts = ["p"] * 6 + ["q"] * 6
+    texts = ["1", "2", "2", "3", "2", "9", "5", "5", "4", "5", "5", "4"]
+    torch.multiprocessing.spawn(_vote_on_rank, args=(3, tmp_path / "init", prompts, texts, tmp_path), nprocs=3)
+    got = [r for rank in range(3) for r in json.loads((tmp_path / f"{rank}.json").read_text())]
+    assert got == MajorityVoteReward()(prompts, texts)
 
 
 def test_without_trl_the_reward_works_and_training_names_the_extra(monkeypatch):

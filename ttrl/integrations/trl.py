@@ -19,6 +19,7 @@ Only ttrl's grader and vote are used: importing this module does not need trl.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 
 from ttrl.grading import extract_answer, is_equivalent
@@ -57,8 +58,10 @@ def _content_text(content) -> str:
 
 
 def prompt_key(prompt) -> str:
-    """A hashable identity for a prompt (a string or a list of message dicts)."""
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, default=repr)
+    """A hashable identity for a prompt (a string or a list of message dicts). Objects such as
+    images count by type only: a dataset row read twice gives two image objects, one prompt."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True,
+                                                                default=lambda o: type(o).__name__)
 
 
 def group_rows(keys: Sequence[str], num_generations: int | None = None) -> list[range]:
@@ -119,7 +122,14 @@ def _gather(local: list) -> tuple[list, int]:
     [rank * len(local), (rank + 1) * len(local)) back out."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()):
+        world = os.environ.get("WORLD_SIZE", "1")
+        if world != "1":
+            raise GroupingError(f"WORLD_SIZE={world} processes but torch.distributed is not initialised, so groups "
+                                "that straddle processes cannot be gathered for the vote; launch with accelerate "
+                                "or torchrun, which initialise it")
+        return local, 0
+    if dist.get_world_size() == 1:
         return local, 0
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, local)
@@ -171,7 +181,7 @@ class MajorityVoteReward:
             for vote, group in zip(votes, groups):
                 for i in group:
                     label[i] = vote.pseudo_label
-            kwargs["log_extra"]("answer", answers[mine])
+            kwargs["log_extra"]("extracted_answer", answers[mine])
             kwargs["log_extra"]("pseudo_label", label[mine])
         return rewards[mine]
 
