@@ -87,3 +87,14 @@ def test_label_free_reward_zoo_hand_computed():
     assert label_free_rewards("self_certainty", vote, texts, entropy, certainty, idx) == [1.5, 0.2, 0.1]
     assert len(label_free_rewards("similarity", vote, texts, entropy, certainty, idx)) == 3
     assert set(KINDS) >= {"majority", "similarity", "semantic_entropy", "neg_entropy", "self_certainty"}
+
+
+def test_similarity_consensus_tie_is_order_invariant_regression():
+    # Found by hypothesis: equal mean ROUGE-L summed in another order differed in the last bits.
+    from ttrl.rewards import similarity_rewards
+
+    texts = ["", "", "", "a b a a a b", "b", "a a", "a a a b a a"]
+    order = [3, 6, 0, 5, 1, 4, 2]
+    base = similarity_rewards(texts, range(len(texts)))
+    permuted = similarity_rewards([texts[i] for i in order], range(len(texts)))
+    assert [permuted[order.index(i)] for i in range(len(texts))] == base

@@ -43,7 +43,8 @@ def consensus_index(texts: Sequence[str], f1: list[list[float]] | None = None) -
         tokens = [_tokens(t) for t in texts]
         f1 = [[_f1(tokens[i], tokens[j]) for j in range(n)] for i in range(n)]
     mean = [sum(f1[i][j] for j in range(n) if j != i) / max(n - 1, 1) for i in range(n)]
-    return min(range(n), key=lambda i: (-mean[i], texts[i]))
+    # Rounded: the same sums taken in another order differ in the last bits, which must not break ties.
+    return min(range(n), key=lambda i: (-round(mean[i], 9), texts[i]))
 
 
 def rouge_l(a: str, b: str) -> float:
