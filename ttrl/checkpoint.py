@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ttrl.distributed import is_main_process
+
 CHECKPOINTS = "checkpoints"
 WEIGHTS, TRAINER, STATE = "weights.safetensors", "trainer.pt", "state.json"
 
@@ -169,5 +171,7 @@ class StopSignals:
         if self.received is not None:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
         self.received = signal.Signals(signum).name
+        if not is_main_process():  # every rank of a distributed run gets the signal; one says so
+            return
         print(f"\n{self.received} received: finishing the step in flight, then saving a checkpoint "
               "(send it again to stop at once and keep the previous checkpoint)", file=sys.stderr)

@@ -63,7 +63,10 @@ def cmd_train(args) -> int:
     if resume and (args.overwrite or not args.output_dir):
         raise ConfigError("--resume continues the run in --output-dir: give --output-dir, and not --overwrite")
     out = Path(args.output_dir or f"runs/ttrl-{time.strftime('%Y%m%d-%H%M%S')}")
-    if not resume:
+    from ttrl.distributed import is_main_process
+
+    main_process = is_main_process()  # under torchrun / accelerate launch, rank 0 alone writes files
+    if not resume and main_process:
         prepare_run_dir(out, args.overwrite)
     from ttrl.checkpoint import CheckpointError
     from ttrl.trainer import TrainingStopped, train
@@ -71,13 +74,14 @@ def cmd_train(args) -> int:
     again = shlex.join(["ttrl", "train", "--resume", "--output-dir", str(out)]
                        + (["--config", args.config] if args.config else [])
                        + (["--holdout", str(args.holdout)] if args.holdout else []) + args.overrides)
-    if out.is_dir():  # a --resume of a missing directory is left to train() to explain
+    if out.is_dir() and main_process:  # a --resume of a missing directory is left to train() to explain
         (out / ENVIRONMENT_FILE).write_text(json.dumps(environment(), indent=2))
     t0 = time.time()
     try:
         summary = train(cfg, out, quiet=args.quiet, resume=resume)
     except TrainingStopped as e:
-        print(f"{e}\nto continue: {again}", file=sys.stderr)
+        if main_process:
+            print(f"{e}\nto continue: {again}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last checkpoint is kept. to continue: {again}", file=sys.stderr)
@@ -85,6 +89,8 @@ def cmd_train(args) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not main_process:
+        return 0
     print(before_after_table(summary["evals"], cfg.eval.n_samples))
     if not getattr(args, "no_report", False):  # `ttrl demo` has no --no-report: it always reports
         print(f"report: {write_report(out)}")

@@ -14,6 +14,7 @@ import torch
 
 from ttrl.config import EvalConfig
 from ttrl.data import Problem, render_prompt
+from ttrl.distributed import Dist
 from ttrl.grading import extract_answer, is_equivalent
 from ttrl.models import encode_prompts
 from ttrl.rollout import Sampling, generate
@@ -72,21 +73,29 @@ def summarize(results: list[ProblemResult], k: int, greedy: list[bool | None] | 
 
 
 def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, template: str,
-             chat_template: bool = True, seed: int = 0) -> tuple[dict, list[ProblemResult]]:
-    """Sample k answers per problem with the evaluation sampler; (summary, per-problem results)."""
-    prompt_ids = encode_prompts(tokenizer, [render_prompt(p, template) for p in problems], chat_template)
+             chat_template: bool = True, seed: int = 0, dist: Dist | None = None) -> tuple[dict, list[ProblemResult]]:
+    """Sample k answers per problem with the evaluation sampler; (summary, per-problem results).
+
+    Problem i samples from its own stream, the i-th seed drawn from `seed`, so under `dist` each
+    rank can take a share of the problems and the gathered results are those of one process."""
+    dist = dist or Dist()
+    share = dist.share(len(problems))
+    mine = [problems[i] for i in share]
+    prompt_ids = encode_prompts(tokenizer, [render_prompt(p, template) for p in mine], chat_template)
     k = cfg.n_samples
-    generator = torch.Generator().manual_seed(seed)
+    seeds = torch.randint(0, 2**62, (len(problems),), generator=torch.Generator().manual_seed(seed)).tolist()
     sampling = Sampling(n=k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         max_new_tokens=cfg.max_new_tokens)
-    rollout = generate(model, tokenizer, prompt_ids, sampling, generator)
+    rollout = generate(model, tokenizer, prompt_ids, sampling, seeds=[seeds[i] for i in share])
     answers = [extract_answer(t) for t in rollout.texts]
     results = [score_group([answers[i] for i in rollout.group(p)], prob.answer, prob.id)
-               for p, prob in enumerate(problems)]
+               for p, prob in enumerate(mine)]
     greedy = None
     if cfg.greedy and all(p.answer is not None for p in problems):
         g = generate(model, tokenizer, prompt_ids, Sampling(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens))
-        greedy = [is_equivalent(extract_answer(t), p.answer) for t, p in zip(g.texts, problems)]
+        greedy = [is_equivalent(extract_answer(t), p.answer) for t, p in zip(g.texts, mine)]
+        greedy = dist.gather(greedy)
+    results = dist.gather(results)
     summary = summarize(results, k, greedy)
-    summary["mean_length"] = rollout.n_tokens / max(1, len(rollout.texts))
+    summary["mean_length"] = sum(dist.gather([rollout.n_tokens])) / max(1, len(problems) * k)
     return summary, results

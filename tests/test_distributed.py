@@ -1,0 +1,218 @@
+"""Data parallelism: two processes (torchrun, gloo on CPU) reach what one process reaches."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ttrl.config import ConfigError, load_config
+from ttrl.distributed import Dist, micro_batches, shard
+
+ROOT = Path(__file__).parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+# Real learning signal on the random tiny model (ROUGE-L rewards), every cross-rank path: batch-wide
+# advantage statistics (reinforce_pp), a reference model, two optimisation passes, two micro-batches
+# per rank (no_sync), sharded evaluation of an uneven set (3 held-out prompts). 12 adapt prompts,
+# 3 steps of 4: each prompt is trained on exactly once.
+RUN = ["reward.kind=similarity", "algorithm.advantage=reinforce_pp", "algorithm.kl_coef=0.1",
+       "algorithm.ppo_epochs=2", "algorithm.micro_batch_size=4", "data.arithmetic.n=15", "data.holdout=0.2",
+       "eval.n_samples=2", "eval.greedy=true", "rollout.max_new_tokens=5", "eval.max_new_tokens=4"]
+# One CPU thread per process in every run (torchrun's default): no oversubscription of the CPU.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _ttrl(out: Path, *args: str, procs: int = 1, script: Path | None = None, timeout: float = 300):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    entry = [str(script)] if script else ["-m", "ttrl"]
+    cmd = (launcher if procs > 1 else [sys.executable]) + entry + [
+        "train", "--config", str(TINY), "--output-dir", str(out), "--quiet", "--no-report", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+def _assert_same_run(one: Path, two: Path, tol: float = 1e-5) -> None:
+    """Same weights and metrics (floats within `tol`), and the same prompts, votes and samples."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=tol, msg=name)
+    rows_a, rows_b = _rows(one), _rows(two)
+    assert [r.keys() for r in rows_a] == [r.keys() for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b):
+        for key, value in ra.items():
+            if isinstance(value, float):
+                assert rb[key] == pytest.approx(value, abs=tol), (ra["step"], key)
+            else:
+                assert rb[key] == value, (ra["step"], key)
+    assert any(r.get("optim/grad_norm") for r in rows_a), "the test needs non-zero gradients to mean anything"
+    rollouts = [[json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()] for run in (one, two)]
+    assert [(r["step"], r["prompt_id"], r["samples"]) for r in rollouts[0]] == \
+           [(r["step"], r["prompt_id"], r["samples"]) for r in rollouts[1]]
+    steps = {r["step"] for r in rollouts[1]}
+    for step in steps:  # (the tests' steps do not straddle an epoch, where a prompt may recur)
+        ids = [r["prompt_id"] for r in rollouts[1] if r["step"] == step]
+        assert len(ids) == len(set(ids)) == 4, f"step {step}: a prompt counted twice or missing"
+
+
+def test_two_processes_train_and_resume_like_one(tmp_path):
+    """torchrun -m ttrl with 2 processes, stopped after step 2 and resumed to step 3, ends where a
+    single process running 3 steps ends: weights, every logged metric, evaluation, rollouts."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _ttrl(one, *RUN, "train.steps=3")
+    _ttrl(two, *RUN, "train.steps=2", procs=2)
+    assert (two / "checkpoints" / "step-00000002" / "state.json").is_file()
+    _ttrl(two, *RUN, "train.steps=3", "--resume", procs=2)
+    _assert_same_run(one, two)
+    evals = [r for r in _rows(two) if "eval/heldout/n_prompts" in r]
+    assert [r["eval/heldout/n_prompts"] for r in evals] == [3, 3] and "eval/heldout/greedy" in evals[0]
+    assert len({json.loads(line)["prompt_id"] for line in (two / "rollouts.jsonl").read_text().splitlines()}) == 12
+    assert json.loads((one / "summary.json").read_text())["evals"] == json.loads((two / "summary.json").read_text())["evals"]
+
+
+SKIPPING = '''
+import sys
+import ttrl.trainer as T
+from ttrl.cli import main
+
+# (step, position in the step's batch) of prompts marked skipped: at step 1 all of rank 0's share,
+# at step 2 all of rank 1's, at step 3 every prompt (no update at all).
+SKIP = {(0, 0), (0, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)}
+SEEDS = {T.prompt_seed(0, s, T.batch_order(8, 4, s, 0)[k]) for s, k in SKIP}
+real = T.vote_and_reward
+
+def vote_and_reward(rollout, cfg, seeds):
+    groups = real(rollout, cfg, seeds)
+    for g, seed in zip(groups, seeds):
+        g.skipped = seed in SEEDS
+    return groups
+
+T.vote_and_reward = vote_and_reward
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_a_rank_without_trained_prompts_joins_the_update(tmp_path):
+    """Ranks whose prompts are all skipped (as by reward.min_majority_ratio) still join the gradient
+    all-reduce, with no deadlock and the gradient of one process."""
+    script = tmp_path / "skipping.py"
+    script.write_text(SKIPPING)
+    args = ["reward.kind=similarity", "algorithm.micro_batch_size=4", "data.arithmetic.n=8", "data.holdout=0",
+            "train.steps=3", "eval.before=false", "eval.n_samples=1", "eval.greedy=false", "rollout.max_new_tokens=4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _ttrl(one, *args, script=script)
+    _ttrl(two, *args, script=script, procs=2, timeout=180)
+    _assert_same_run(one, two)
+    assert [r["train/updated"] for r in _rows(two) if "train/updated" in r] == [2, 2, 0]
+
+
+FSDP2 = '''
+import torch, torch.distributed as td
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from ttrl.config import ModelConfig
+from ttrl.distributed import _fsdp_full_params, zero_loss
+from ttrl.models import load_model
+from ttrl.rollout import Sampling, generate, score
+
+td.init_process_group("gloo")
+rank = td.get_rank()
+arch = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2}
+whole, tok = load_model(ModelConfig(architecture=arch), seed=0)
+model, _ = load_model(ModelConfig(architecture=arch), seed=0)
+for layer in model.model.layers:
+    fully_shard(layer, mesh=init_device_mesh("cpu", (2,)))
+fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+# Ranks decode different numbers of steps: one all-gather before, none during.
+prompts, seeds, n_new = ([[1, 2, 3, 4], [5, 6]], [11, 12], 8) if rank == 0 else ([[7, 8, 9]], [13], 3)
+s = Sampling(n=3, max_new_tokens=n_new)
+with _fsdp_full_params(model) as gathered:
+    got = generate(gathered, tok, prompts, s, seeds=seeds)
+assert got.completion_ids == generate(whole, tok, prompts, s, seeds=seeds).completion_ids
+# Rank 0 trains on one prompt, rank 1 has nothing: its zero loss joins the reduce-scatter.
+pad = tok.pad_token_id
+if rank == 0:
+    logp, mask = score(model, [prompts[0]], got.completion_ids[:3], 1.0, pad, group_size=3)
+    loss = (logp * mask).sum()
+else:
+    loss = zero_loss(model, pad, 1.0)
+loss.backward()
+grad = model.model.layers[0].self_attn.q_proj.weight.grad.full_tensor()
+if rank == 0:
+    logp, mask = score(whole, [prompts[0]], got.completion_ids[:3], 1.0, pad, group_size=3)
+    (logp * mask).sum().backward()
+    torch.testing.assert_close(grad, whole.model.layers[0].self_attn.q_proj.weight.grad / 2)  # averaged
+td.barrier()  # rank 0 finishes its checks before the group goes away
+td.destroy_process_group()
+'''
+
+
+def test_fsdp2_rollout_gathers_once_and_an_idle_rank_joins_the_backward(tmp_path):
+    """The FSDP pieces without accelerate (whose FSDP needs GPUs): on 2 CPU processes with
+    fully_shard, sampling under `_fsdp_full_params` gives the unsharded model's samples although
+    the ranks decode different lengths, and a rank's `zero_loss` completes the gradient reduction."""
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# --- the pieces, in one process ----------------------------------------------------------------
+
+def test_shards_are_contiguous_balanced_and_cover_everything():
+    for n in range(0, 12):
+        for world in range(1, 5):
+            parts = [shard(n, r, world) for r in range(world)]
+            assert [i for p in parts for i in p] == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_every_rank_runs_as_many_micro_batches_as_the_busiest():
+    # 8 prompts on 2 ranks (0-3 and 4-7); kept prompts 0, 1, 2 and 5; 2 prompts per micro-batch.
+    assert micro_batches([0, 1, 2, 5], 8, 2, world=2) == 2
+    assert micro_batches([5], 8, 2, world=2) == 1
+    assert micro_batches([0, 1, 2, 5], 8, 2, world=1) == 2
+
+
+def test_prompts_per_step_must_divide_among_processes():
+    class Two(Dist):
+        def __init__(self):
+            super().__init__()
+            self.world = 2
+
+    Two().check_batch(4)
+    with pytest.raises(ConfigError, match="train.prompts_per_step.*divisible by the 2 processes"):
+        Two().check_batch(3)
+
+
+def test_a_share_of_the_evaluation_samples_what_the_whole_does(tiny):
+    """Problem i's samples do not depend on which rank evaluates it (seeds by index in the full set)."""
+    from ttrl.data import load_problems
+    from ttrl.evaluation import evaluate
+
+    model, tok = tiny
+    cfg = load_config(TINY, ["eval.n_samples=3", "eval.max_new_tokens=4", "data.arithmetic.n=5"])
+    problems = load_problems(cfg.data.train, cfg.data)
+
+    class Rank1Of2(Dist):  # gathers nothing: returns this rank's results only
+        def __init__(self):
+            super().__init__()
+            self.rank, self.world = 1, 2
+
+    _, whole = evaluate(model, tok, problems, cfg.eval, cfg.data.template, seed=11)
+    _, part = evaluate(model, tok, problems, cfg.eval, cfg.data.template, seed=11, dist=Rank1Of2())
+    assert [r.id for r in part] == [p.id for p in problems[3:]]
+    assert [r.histogram for r in part] == [r.histogram for r in whole[3:]]
