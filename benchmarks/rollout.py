@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import platform
 import resource
 import time
+
+from _child import in_child
+
 
 QWEN_15B = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
             "num_key_value_heads": 2, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
@@ -118,16 +120,6 @@ def _gpu_mem(args) -> dict:
     return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
 
 
-def _in_child(fn, args) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=fn, args=(args, q))
-    p.start()
-    out = q.get()
-    p.join()
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=8)
@@ -137,8 +129,8 @@ def main():
     ap.add_argument("--arch", default="smollm2", choices=["smollm2", "qwen1.5b"])
     args = ap.parse_args()
 
-    ours = _in_child(run_ours, args)
-    hf = _in_child(run_hf, args)
+    ours = in_child(run_ours, args)
+    hf = in_child(run_hf, args)
     limit = matmul_gflops(args)
     ours_tps, hf_tps = ours["tokens"] / ours["seconds"], hf["tokens"] / hf["seconds"]
     roofline_tps = limit * 1e9 / (2 * ours["params"])

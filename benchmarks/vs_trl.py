@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import platform
 import statistics
 import tempfile
 import time
 
 TEMPLATE = "{problem} Answer with just the number."
+
+from _child import in_child
 
 
 def _problems(args):
@@ -155,16 +156,6 @@ def run_trl(args, queue):
                "same_prompts": reward.batches == expected})
 
 
-def _in_child(fn, args) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=fn, args=(args, q))
-    p.start()
-    out = q.get()
-    p.join()
-    return out
-
-
 def _per_step(seconds: list[float]) -> float:
     """Mean step time; the first step (warm-up for both) is left out when there are others."""
     return statistics.mean(seconds[1:] if len(seconds) > 1 else seconds)
@@ -187,8 +178,8 @@ def main():
     if (min(args.prompts_per_step, args.prompts) * args.samples) % args.micro_batch:
         ap.error("--micro-batch must divide prompts per step x samples (TRL's gradient accumulation)")
 
-    ours = _in_child(run_ttrl, args)
-    theirs = _in_child(run_trl, args)
+    ours = in_child(run_ttrl, args)
+    theirs = in_child(run_trl, args)
     k = args.eval_samples
     t_ours, t_theirs = _per_step(ours["step_seconds"]), _per_step(theirs["step_seconds"])
     acc = {"base": ours["base"][f"avg@{k}"], "ttrl": ours["after"][f"avg@{k}"], "trl": theirs["after"][f"avg@{k}"]}
