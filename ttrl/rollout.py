@@ -27,6 +27,8 @@ class Sampling:
     max_new_tokens: int = 256
     max_batch_rows: int = 512
     """At most this many sequences decode at once; more prompts are processed in chunks."""
+    stop: tuple[str, ...] = ()
+    """A sample ends once its text contains one of these (its tokens and text keep the stop string)."""
 
 
 @dataclass
@@ -63,48 +65,55 @@ def tempered_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
-def _truncate(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) tokens outside top-k / the top-p nucleus; logp [rows, vocab]."""
+def _truncation_mask(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor | None:
+    """True for tokens outside top-k / the top-p nucleus (None when nothing is cut); logp [rows, vocab]."""
+    drop = None
     if top_k and top_k < logp.shape[-1]:
         kth = torch.topk(logp, top_k, dim=-1).values[:, -1:]
-        logp = logp.masked_fill(logp < kth, float("-inf"))
+        drop = logp < kth
     if top_p < 1.0:
         sorted_lp, order = torch.sort(logp, dim=-1, descending=True)
-        cum = sorted_lp.exp().cumsum(-1)
-        drop_sorted = (cum - sorted_lp.exp()) >= top_p  # keep the smallest prefix reaching top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logp = logp.masked_fill(drop, float("-inf"))
-    return logp
+        p = sorted_lp.exp()
+        drop_sorted = (p.cumsum(-1) - p) >= top_p  # keep the smallest prefix reaching top_p
+        nucleus = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        drop = nucleus if drop is None else drop | nucleus
+    return drop
 
 
-def sample_next(logits: torch.Tensor, s: Sampling, noise: torch.Tensor | None):
+def sample_next(logits: torch.Tensor, s: Sampling, uniforms: torch.Tensor | None):
     """(tokens, logprob, entropy, self-certainty), each [rows], for one decoding step.
 
-    `noise` [rows, vocab] is Exp(1): argmax(log p - log noise) is an exact draw from p (the
-    exponential race), which lets each prompt's samples use their own random stream.
+    Sampling is by inverse CDF: row r takes the first token whose cumulative probability exceeds
+    `uniforms[r]` (in [0, 1)), an exact draw up to float32 rounding of the CDF. One uniform per row,
+    where a Gumbel/exponential race needs a random number per vocabulary entry (49k per row, the
+    single most expensive op of a CPU decode step when we measured it).
     """
     logp = tempered_logprobs(logits, s.temperature)
-    entropy = -(logp.exp() * logp).nan_to_num().sum(-1)
-    certainty = -math.log(logp.shape[-1]) - logp.clamp(min=-1e4).mean(-1)
-    if s.temperature == 0 or noise is None:
+    p = logp.exp()
+    entropy = -torch.linalg.vecdot(p, logp)
+    certainty = -math.log(logp.shape[-1]) - logp.mean(-1)
+    if not (entropy.isfinite().all() and certainty.isfinite().all()):  # -inf logits (masked vocabulary)
+        entropy = -(p * logp).nan_to_num().sum(-1)
+        certainty = -math.log(logp.shape[-1]) - logp.clamp(min=-1e4).mean(-1)
+    if s.temperature == 0 or uniforms is None:
         tokens = logp.argmax(-1)
     else:
-        tokens = (_truncate(logp, s.top_k, s.top_p) - noise.log()).argmax(-1)
+        drop = _truncation_mask(logp, s.top_k, s.top_p)
+        cdf = (p if drop is None else p.masked_fill(drop, 0.0)).cumsum(-1)
+        total = cdf[:, -1]
+        u = torch.minimum(uniforms.to(cdf) * total, torch.nextafter(total, torch.zeros_like(total)))
+        tokens = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(1), entropy, certainty
 
 
-def _race_noise(gens: list[torch.Generator], n: int, vocab: int, row_id: torch.Tensor,
-                alive: torch.Tensor) -> torch.Tensor:
-    """Exp(1) noise [rows in batch, vocab]. Prompt g's rows draw from its own generator, all n
-    of them every step while any is alive, so a sample does not depend on which prompts share
-    its batch (chunking, data-parallel ranks) or on when finished rows are dropped."""
-    group = row_id // n
-    noise = torch.ones((len(row_id), vocab))
-    for g in torch.unique(group[alive]).tolist():
-        draw = torch.empty((n, vocab)).exponential_(generator=gens[g])
-        sel = group == g
-        noise[sel] = draw[row_id[sel] - g * n]
-    return noise
+def _uniforms(gens: list[torch.Generator], n: int, row_id: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """One U[0, 1) per batch row. Prompt g's rows draw from its own generator, all n of them every
+    step while any is alive, so a sample does not depend on which prompts share its batch
+    (chunking, data-parallel ranks) or on when finished rows are dropped."""
+    table = torch.zeros((len(gens), n))
+    for g in torch.unique(row_id[alive] // n).tolist():
+        table[g] = torch.rand(n, generator=gens[g])
+    return table.view(-1)[row_id]
 
 
 def _cache_kwarg(model) -> str:
@@ -127,26 +136,57 @@ def _pad(seqs: list[list[int]], pad_id: int, device, left: bool) -> tuple[torch.
     return ids, mask
 
 
-def _static_cache(model, prefill, n: int, max_len: int):
-    """A preallocated cache for n samples per prompt, holding the prefill's keys and values.
+def _decode_cache(model, capacity: int):
+    """A transformers cache whose full-attention layers write into preallocated buffers.
 
-    Decoding then writes one column per step in place, where a dynamic cache re-concatenates
-    (copies) the whole cache every step: O(length^2) memory traffic.
+    A dynamic cache re-concatenates (copies) every layer's keys and values at each step; a static
+    cache attends over its whole preallocated length. These layers write one column in place and
+    hand attention a view of the filled part only. Sliding-window layers keep transformers' own class.
     """
-    from transformers import StaticCache
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
-    cache = StaticCache(config=model.config, max_cache_len=max_len)
-    for layer, src in zip(cache.layers, prefill.layers):
-        layer.update(src.keys.repeat_interleave(n, 0), src.values.repeat_interleave(n, 0))
+    class GrowingLayer(DynamicLayer):
+        def lazy_initialization(self, key_states, value_states):
+            b, h, _, d = key_states.shape
+            self.device = key_states.device
+            self.kbuf = key_states.new_empty((b, h, capacity, d))
+            self.vbuf = value_states.new_empty((b, h, capacity, value_states.shape[-1]))
+            self.length = 0
+            self.is_initialized = True
+
+        def _views(self):
+            self.keys, self.values = self.kbuf[:, :, : self.length], self.vbuf[:, :, : self.length]
+            return self.keys, self.values
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            self.kbuf[:, :, self.length:end] = key_states
+            self.vbuf[:, :, self.length:end] = value_states
+            self.length = end
+            return self._views()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            """Prefix sharing: each prompt's keys and values copied to its `repeats` samples."""
+            for name in ("kbuf", "vbuf"):
+                old = getattr(self, name)
+                new = old.new_empty((old.shape[0] * repeats, *old.shape[1:]))
+                new.view(old.shape[0], repeats, *old.shape[1:])[:, :, :, : self.length] = old[:, None, :, : self.length]
+                setattr(self, name, new)
+            self._views()
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            """Keep `indices` (ascending), moved to the front of the same buffers: no new cache."""
+            for buf in (self.kbuf, self.vbuf):
+                buf[: len(indices), :, : self.length] = buf[indices, :, : self.length]
+            self.kbuf, self.vbuf = self.kbuf[: len(indices)], self.vbuf[: len(indices)]
+            self._views()
+
+    cache = DynamicCache(config=model.config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
-
-
-def _select_rows(cache, rows: torch.Tensor) -> None:
-    """Keep only `rows` of every layer of a static cache (compaction after rows finish)."""
-    for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, rows)
-        layer.values = layer.values.index_select(0, rows)
-        layer.batch_size = len(rows)
 
 
 COMPACT_FRACTION = 0.125
@@ -154,24 +194,30 @@ COMPACT_FRACTION = 0.125
 1/8 of a step's compute is spent on finished rows, and the cache copy is amortised."""
 
 
-@torch.no_grad()
-def _generate_chunk(model, prompts: list[list[int]], s: Sampling, eos: set[int], pad_id: int, seeds: list[int]):
-    from transformers import DynamicCache
+def _stop_hits(tokenizer, tails: list[list[int]], stop: tuple[str, ...]) -> list[bool]:
+    """Whether each row's last tokens contain a stop string (checked every step, so the first
+    time it appears is the step that completed it)."""
+    return [any(x in text for x in stop) for text in tokenizer.batch_decode(tails)]
 
+
+@torch.no_grad()
+def _generate_chunk(model, tokenizer, prompts: list[list[int]], s: Sampling, eos: set[int], pad_id: int,
+                    seeds: list[int]):
     device = next(model.parameters()).device
     ids, mask = _pad(prompts, pad_id, device, left=True)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     T = s.max_new_tokens
-    prefill = DynamicCache()
+    width = ids.shape[1]
+    cache = _decode_cache(model, width + T)
+    cache_kw = {_cache_kwarg(model): cache}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **{_cache_kwarg(model): prefill})
+                **cache_kw)
     # Prefix sharing: one prefill per prompt, then its cache is copied to its n samples.
     rows = len(prompts) * s.n
     logits = out.logits[:, -1].repeat_interleave(s.n, 0)
-    cache = _static_cache(model, prefill, s.n, ids.shape[1] + T)
-    del out, prefill
-    cache_kw = {_cache_kwarg(model): cache}
-    # Columns past the prompt are 1: the causal mask hides those not yet written.
+    del out
+    cache.batch_repeat_interleave(s.n)
+    # Columns past the prompt are 1: each step passes the mask up to its own column.
     full_mask = torch.cat([mask, mask.new_ones((mask.shape[0], T))], 1).repeat_interleave(s.n, 0)
     next_pos = positions[:, -1:].repeat_interleave(s.n, 0) + 1
 
@@ -180,13 +226,15 @@ def _generate_chunk(model, prompts: list[list[int]], s: Sampling, eos: set[int],
     entropy = torch.zeros((rows, T))
     certainty = torch.zeros((rows, T))
     lengths = torch.zeros(rows, dtype=torch.long)
+    ended = torch.zeros(rows, dtype=torch.bool)  # by end-of-sequence or a stop string
     row_id = torch.arange(rows)  # sample index of each batch row
     alive = torch.ones(rows, dtype=torch.bool)
     eos_t = torch.tensor(sorted(eos), dtype=torch.long)
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+    tail = max((len(x) for x in s.stop), default=0) + 2  # tokens enough to hold any stop string
     for t in range(T):
-        noise = None if s.temperature == 0 else _race_noise(gens, s.n, logits.shape[-1], row_id, alive).to(device)
-        tok, lp, ent, cert = (x.cpu() for x in sample_next(logits, s, noise))
+        u = None if s.temperature == 0 else _uniforms(gens, s.n, row_id, alive).to(device)
+        tok, lp, ent, cert = (x.cpu() for x in sample_next(logits, s, u))
         live = row_id[alive]
         tokens[live, t] = tok[alive]
         logprobs[live, t] = lp[alive]
@@ -194,18 +242,22 @@ def _generate_chunk(model, prompts: list[list[int]], s: Sampling, eos: set[int],
         certainty[live, t] = cert[alive]
         lengths[live] += 1
         alive &= ~torch.isin(tok, eos_t)
+        if s.stop and alive.any():
+            hits = _stop_hits(tokenizer, tokens[row_id[alive], max(0, t + 1 - tail): t + 1].tolist(), s.stop)
+            alive[alive.clone()] = ~torch.tensor(hits, dtype=torch.bool)
+        ended[row_id[~alive]] = True
         n_alive = int(alive.sum())
         if t == T - 1 or n_alive == 0:
             break
         if len(alive) - n_alive >= max(1, COMPACT_FRACTION * len(alive)):
             keep = alive.nonzero().squeeze(1)
-            _select_rows(cache, keep.to(device))
+            cache.batch_select_indices(keep.to(device))
             tok, full_mask, next_pos, row_id = tok[keep], full_mask[keep], next_pos[keep], row_id[keep]
             alive = alive[keep]
-        logits = model(input_ids=tok[:, None].to(device), attention_mask=full_mask, position_ids=next_pos,
-                       use_cache=True, **cache_kw).logits[:, -1]
+        logits = model(input_ids=tok[:, None].to(device), attention_mask=full_mask[:, : width + t + 1],
+                       position_ids=next_pos, use_cache=True, **cache_kw).logits[:, -1]
         next_pos = next_pos + 1
-    return tokens, logprobs, entropy, certainty, lengths
+    return tokens, logprobs, entropy, certainty, lengths, ended
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -233,8 +285,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], s: Sampling,
     completion_ids, lps, ents, certs, truncated = [], [], [], [], []
     for start in range(0, len(prompt_ids), per_chunk):
         chunk = slice(start, start + per_chunk)
-        tokens, logprobs, entropy, certainty, lengths = _generate_chunk(model, prompt_ids[chunk], s, eos, pad_id,
-                                                                        seeds[chunk])
+        tokens, logprobs, entropy, certainty, lengths, ended = _generate_chunk(model, tokenizer, prompt_ids[chunk], s, eos,
+                                                                        pad_id, seeds[chunk])
         for r in range(tokens.shape[0]):
             n = int(lengths[r])
             seq = tokens[r, :n].tolist()
@@ -242,7 +294,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], s: Sampling,
             lps.append(logprobs[r, :n].clone())
             ents.append(entropy[r, :n].clone())
             certs.append(certainty[r, :n].clone())
-            truncated.append(not seq or seq[-1] not in eos)
+            truncated.append(not bool(ended[r]))
     model.train(was_training)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(n=s.n, prompt_ids=[list(p) for p in prompt_ids], completion_ids=completion_ids,
