@@ -70,6 +70,7 @@ def test_checkpoint_and_fault_settings_have_safe_defaults():
     ({"rollout": {"temperature": "nan"}}, "rollout.temperature"),
     ({"data": {"too_long": "cut"}}, "data.too_long"),
     ({"data": {"eval": [1]}}, "data.eval"),
+    ({"data": {"stop": [""]}}, "data.stop"),
     ({"model": {1: 2, "x": 3}}, "model.1"),
 ])
 def test_more_bad_values_name_the_key(raw, key):

@@ -132,3 +132,25 @@ def test_entropy_and_self_certainty_of_the_first_step(tiny):
     certainty = float((-(p * len(p)).log()).mean())  # KL(U || p) = mean_j log(1 / (V p_j))
     assert abs(float(r.entropy[0][0]) - entropy) < 1e-3
     assert abs(float(r.certainty[0][0]) - certainty) < 1e-3
+
+
+def test_stop_strings_end_samples_where_the_string_completes(tiny):
+    model, tok = tiny
+    ids = encode_prompts(tok, PROMPTS)
+    s = Sampling(n=4, temperature=1.0, max_new_tokens=16)
+    free = generate(model, tok, ids, s, seeds=[1, 2, 3])
+    stop = free.texts[0][3:5]  # a string the first sample is known to produce
+    s.stop = (stop,)
+    stopped = generate(model, tok, ids, s, seeds=[1, 2, 3])
+    n_stopped = 0
+    for full, cut, lp, full_lp, trunc in zip(free.completion_ids, stopped.completion_ids, stopped.logprobs,
+                                             free.logprobs, stopped.truncated):
+        # The first prefix whose text holds the stop string; a stopped row's own random stream is
+        # unchanged, so the samples agree token for token up to there.
+        k = next((i for i in range(1, len(full) + 1) if stop in tok.decode(full[:i])), len(full))
+        assert cut == full[:k]
+        assert torch.allclose(lp, full_lp[:k], atol=1e-5)
+        if k < len(full) or stop in tok.decode(cut):
+            n_stopped += 1
+            assert stop in tok.decode(cut) and not trunc
+    assert n_stopped >= 1

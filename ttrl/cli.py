@@ -107,7 +107,7 @@ def cmd_eval(args) -> int:
     model, tok = load_model(cfg.model, seed=cfg.train.seed)
     problems = load_problems(cfg.data.train, cfg.data)
     summary, results = evaluate(model, tok, problems, cfg.eval, cfg.data.template, cfg.model.chat_template,
-                                seed=cfg.train.seed + 7919)
+                                seed=cfg.train.seed + 7919, stop=cfg.data.stop)
     summary = {"model": cfg.model.name, "data": cfg.data.train, **summary}
     for key, value in summary.items():
         print(f"{key:>16}  {value:.4f}" if isinstance(value, float) else f"{key:>16}  {value}")

@@ -62,6 +62,9 @@ class DataConfig:
     """Use only the first `limit` prompts (0 = all)."""
     template: str = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
     """How a problem becomes the user message; `{problem}` is replaced."""
+    stop: list = field(default_factory=list)
+    """Strings that end an answer besides end-of-sequence (e.g. "</answer>" for a template that asks
+    for one), in training rollouts and evaluation alike; the answer keeps the stop string."""
     too_long: str = "skip"
     """A prompt that leaves no room for max_new_tokens in the model's context: skip (with a
     counted warning) or fail (stop with an error naming the prompt)."""
@@ -219,10 +222,10 @@ def validate(cfg: Config) -> Config:
     for op in cfg.data.arithmetic.ops:
         if op not in ("+", "-", "*"):
             raise ConfigError(f"config key 'data.arithmetic.ops' has {op!r}: use +, - or *")
-    for key in ("data.eval", "model.lora_target_modules"):
+    for key in ("data.eval", "data.stop", "model.lora_target_modules"):
         for item in _get(cfg, key):
-            if not isinstance(item, str):
-                raise ConfigError(f"config key '{key}' has {item!r}: every entry must be a string")
+            if not isinstance(item, str) or (key == "data.stop" and not item):
+                raise ConfigError(f"config key '{key}' has {item!r}: every entry must be a non-empty string")
     return cfg
 
 

@@ -73,7 +73,7 @@ def summarize(results: list[ProblemResult], k: int, greedy: list[bool | None] | 
 
 
 def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, template: str,
-             chat_template: bool = True, seed: int = 0, dist: Dist | None = None) -> tuple[dict, list[ProblemResult]]:
+             chat_template: bool = True, seed: int = 0, dist: Dist | None = None, stop: tuple[str, ...] = ()) -> tuple[dict, list[ProblemResult]]:
     """Sample k answers per problem with the evaluation sampler; (summary, per-problem results).
 
     Problem i samples from its own stream, the i-th seed drawn from `seed`, so under `dist` each
@@ -85,14 +85,15 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
     k = cfg.n_samples
     seeds = torch.randint(0, 2**62, (len(problems),), generator=torch.Generator().manual_seed(seed)).tolist()
     sampling = Sampling(n=k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                        max_new_tokens=cfg.max_new_tokens)
+                        max_new_tokens=cfg.max_new_tokens, stop=tuple(stop))
     rollout = generate(model, tokenizer, prompt_ids, sampling, seeds=[seeds[i] for i in share])
     answers = [extract_answer(t) for t in rollout.texts]
     results = [score_group([answers[i] for i in rollout.group(p)], prob.answer, prob.id)
                for p, prob in enumerate(mine)]
     greedy = None
     if cfg.greedy and all(p.answer is not None for p in problems):
-        g = generate(model, tokenizer, prompt_ids, Sampling(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens))
+        g = generate(model, tokenizer, prompt_ids, Sampling(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                                                                 stop=tuple(stop)))
         greedy = [is_equivalent(extract_answer(t), p.answer) for t, p in zip(g.texts, mine)]
         greedy = dist.gather(greedy)
     results = dist.gather(results)

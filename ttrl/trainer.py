@@ -252,7 +252,7 @@ def run_evals(model, tok, sets: dict[str, list[Problem]], cfg: Config, step: int
             continue
         with dist.generation(model) as policy:
             summary, results = evaluate(policy, tok, problems, cfg.eval, cfg.data.template, cfg.model.chat_template,
-                                        seed=cfg.train.seed + 7919, dist=dist)
+                                        seed=cfg.train.seed + 7919, dist=dist, stop=cfg.data.stop)
         if writer is not None:
             writer.log({"step": step, **{f"eval/{name}/{k}": v for k, v in summary.items()}})
         store.setdefault(name, []).append({"step": step, **summary,
@@ -354,7 +354,7 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
     vllm = VLLMRollout(cfg, policy, tok, dist) if cfg.rollout.backend == "vllm" else None
     generator = torch.Generator().manual_seed(cfg.train.seed)
     sampling = Sampling(n=cfg.rollout.n_votes, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                        top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+                        top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens, stop=tuple(cfg.data.stop))
     steps = total_steps(cfg, len(adapt))
 
     # Resume: weights, optimizer, RNGs and eval history from the checkpoint (every rank loads it);
