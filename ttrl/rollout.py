@@ -4,7 +4,8 @@ sampling distribution.
 Why our own loop rather than `model.generate`: each prompt is prefilled once and its KV cache
 expanded to its N samples (TTRL draws 64 votes per prompt), finished rows are dropped from the
 batch so they stop costing compute, and the log-probs come out of the same softmax that was
-sampled from, so no second scoring pass is needed.
+sampled from, so no second scoring pass is needed. Measured against `model.generate`, and what
+was tried and dropped: benchmarks/README.md (rollout.py).
 """
 
 from __future__ import annotations
