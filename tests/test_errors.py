@@ -94,6 +94,9 @@ def test_missing_model_and_missing_extras_say_how_to_fix(tmp_path, capsys, monke
     (tmp_path / "p.parquet").write_bytes(b"PAR1")
     with pytest.raises(DataError, match=r"pip install 'ttrl\[parquet\]'"):
         load_file(tmp_path / "p.parquet")
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    err = _cli_error(capsys, "--config", TINY, "--output-dir", str(tmp_path / "c"), "rollout.backend=vllm", *QUICK)
+    assert "pip install 'ttrl[vllm]'" in err and "rollout.backend=torch" in err
 
 
 def test_prompt_too_long_for_the_context(tmp_path, capsys, tiny):
