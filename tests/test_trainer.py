@@ -91,17 +91,16 @@ def test_resume_names_changed_settings_and_refuses_another_model(tmp_path, tiny,
     cfg = load_config(TINY)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    gen = torch.Generator()
-    assert resumed_state(tmp_path, cfg, model, opt, sched, gen) is None
+    assert resumed_state(tmp_path, cfg, model, opt, sched) is None
     assert "no checkpoint" in capsys.readouterr().err
-    save_checkpoint(tmp_path, 2, model, opt, sched, gen, state={"config": cfg.to_dict(), "evals": {}})
+    save_checkpoint(tmp_path, 2, model, opt, sched, state={"config": cfg.to_dict(), "evals": {}})
     changed = load_config(TINY, ["algorithm.lr=0.5", "train.steps=9"])
-    assert resumed_state(tmp_path, changed, model, opt, sched, gen)["step"] == 2
+    assert resumed_state(tmp_path, changed, model, opt, sched)["step"] == 2
     err = capsys.readouterr().err
     assert "algorithm.lr 0.0001 -> 0.5" in err and "train.steps" not in err
     other = load_config(TINY, ["model.lora_rank=4"])
     with pytest.raises(CheckpointError, match="model.lora_rank"):
-        resumed_state(tmp_path, other, model, opt, sched, gen)
+        resumed_state(tmp_path, other, model, opt, sched)
 
 
 def _run_cli(*args, timeout=300):
@@ -147,3 +146,22 @@ def test_stopping_rule_ends_the_run_and_says_why(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/reward" in r] == [1]
     assert "stop_reason" in rows[0] or any("stop_reason" in r for r in rows)
+
+
+def test_samples_cut_off_by_the_token_limit_neither_vote_nor_earn_reward():
+    # The collapse this guards against: "To add 8 + 1," (cut off) ends on 1, and three such
+    # samples would outvote the two complete answers.
+    from ttrl.config import Config
+    from ttrl.rollout import Rollout
+    from ttrl.trainer import vote_and_reward
+
+    texts = ["9", "9", "To add 8 + 1,", "To add 8 + 1,", "To add 8 + 1,"]
+    truncated = [False, False, True, True, True]
+    z = [torch.zeros(3) for _ in texts]
+    rollout = Rollout(n=5, prompt_ids=[[1]], completion_ids=[[1, 2, 3]] * 5, logprobs=z, entropy=z, certainty=z,
+                      texts=texts, truncated=truncated)
+    cfg = Config()
+    cfg.reward.n_train_samples = 5
+    (group,) = vote_and_reward(rollout, cfg, seeds=[0])
+    assert group.vote.pseudo_label == "9" and group.answers == ["9", "9", None, None, None]
+    assert [group.rewards[group.train_idx.index(i)] for i in range(5)] == [1.0, 1.0, 0.0, 0.0, 0.0]

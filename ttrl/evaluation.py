@@ -15,7 +15,7 @@ import torch
 from ttrl.config import EvalConfig
 from ttrl.data import Problem, render_prompt
 from ttrl.distributed import Dist
-from ttrl.grading import extract_answer, is_equivalent
+from ttrl.grading import is_equivalent, sample_answers
 from ttrl.models import encode_prompts
 from ttrl.rollout import Sampling, generate
 from ttrl.voting import majority_vote
@@ -87,14 +87,14 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
     sampling = Sampling(n=k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         max_new_tokens=cfg.max_new_tokens, stop=tuple(stop))
     rollout = generate(model, tokenizer, prompt_ids, sampling, seeds=[seeds[i] for i in share])
-    answers = [extract_answer(t) for t in rollout.texts]
+    answers = sample_answers(rollout.texts, rollout.truncated)
     results = [score_group([answers[i] for i in rollout.group(p)], prob.answer, prob.id)
                for p, prob in enumerate(mine)]
     greedy = None
     if cfg.greedy and all(p.answer is not None for p in problems):
         g = generate(model, tokenizer, prompt_ids, Sampling(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
                                                                  stop=tuple(stop)))
-        greedy = [is_equivalent(extract_answer(t), p.answer) for t, p in zip(g.texts, mine)]
+        greedy = [is_equivalent(a, p.answer) for a, p in zip(sample_answers(g.texts, g.truncated), mine)]
         greedy = dist.gather(greedy)
     results = dist.gather(results)
     summary = summarize(results, k, greedy)

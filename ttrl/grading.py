@@ -64,6 +64,13 @@ def extract_answer(text: str) -> str | None:
     return None
 
 
+def sample_answers(texts: list[str], truncated: list[bool]) -> list[str | None]:
+    """Final answers of sampled completions. One cut off by max_new_tokens has none: whatever
+    number it ends on is mid-sentence, and counting it lets a policy win the vote by restating
+    the question ("To add 8 + 1," votes 1), which a TTRL run on SmolLM2 learnt within 10 steps."""
+    return [None if cut else extract_answer(t) for t, cut in zip(texts, truncated)]
+
+
 def _last_boxed(text: str) -> str | None:
     end = len(text)
     for _ in range(MAX_BOX_TRIES):

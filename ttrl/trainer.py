@@ -22,7 +22,7 @@ from ttrl.config import Config
 from ttrl.data import Problem, drop_too_long, load_problems, render_prompt, split_holdout
 from ttrl.distributed import Dist, concat_rollouts, is_main_process, make_accelerator, micro_batches, zero_loss
 from ttrl.evaluation import evaluate
-from ttrl.grading import extract_answer, is_equivalent
+from ttrl.grading import is_equivalent, sample_answers
 from ttrl.losses import kl_k3, policy_loss
 from ttrl.metrics import MetricsWriter, progress_bar, read_metrics, truncate_metrics
 from ttrl.models import encode_prompts, load_model
@@ -58,7 +58,7 @@ def prompt_seed(seed: int, step: int, index: int) -> int:
 
 def vote_and_reward(rollout: Rollout, cfg: Config, seeds: list[int]) -> list[Group]:
     """Majority vote over each prompt's N samples; reward M of them drawn at random."""
-    answers = [extract_answer(t) for t in rollout.texts]
+    answers = sample_answers(rollout.texts, rollout.truncated)
     groups = []
     for p in range(len(rollout.prompt_ids)):
         idx = list(rollout.group(p))
@@ -290,10 +290,10 @@ def fit_context(problems: list[Problem], tok, model, cfg: Config, max_new_tokens
     return kept
 
 
-def resumed_state(run_dir: Path, cfg: Config, model, optimizer, scheduler, generator) -> dict | None:
+def resumed_state(run_dir: Path, cfg: Config, model, optimizer, scheduler) -> dict | None:
     """Load the latest checkpoint; settings that differ from the checkpointed run are named
     (model.* ones refused: the weights would not fit)."""
-    state = load_checkpoint(run_dir, model, optimizer, scheduler, generator)
+    state = load_checkpoint(run_dir, model, optimizer, scheduler)
     if state is None:
         warn(f"no checkpoint in {run_dir}/{CHECKPOINTS}; starting from step 0")
         return None
@@ -352,7 +352,6 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
     model, optimizer = dist.prepare(model, optimizer)
     policy = dist.unwrap(model)
     vllm = VLLMRollout(cfg, policy, tok, dist) if cfg.rollout.backend == "vllm" else None
-    generator = torch.Generator().manual_seed(cfg.train.seed)
     sampling = Sampling(n=cfg.rollout.n_votes, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                         top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens, stop=tuple(cfg.data.stop))
     steps = total_steps(cfg, len(adapt))
@@ -360,7 +359,7 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
     # Resume: weights, optimizer, RNGs and eval history from the checkpoint (every rank loads it);
     # metrics rows logged after it (and a torn last line) are dropped, so the file reads as if
     # never interrupted.
-    state = resumed_state(run_dir, cfg, policy, optimizer, scheduler, generator) if resume else None
+    state = resumed_state(run_dir, cfg, policy, optimizer, scheduler) if resume else None
     start, evals, bad_steps = (state["step"], state["evals"], state["bad_steps"]) if state else (0, {}, 0)
     writer = None
     if dist.is_main:
@@ -379,7 +378,7 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
         if dist.sharded:  # optimizer state is split across ranks; see docs/distributed.md
             warn(f"step {done}: no checkpoint under FSDP/DeepSpeed (not supported yet)")
         elif dist.is_main:
-            path = save_checkpoint(run_dir, done, policy, optimizer, scheduler, generator,
+            path = save_checkpoint(run_dir, done, policy, optimizer, scheduler,
                                    keep=cfg.train.keep_checkpoints,
                                    state={"evals": evals, "bad_steps": bad_steps, "metric_rows": writer.n_rows,
                                           "config": cfg.to_dict()})
