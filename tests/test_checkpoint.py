@@ -100,7 +100,7 @@ def _parts(model):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return opt, sched, torch.Generator().manual_seed(0)
+    return opt, sched
 
 
 def _step(model, opt, sched):
@@ -130,28 +130,28 @@ def small():
 
 
 def test_round_trip_restores_weights_optimizer_and_every_rng(tmp_path, small):
-    opt, sched, gen = _parts(small)
+    opt, sched = _parts(small)
     _step(small, opt, sched)
-    save_checkpoint(tmp_path, 1, small, opt, sched, gen, state={"evals": {"adapt": [{"step": 0, "x": 0.5}]}})
+    save_checkpoint(tmp_path, 1, small, opt, sched, state={"evals": {"adapt": [{"step": 0, "x": 0.5}]}})
     saved = _snapshot(small)
-    draws = (random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=gen))
+    draws = (random.random(), np.random.rand(), torch.rand(1))
     _step(small, opt, sched)  # move everything on
-    state = load_checkpoint(tmp_path, small, opt, sched, gen)
+    state = load_checkpoint(tmp_path, small, opt, sched)
     assert state["step"] == 1 and state["evals"] == {"adapt": [{"step": 0, "x": 0.5}]}
     assert all(torch.equal(p, saved[n]) for n, p in small.named_parameters())
-    assert (random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=gen)) == draws
+    assert (random.random(), np.random.rand(), torch.rand(1)) == draws
     # The restored optimizer continues exactly as the original would have.
-    opt2, sched2, _ = _parts(small)
+    opt2, sched2 = _parts(small)
     _step(small, opt, sched)
     after = _snapshot(small)
-    load_checkpoint(tmp_path, small, opt2, sched2, torch.Generator())
+    load_checkpoint(tmp_path, small, opt2, sched2)
     _step(small, opt2, sched2)
     assert all(torch.equal(p, after[n]) for n, p in small.named_parameters())
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, small, monkeypatch):
-    opt, sched, gen = _parts(small)
-    save_checkpoint(tmp_path, 1, small, opt, sched, gen, state={})
+    opt, sched = _parts(small)
+    save_checkpoint(tmp_path, 1, small, opt, sched, state={})
     good = _snapshot(small)
     _step(small, opt, sched)
 
@@ -160,26 +160,26 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, small, mo
 
     monkeypatch.setattr(ckpt.torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tmp_path, 2, small, opt, sched, gen, state={})
+        save_checkpoint(tmp_path, 2, small, opt, sched, state={})
     monkeypatch.undo()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
-    assert load_checkpoint(tmp_path, small, opt, sched, gen)["step"] == 1
+    assert load_checkpoint(tmp_path, small, opt, sched)["step"] == 1
     assert all(torch.equal(p, good[n]) for n, p in small.named_parameters())
     # The next successful save clears the debris and keeps only the latest `keep`.
     for step in (2, 3, 4):
-        save_checkpoint(tmp_path, step, small, opt, sched, gen, state={}, keep=2)
+        save_checkpoint(tmp_path, step, small, opt, sched, state={}, keep=2)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000003", "step-00000004"]
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, small, capsys):
-    opt, sched, gen = _parts(small)
-    save_checkpoint(tmp_path, 1, small, opt, sched, gen, state={})
+    opt, sched = _parts(small)
+    save_checkpoint(tmp_path, 1, small, opt, sched, state={})
     good = _snapshot(small)
     _step(small, opt, sched)
-    latest = save_checkpoint(tmp_path, 2, small, opt, sched, gen, state={})
+    latest = save_checkpoint(tmp_path, 2, small, opt, sched, state={})
     data = (latest / ckpt.TRAINER).read_bytes()
     (latest / ckpt.TRAINER).write_bytes(data[: len(data) // 2])
-    assert load_checkpoint(tmp_path, small, opt, sched, gen)["step"] == 1
+    assert load_checkpoint(tmp_path, small, opt, sched)["step"] == 1
     assert "step-00000002 is damaged" in capsys.readouterr().err
     assert all(torch.equal(p, good[n]) for n, p in small.named_parameters())
 
@@ -189,9 +189,9 @@ def test_lora_checkpoint_holds_only_the_adapter(tmp_path, small):
     from ttrl.models import add_lora
 
     model = add_lora(small, ModelConfig(lora_rank=2, lora_target_modules=["q_proj"]))
-    opt, sched, gen = _parts(model)
+    opt, sched = _parts(model)
     _step(model, opt, sched)
-    path = save_checkpoint(tmp_path, 1, model, opt, sched, gen, state={})
+    path = save_checkpoint(tmp_path, 1, model, opt, sched, state={})
     from safetensors.torch import load_file
 
     names = list(load_file(path / ckpt.WEIGHTS))

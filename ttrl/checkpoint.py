@@ -1,6 +1,6 @@
 """Crash-safe checkpoints: RUN_DIR/checkpoints/step-NNNNNNNN/ holds everything a resumed run
 needs to continue bit for bit — trained weights (all of them, or the LoRA adapter's), optimizer
-and scheduler state, the sampling generator and the Python/NumPy/torch RNG states, the eval
+and scheduler state, the Python/NumPy/torch RNG states, the eval
 history and how many metrics rows were logged.
 
 A checkpoint is written into a temporary directory, fsynced, then renamed into place, so a crash
@@ -76,8 +76,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, generator: torch.Generator,
-                    state: dict, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, state: dict,
+                    keep: int = 2) -> Path:
     """Write checkpoint `step` atomically and keep only the latest `keep`. `state` is JSON-able
     (evals, counters, config); tensors and RNG states are gathered here."""
     from safetensors.torch import save_file
@@ -91,7 +91,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     plain, tensors = rng_states()
     save_file(trained_weights(model), tmp / WEIGHTS)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(), "rng": tensors}, tmp / TRAINER)
+                "rng": tensors}, tmp / TRAINER)
     (tmp / STATE).write_text(json.dumps({**state, "step": step, "rng": plain}, default=str), encoding="utf-8")
     for name in (WEIGHTS, TRAINER, STATE):
         _fsync(tmp / name)
@@ -123,7 +123,7 @@ def _read(path: Path) -> tuple[dict, dict, dict]:
     return state, weights, trainer
 
 
-def load_checkpoint(run_dir: str | Path, model, optimizer, scheduler, generator: torch.Generator) -> dict | None:
+def load_checkpoint(run_dir: str | Path, model, optimizer, scheduler) -> dict | None:
     """Restore the newest readable checkpoint into the given objects and the global RNGs; return
     its `state` (None when there is none). A damaged checkpoint is skipped with a warning."""
     for path in reversed(list_checkpoints(run_dir)):
@@ -142,7 +142,6 @@ def load_checkpoint(run_dir: str | Path, model, optimizer, scheduler, generator:
                 params[name].copy_(tensor)
         optimizer.load_state_dict(trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
-        generator.set_state(trainer["generator"])
         set_rng_states(state.pop("rng"), trainer["rng"])
         return {**state, "path": str(path)}
     return None
