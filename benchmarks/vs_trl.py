@@ -90,6 +90,7 @@ def run_trl(args, queue):
     from ttrl.data import render_prompt
     from ttrl.integrations.trl import MajorityVoteReward
     from ttrl.models import load_model
+    from ttrl.rollout import eos_ids
     from ttrl.trainer import batch_order
 
     torch.set_num_threads(args.threads)
@@ -146,7 +147,9 @@ def run_trl(args, queue):
             self.batches.append(sorted(p[-1]["content"] for p in prompts))
             return super().__call__(prompts, completions, **kw)
 
-    timer, reward = StepTimer(), CheckedReward(num_generations=args.samples)
+    # Cut-off completions have no answer on both sides, as in ttrl's trainer.
+    timer, reward = StepTimer(), CheckedReward(num_generations=args.samples, max_completion_length=args.new_tokens,
+                                               eos_token_id=sorted(eos_ids(model, tok)))
     trainer = GRPOTrainer(model=model, processing_class=tok, args=config, train_dataset=data,
                           reward_funcs=[reward], callbacks=[timer])
     trainer.train()

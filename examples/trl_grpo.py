@@ -13,7 +13,7 @@ import argparse
 
 from ttrl.config import ArithmeticConfig, ModelConfig
 from ttrl.data import arithmetic_problems
-from ttrl.integrations.trl import majority_vote_reward, require_trl
+from ttrl.integrations.trl import MajorityVoteReward, require_trl
 from ttrl.models import load_model
 
 
@@ -45,7 +45,9 @@ def main():
         bf16=False, activation_checkpointing=False, use_cpu=True,  # float32 on CPU; no recomputation
         logging_steps=1, report_to="none", save_strategy="no",
     )
-    trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[majority_vote_reward],
+    # A completion cut off at max_completion_length has no answer (as in `ttrl train`).
+    reward = MajorityVoteReward(max_completion_length=config.max_completion_length, eos_token_id=tokenizer.eos_token_id)
+    trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[reward],
                           args=config, train_dataset=dataset)
     trainer.train()
 

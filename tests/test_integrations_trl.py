@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ttrl.integrations import trl as integration
+from ttrl.grading import extract_answer
 from ttrl.integrations.trl import GroupingError, MajorityVoteReward, completion_text, group_rows, majority_vote_reward
 
 TINY_ARCH = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
@@ -109,7 +110,7 @@ def test_a_group_split_across_processes_is_gathered_before_the_vote(monkeypatch)
     world = 3
     shards = [slice(r * 4, (r + 1) * 4) for r in range(world)]  # "p" spans ranks 0-1, "q" ranks 1-2
     for rank in range(world):
-        rows = {r: [(integration.prompt_key(p), integration.extract_answer(t), None)
+        rows = {r: [(integration.prompt_key(p), extract_answer(t), None)
                     for p, t in zip(prompts[s], texts[s])] for r, s in enumerate(shards)}
         monkeypatch.setattr(dist, "is_initialized", lambda: True)
         monkeypatch.setattr(dist, "get_world_size", lambda: world)
@@ -214,3 +215,13 @@ def test_grpo_trainer_one_step(tmp_path):
     trainer = _grpo_run(tmp_path, MajorityVoteReward(), steps=1, num_generations=2, prompts_per_step=2)
     assert trainer.state.global_step == 1
     assert "ttrl/majority_ratio" in trainer.state.log_history[0]
+
+
+def test_completions_cut_off_at_the_length_limit_have_no_answer():
+    # Token ids as TRL passes them: up to and including the first end-of-sequence (id 2). The first
+    # completion fills the limit but ended; the last three were cut off and would outvote it.
+    prompts, texts = ["p"] * 5, ["9", "9", "To add 8 + 1,", "To add 8 + 1,", "To add 8 + 1,"]
+    ids = [[5, 5, 5, 2], [5, 2], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]
+    assert MajorityVoteReward()(prompts, texts, completion_ids=ids) == [0.0, 0.0, 1.0, 1.0, 1.0]
+    reward = MajorityVoteReward(max_completion_length=4, eos_token_id=2)
+    assert reward(prompts, texts, completion_ids=ids) == [1.0, 1.0, 0.0, 0.0, 0.0]

@@ -22,7 +22,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 
-from ttrl.grading import extract_answer, is_equivalent
+from ttrl.grading import is_equivalent, sample_answers
 from ttrl.rewards import majority_rewards
 from ttrl.trainer import Group, diagnostics
 from ttrl.voting import Vote, majority_vote
@@ -147,13 +147,19 @@ class MajorityVoteReward:
     `num_generations`: the expected group size, checked; None infers it from the prompts (works
     for training and for evaluation with `num_generations_eval`). `gold_column`: a dataset column
     with gold answers, used only for the logged `ttrl/label_accuracy`, `ttrl/reward_accuracy` and
-    `ttrl/rollout_accuracy` — never for the reward.
+    `ttrl/rollout_accuracy` — never for the reward. `max_completion_length` and `eos_token_id`
+    (GRPOConfig's and the tokenizer's): a completion that reached the limit without end-of-sequence
+    was cut off and has no answer, as in `ttrl train` (see `grading.sample_answers`); without them
+    every completion is graded on its text.
     """
 
     def __init__(self, num_generations: int | None = None, gold_column: str | None = "answer",
-                 name: str = "ttrl_majority_vote"):
+                 name: str = "ttrl_majority_vote", max_completion_length: int | None = None,
+                 eos_token_id: int | list[int] | None = None):
         self.num_generations = num_generations
         self.gold_column = gold_column
+        self.max_completion_length = max_completion_length
+        self.eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) - {None}
         self.__name__ = name  # TRL logs rewards/<name>/mean
         self.last_metrics: dict[str, float] = {}
 
@@ -165,8 +171,11 @@ class MajorityVoteReward:
         golds = kwargs.get(self.gold_column) if self.gold_column else None
         if golds is None or len(golds) != len(prompts):
             golds = [None] * len(prompts)
-        local = [(prompt_key(p), extract_answer(completion_text(c)), None if g is None else str(g))
-                 for p, c, g in zip(prompts, completions, golds)]
+        cut = [False] * len(completions)
+        if self.max_completion_length and completion_ids is not None:
+            cut = [len(ids) >= self.max_completion_length and not (ids and ids[-1] in self.eos) for ids in completion_ids]
+        answers = sample_answers([completion_text(c) for c in completions], cut)
+        local = [(prompt_key(p), a, None if g is None else str(g)) for p, a, g in zip(prompts, answers, golds)]
         rows, offset = _gather(local)
         keys, answers, golds = (list(column) for column in zip(*rows)) if rows else ([], [], [])
         groups = group_rows(keys, self.num_generations)
