@@ -7,7 +7,7 @@ Gold answers are read here and in the trainer's diagnostics only, never on the t
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import comb
 
 import torch
@@ -92,8 +92,7 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
                for p, prob in enumerate(mine)]
     greedy = None
     if cfg.greedy and all(p.answer is not None for p in problems):
-        g = generate(model, tokenizer, prompt_ids, Sampling(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                                                                 stop=tuple(stop)))
+        g = generate(model, tokenizer, prompt_ids, replace(sampling, n=1, temperature=0.0))
         greedy = [is_equivalent(a, p.answer) for a, p in zip(sample_answers(g.texts, g.truncated), mine)]
         greedy = dist.gather(greedy)
     results = dist.gather(results)

@@ -227,7 +227,6 @@ def _generate_chunk(model, tokenizer, prompts: list[list[int]], s: Sampling, eos
     entropy = torch.zeros((rows, T))
     certainty = torch.zeros((rows, T))
     lengths = torch.zeros(rows, dtype=torch.long)
-    ended = torch.zeros(rows, dtype=torch.bool)  # by end-of-sequence or a stop string
     row_id = torch.arange(rows)  # sample index of each batch row
     alive = torch.ones(rows, dtype=torch.bool)
     eos_t = torch.tensor(sorted(eos), dtype=torch.long)
@@ -246,7 +245,6 @@ def _generate_chunk(model, tokenizer, prompts: list[list[int]], s: Sampling, eos
         if s.stop and alive.any():
             hits = _stop_hits(tokenizer, tokens[row_id[alive], max(0, t + 1 - tail): t + 1].tolist(), s.stop)
             alive[alive.clone()] = ~torch.tensor(hits, dtype=torch.bool)
-        ended[row_id[~alive]] = True
         n_alive = int(alive.sum())
         if t == T - 1 or n_alive == 0:
             break
@@ -258,6 +256,9 @@ def _generate_chunk(model, tokenizer, prompts: list[list[int]], s: Sampling, eos
         logits = model(input_ids=tok[:, None].to(device), attention_mask=full_mask[:, : width + t + 1],
                        position_ids=next_pos, use_cache=True, **cache_kw).logits[:, -1]
         next_pos = next_pos + 1
+    # Compaction only drops finished rows: every row not alive now ended (end-of-sequence or a stop string).
+    ended = torch.ones(rows, dtype=torch.bool)
+    ended[row_id[alive]] = False
     return tokens, logprobs, entropy, certainty, lengths, ended
 
 
