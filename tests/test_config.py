@@ -70,7 +70,9 @@ def test_checkpoint_and_fault_settings_have_safe_defaults():
     ({"rollout": {"temperature": "nan"}}, "rollout.temperature"),
     ({"data": {"too_long": "cut"}}, "data.too_long"),
     ({"data": {"eval": [1]}}, "data.eval"),
-    ({"data": {"stop": [""]}}, "data.stop"),
+    ({"rollout": {"stop": [""]}}, "rollout.stop"),
+    ({"eval": {"stop": [""]}}, "eval.stop"),
+    ({"data": {"stop": ["x"]}}, "moved: set rollout.stop and eval.stop"),
     ({"model": {1: 2, "x": 3}}, "model.1"),
 ])
 def test_more_bad_values_name_the_key(raw, key):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ttrl.config import ConfigError, load_config
-from ttrl.distributed import Dist, micro_batches, shard
+from ttrl.distributed import Dist, shard
 
 ROOT = Path(__file__).parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -178,13 +178,6 @@ def test_shards_are_contiguous_balanced_and_cover_everything():
             parts = [shard(n, r, world) for r in range(world)]
             assert [i for p in parts for i in p] == list(range(n))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
-
-
-def test_every_rank_runs_as_many_micro_batches_as_the_busiest():
-    # 8 prompts on 2 ranks (0-3 and 4-7); kept prompts 0, 1, 2 and 5; 2 prompts per micro-batch.
-    assert micro_batches([0, 1, 2, 5], 8, 2, world=2) == 2
-    assert micro_batches([5], 8, 2, world=2) == 1
-    assert micro_batches([0, 1, 2, 5], 8, 2, world=1) == 2
 
 
 def test_prompts_per_step_must_divide_among_processes():

@@ -140,7 +140,7 @@ def test_non_finite_loss_skips_updates_then_stops_with_a_checkpoint(tmp_path, ca
                  "algorithm.max_bad_steps=2"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err, err
-    assert "step 1: NaN/inf loss or gradient; update skipped" in err
+    assert "step 1: NaN/inf loss, gradient or logits; update skipped" in err
     assert "stopped after step 2: 2 steps in a row had a NaN/inf loss" in err and "--resume" in err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss/policy"], r["optim/skipped_updates"]) for r in rows] == [(1, None, 1), (2, None, 1)]
@@ -148,6 +148,30 @@ def test_non_finite_loss_skips_updates_then_stops_with_a_checkpoint(tmp_path, ca
     initial, _ = load_model(load_config(TINY).model, seed=0)
     for name, p in initial.named_parameters():
         assert torch.equal(saved[name], p.detach()), name
+
+
+def test_exploding_weights_are_undone_and_stop_the_run_with_good_weights(tmp_path, capsys):
+    """lr=1e30 gives finite gradients but weights whose logits overflow: each such optimizer step is
+    undone and counted like a NaN loss; the run stops with a checkpoint that still samples."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    code = main(["train", "--config", TINY, "--output-dir", str(out), "--quiet", *QUICK, "train.steps=6",
+                 "algorithm.lr=1e30", "algorithm.max_bad_steps=2", "rollout.n_votes=4", "reward.kind=similarity"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert "2 steps in a row had a NaN/inf loss, gradient or logits" in err
+    from ttrl.config import ModelConfig
+    from ttrl.models import encode_prompts, load_model
+    from ttrl.rollout import Sampling, generate
+
+    saved = load_file(next((out / "checkpoints").glob("step-*")) / "weights.safetensors")
+    assert all(bool(t.isfinite().all()) for t in saved.values())
+    model, tok = load_model(ModelConfig(architecture=load_config(TINY).model.architecture))
+    model.load_state_dict(saved, strict=False)  # lm_head is tied to the embeddings
+    r = generate(model, tok, encode_prompts(tok, ["What is 1 + 1?"]), Sampling(n=2, max_new_tokens=3), seeds=[0])
+    assert all(bool(lp.isfinite().all()) for lp in r.logprobs)  # the saved weights still sample
 
 
 # --- fuzzing: the parsers raise DataError / ConfigError with a message, never anything else -----

@@ -154,3 +154,21 @@ def test_stop_strings_end_samples_where_the_string_completes(tiny):
             n_stopped += 1
             assert stop in tok.decode(cut) and not trunc
     assert n_stopped >= 1
+
+
+def test_groups_of_different_sizes_score_as_separate_calls(tiny):
+    """A group split over micro-batches: pieces of 2 and 1 samples of prompt 0 and 3 of prompt 1
+    give the log-probs (and gradient) of scoring each sample with its own prompt."""
+    model, tok = tiny
+    r = _rollout(tiny, Sampling(n=3, temperature=1.0, max_new_tokens=5))
+    prompts = [r.prompt_ids[0], r.prompt_ids[0], r.prompt_ids[1]]
+    grads, logps = [], []
+    for p, sizes in ((prompts, [2, 1, 3]), ([r.prompt_ids[i // 3] for i in range(6)], 1)):
+        model.zero_grad()
+        lp, mask = score(model, p, r.completion_ids[:6], 1.0, tok.pad_token_id, group_size=sizes)
+        (lp * mask).sum().backward()
+        logps.append(lp * mask)
+        grads.append(torch.cat([q.grad.flatten() for q in model.parameters()]))
+    model.zero_grad()
+    assert torch.allclose(logps[0], logps[1], atol=1e-5)
+    assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-5

@@ -153,7 +153,7 @@ def test_samples_cut_off_by_the_token_limit_neither_vote_nor_earn_reward():
     # samples would outvote the two complete answers.
     from ttrl.config import Config
     from ttrl.rollout import Rollout
-    from ttrl.trainer import vote_and_reward
+    from ttrl.groups import reward, vote
 
     texts = ["9", "9", "To add 8 + 1,", "To add 8 + 1,", "To add 8 + 1,"]
     truncated = [False, False, True, True, True]
@@ -162,6 +162,88 @@ def test_samples_cut_off_by_the_token_limit_neither_vote_nor_earn_reward():
                       texts=texts, truncated=truncated)
     cfg = Config()
     cfg.reward.n_train_samples = 5
-    (group,) = vote_and_reward(rollout, cfg, seeds=[0])
+    (group,) = reward(vote(rollout), rollout, cfg.reward, seeds=[0])
     assert group.vote.pseudo_label == "9" and group.answers == ["9", "9", None, None, None]
     assert [group.rewards[group.train_idx.index(i)] for i in range(5)] == [1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def _one_step(cfg, n_prompts=2):
+    """A fresh tiny model, its optimizer and one step's rollout, votes, rewards and advantages."""
+    from ttrl.config import ModelConfig
+    from ttrl.groups import reward, vote
+    from ttrl.models import encode_prompts, load_model
+    from ttrl.rollout import Sampling, generate
+    from ttrl.trainer import Policy, estimate_advantages
+
+    model, tok = load_model(ModelConfig(architecture=cfg.model.architecture), seed=0)
+    prompts = encode_prompts(tok, ["What is 2 + 3?", "Add 7 and 8.", "Hi"][:n_prompts])
+    rollout = generate(model, tok, prompts, Sampling.of(cfg.rollout, n=cfg.rollout.n_votes), seeds=[5, 6, 7][:n_prompts])
+    groups = reward(vote(rollout), rollout, cfg.reward, seeds=[5, 6, 7][:n_prompts])
+    # Plain SGD: the weights move by the gradient itself (Adam's first step is ~lr * sign(grad), which
+    # turns float noise in near-zero gradients into lr-sized differences).
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.algorithm.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    policy = Policy(model=model, optimizer=opt, scheduler=sched, ref_model=None, pad_id=tok.pad_token_id)
+    return policy, rollout, groups, estimate_advantages(cfg.algorithm.advantage, groups)
+
+
+STEP = ["reward.kind=similarity", "rollout.n_votes=4", "reward.n_train_samples=4", "rollout.max_new_tokens=6",
+        "algorithm.lr=1.0", "algorithm.max_grad_norm=1e9"]
+
+
+def test_splitting_groups_over_micro_batches_leaves_the_update_unchanged():
+    """Whole groups in one micro-batch vs pieces of at most 3 sequences / 20 tokens: one gradient."""
+    from ttrl.trainer import update
+
+    weights, stats = [], []
+    for extra in (["algorithm.micro_batch_size=16"], ["algorithm.micro_batch_size=3", "algorithm.micro_batch_tokens=20"]):
+        cfg = load_config(TINY, STEP + extra)
+        policy, rollout, groups, adv = _one_step(cfg)
+        assert any(float(a.abs().sum()) > 0 for a in adv), "the test needs a learning signal"
+        stats.append(update(policy, rollout, groups, adv, cfg))
+        weights.append(torch.cat([p.detach().flatten() for p in policy.model.parameters()]))
+    assert stats[0]["optim/grad_norm"] == pytest.approx(stats[1]["optim/grad_norm"], rel=1e-5)
+    assert stats[0]["loss/policy"] == pytest.approx(stats[1]["loss/policy"], abs=1e-6)  # ~0 on-policy
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+def test_one_prompt_per_optimizer_step_equals_single_prompt_updates():
+    """algorithm.mini_batch_prompts=1: one update over two prompts = two updates of one prompt each."""
+    from ttrl.rollout import Rollout
+    from ttrl.trainer import update
+
+    cfg = load_config(TINY, STEP + ["algorithm.mini_batch_prompts=1"])
+    policy, rollout, groups, adv = _one_step(cfg)
+    stats = update(policy, rollout, groups, adv, cfg)
+    assert stats["optim/steps"] == 2
+    together = torch.cat([p.detach().flatten() for p in policy.model.parameters()])
+
+    cfg = load_config(TINY, STEP)
+    policy, rollout, groups, adv = _one_step(cfg)
+    for p in range(2):
+        rows = list(rollout.group(p))
+        part = Rollout(n=rollout.n, prompt_ids=[rollout.prompt_ids[p]],
+                       completion_ids=[rollout.completion_ids[i] for i in rows],
+                       logprobs=[rollout.logprobs[i] for i in rows], entropy=[rollout.entropy[i] for i in rows],
+                       certainty=[rollout.certainty[i] for i in rows], texts=[rollout.texts[i] for i in rows],
+                       truncated=[rollout.truncated[i] for i in rows])
+        update(policy, part, [groups[p]], [adv[p]], cfg)
+    apart = torch.cat([p.detach().flatten() for p in policy.model.parameters()])
+    initial = torch.cat([p.detach().flatten() for p in _one_step(cfg)[0].model.parameters()])
+    assert not torch.allclose(together, initial, atol=1e-6)
+    assert torch.allclose(together, apart, atol=1e-6)
+
+
+def test_policy_loss_is_reported_apart_from_the_kl_term():
+    from ttrl.config import ModelConfig
+    from ttrl.models import load_model
+    from ttrl.trainer import update
+
+    cfg = load_config(TINY, STEP + ["algorithm.kl_coef=0.5", "algorithm.ppo_epochs=3"])
+    policy, rollout, groups, adv = _one_step(cfg)
+    policy.ref_model, _ = load_model(ModelConfig(architecture=cfg.model.architecture), seed=0)
+    policy.ref_model.requires_grad_(False)
+    stats = update(policy, rollout, groups, adv, cfg)
+    assert stats["loss/kl"] > 0  # the 2nd and 3rd passes run on updated weights
+    assert stats["loss/total"] == pytest.approx(stats["loss/policy"] + 0.5 * stats["loss/kl"], rel=1e-4, abs=1e-9)
+    assert stats["loss/total"] != pytest.approx(stats["loss/policy"], rel=1e-6, abs=1e-12)

@@ -83,9 +83,8 @@ def cmd_train(args) -> int:
         if main_process:
             print(f"{e}\nto continue: {again}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; the last checkpoint is kept. to continue: {again}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return interrupted(e, out, again)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -98,16 +97,30 @@ def cmd_train(args) -> int:
     return 0
 
 
+def interrupted(e: KeyboardInterrupt, out: Path, again: str) -> int:
+    """One line for a run stopped at once by SIGINT/SIGTERM, saying what was kept; 128 + the signal."""
+    import signal
+
+    from ttrl.checkpoint import list_checkpoints
+
+    name = e.args[0] if e.args and e.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"
+    saved = list_checkpoints(out)
+    kept = (f"checkpoint {saved[-1]} is kept. to continue: {again}" if saved
+            else "no checkpoint had been saved yet, so there is nothing to resume")
+    print(f"\ninterrupted by {name}; {kept}", file=sys.stderr)
+    return 128 + signal.Signals[name]
+
+
 def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
     from ttrl.data import load_problems
-    from ttrl.evaluation import evaluate
+    from ttrl.evaluation import eval_seed, evaluate
     from ttrl.models import load_model
 
     model, tok = load_model(cfg.model, seed=cfg.train.seed)
     problems = load_problems(cfg.data.train, cfg.data)
     summary, results = evaluate(model, tok, problems, cfg.eval, cfg.data.template, cfg.model.chat_template,
-                                seed=cfg.train.seed + 7919, stop=cfg.data.stop)
+                                seed=eval_seed(cfg))
     summary = {"model": cfg.model.name, "data": cfg.data.train, **summary}
     for key, value in summary.items():
         print(f"{key:>16}  {value:.4f}" if isinstance(value, float) else f"{key:>16}  {value}")

@@ -31,8 +31,11 @@ class ModelConfig:
     lora_rank: int = 0
     """0 = full fine-tune; >0 = train a LoRA adapter of this rank (peft)."""
     lora_alpha: int = 32
+    """LoRA scaling numerator: the adapter's update is scaled by lora_alpha / lora_rank."""
     lora_dropout: float = 0.0
+    """Dropout on the adapter's input during training (0 keeps sampling and scoring identical)."""
     lora_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the linear layers that get an adapter (matched by peft against module names)."""
 
 
 @dataclass
@@ -40,10 +43,13 @@ class ArithmeticConfig:
     n: int = 64
     """How many questions the generator makes."""
     low: int = 0
+    """Smallest operand."""
     high: int = 9
-    """Operands are drawn uniformly from [low, high]."""
+    """Largest operand: operands are drawn uniformly from [low, high]."""
     ops: list = field(default_factory=lambda: ["+"])
+    """Operators to draw from: any of +, - and *."""
     seed: int = 0
+    """Seed of the generator (independent of train.seed, so the questions stay put)."""
 
 
 @dataclass
@@ -55,31 +61,43 @@ class DataConfig:
     holdout: float = 0.0
     """Fraction of `train` kept aside (seeded) and only evaluated: the held-out split."""
     prompt_field: str = "problem"
+    """Field of each record that holds the question."""
     answer_field: str = "answer"
     """Gold answers: read for diagnostics and evaluation only, never for training."""
     id_field: str = "id"
+    """Field that names each record in logs and reports (the line number when absent)."""
     limit: int = 0
     """Use only the first `limit` prompts (0 = all)."""
     template: str = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
     """How a problem becomes the user message; `{problem}` is replaced."""
-    stop: list = field(default_factory=list)
-    """Strings that end an answer besides end-of-sequence (e.g. "</answer>" for a template that asks
-    for one), in training rollouts and evaluation alike; the answer keeps the stop string."""
     too_long: str = "skip"
     """A prompt that leaves no room for max_new_tokens in the model's context: skip (with a
     counted warning) or fail (stop with an error naming the prompt)."""
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    """The seeded arithmetic generator behind `train: arithmetic`."""
 
 
 @dataclass
-class RolloutConfig:
+class SamplingConfig:
+    """How answers are sampled: one type for the training rollouts (`rollout:`) and evaluation
+    (`eval:`), which differ only in their defaults and in what they add."""
+    temperature: float = 1.0
+    """Softmax temperature, > 0 (greedy accuracy is eval.greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off)."""
+    max_new_tokens: int = 3072
+    """Answer length limit in tokens; a sample cut off here has no answer (no vote, reward 0)."""
+    stop: list = field(default_factory=list)
+    """Strings that end an answer besides end-of-sequence (e.g. "</answer>" for a template that asks
+    for one); the answer keeps the stop string. Set it in rollout: and eval: alike."""
+
+
+@dataclass
+class RolloutConfig(SamplingConfig):
     n_votes: int = 64
     """N: samples per prompt that vote on the pseudo-label (official TTRL scripts: 64)."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    """0 = no top-k truncation."""
-    max_new_tokens: int = 3072
     backend: str = "torch"
     """torch (built in, CPU and CUDA) or vllm (optional extra, GPU)."""
 
@@ -100,29 +118,41 @@ class AlgorithmConfig:
     advantage: str = "grpo"
     """grpo (group-normalised), dr_grpo (no std division), rloo (leave-one-out) or reinforce_pp."""
     clip_eps: float = 0.2
+    """PPO clip range: the probability ratio is clipped to [1 - clip_eps, 1 + clip_eps]."""
     kl_coef: float = 0.0
     """Weight of the k3 KL penalty to the frozen reference model (0 = no reference model kept)."""
     lr: float = 5e-7
+    """AdamW learning rate (official TTRL scripts: 5e-7)."""
     weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
     max_grad_norm: float = 1.0
+    """Gradients are clipped to this global L2 norm before each optimizer step."""
     warmup_steps: int = 0
+    """Steps over which the learning rate rises linearly from lr / warmup_steps to lr (0 = none)."""
     ppo_epochs: int = 1
     """Optimisation passes over each rollout batch."""
+    mini_batch_prompts: int = 0
+    """Prompts per optimizer step (whole prompts, all their M samples): 0 = one optimizer step per
+    rollout batch; 1 with 8 prompts a step = 8 optimizer steps, as the official TTRL scripts do."""
     micro_batch_size: int = 16
-    """Sequences per forward/backward pass (gradient accumulation beyond it)."""
+    """At most this many sequences per forward/backward pass (gradients accumulate over them); a
+    prompt's M samples may be split over several, its prompt then scored once per piece."""
+    micro_batch_tokens: int = 0
+    """At most this many prompt + answer tokens per forward/backward pass (0 = no token bound): on a
+    GPU, bounds the update's memory for long answers."""
     max_bad_steps: int = 3
     """Stop (with a checkpoint of the last good weights) after this many steps in a row whose
     update was skipped for a NaN/inf loss or gradient."""
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(SamplingConfig):
+    temperature: float = 0.6
+    """Softmax temperature of the evaluation sampler (paper: 0.6)."""
+    top_p: float = 0.95
+    """Nucleus sampling of the evaluation sampler (paper: 0.95; 1 = off)."""
     n_samples: int = 16
     """k in avg@k / maj@k / pass@k (paper: 16)."""
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0
-    max_new_tokens: int = 3072
     greedy: bool = True
     """Also report greedy (temperature 0) accuracy."""
     before: bool = True
@@ -136,8 +166,12 @@ class TrainConfig:
     steps: int = 0
     """Optimiser steps; 0 = run `epochs` passes over the prompts."""
     epochs: int = 1
+    """Passes over the prompts when steps = 0."""
     prompts_per_step: int = 8
+    """Prompts sampled, voted on and trained on per step (official TTRL scripts: 8)."""
     seed: int = 0
+    """Seeds the model's random initialisation (with model.architecture), the prompt order, the
+    sampling streams and the holdout split."""
     save_every: int = 0
     """Checkpoint every this many steps (0 = only at the end, or when stopped by a signal)."""
     keep_checkpoints: int = 2
@@ -146,8 +180,12 @@ class TrainConfig:
     """Optional early stop on an unlabeled signal: majority_ratio or reward (plateau over
     stop_window steps), or entropy (below entropy_floor). Never on gold-based metrics."""
     stop_window: int = 5
+    """Steps per window of the plateau rule: the mean of the last window is compared with the one before."""
     stop_min_delta: float = 0.01
+    """The plateau rule stops when the windowed mean rose by less than this."""
     entropy_floor: float = 0.05
+    """The entropy rule stops when the rollouts' mean token entropy (nats) falls below this."""
+
 
 @dataclass
 class Config:
@@ -165,22 +203,41 @@ class Config:
 
 CHOICES = {
     "rollout.backend": ("torch", "vllm"),
-    "reward.kind": ("majority", "similarity", "semantic_entropy", "neg_entropy", "self_certainty"),
-    "train.stop_on": ("", "majority_ratio", "reward", "entropy"),
-    "algorithm.advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.too_long": ("skip", "fail"),
 }
+"""Keys with a fixed set of values; the registries of rewards, advantages and stopping rules
+add theirs in `choices()`."""
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Every key with a fixed set of values, read from the registries that implement them."""
+    from ttrl.advantages import ESTIMATORS
+    from ttrl.rewards import KINDS
+    from ttrl.stopping import SIGNALS
+
+    return {**CHOICES, "reward.kind": tuple(KINDS), "algorithm.advantage": tuple(ESTIMATORS),
+            "train.stop_on": ("", *SIGNALS)}
+
+
+def _sampler_checks(cfg: Config) -> list[tuple[str, bool, str]]:
+    """The same rows for every section holding sampler settings (rollout:, eval:)."""
+    rows = []
+    for name in ("rollout", "eval"):
+        s: SamplingConfig = getattr(cfg, name)
+        rows += [(f"{name}.temperature", s.temperature > 0,
+                  "must be > 0 for sampling (greedy accuracy is reported by eval.greedy)"),
+                 (f"{name}.top_p", 0 < s.top_p <= 1, "must be in (0, 1]"),
+                 (f"{name}.top_k", s.top_k >= 0, "must be >= 0 (0 = off)"),
+                 (f"{name}.max_new_tokens", s.max_new_tokens >= 1, "must be >= 1")]
+    return rows
 
 
 def validate(cfg: Config) -> Config:
     """Impossible values fail here, naming the key, before anything expensive happens."""
     checks = [
         ("rollout.n_votes", cfg.rollout.n_votes >= 2, "must be >= 2: a vote needs several samples"),
-        ("rollout.temperature", cfg.rollout.temperature > 0, "must be > 0 for sampling"),
-        ("rollout.top_p", 0 < cfg.rollout.top_p <= 1, "must be in (0, 1]"),
-        ("rollout.top_k", cfg.rollout.top_k >= 0, "must be >= 0 (0 = off)"),
-        ("rollout.max_new_tokens", cfg.rollout.max_new_tokens >= 1, "must be >= 1"),
+        *_sampler_checks(cfg),
         ("reward.n_train_samples", 1 <= cfg.reward.n_train_samples <= cfg.rollout.n_votes,
          f"must be between 1 and rollout.n_votes ({cfg.rollout.n_votes}): M samples are drawn from the N votes"),
         ("reward.min_majority_ratio", 0 <= cfg.reward.min_majority_ratio <= 1, "must be in [0, 1]"),
@@ -189,15 +246,14 @@ def validate(cfg: Config) -> Config:
         ("algorithm.kl_coef", cfg.algorithm.kl_coef >= 0, "must be >= 0"),
         ("algorithm.ppo_epochs", cfg.algorithm.ppo_epochs >= 1, "must be >= 1"),
         ("algorithm.micro_batch_size", cfg.algorithm.micro_batch_size >= 1, "must be >= 1"),
+        ("algorithm.micro_batch_tokens", cfg.algorithm.micro_batch_tokens >= 0, "must be >= 0 (0 = no token bound)"),
+        ("algorithm.mini_batch_prompts", cfg.algorithm.mini_batch_prompts >= 0,
+         "must be >= 0 (0 = one optimizer step per rollout batch)"),
         ("algorithm.weight_decay", cfg.algorithm.weight_decay >= 0, "must be >= 0"),
         ("algorithm.max_grad_norm", cfg.algorithm.max_grad_norm > 0, "must be > 0"),
         ("algorithm.warmup_steps", cfg.algorithm.warmup_steps >= 0, "must be >= 0"),
         ("algorithm.max_bad_steps", cfg.algorithm.max_bad_steps >= 1, "must be >= 1"),
         ("eval.n_samples", cfg.eval.n_samples >= 1, "must be >= 1"),
-        ("eval.temperature", cfg.eval.temperature > 0, "must be > 0 (greedy is reported separately by eval.greedy)"),
-        ("eval.top_p", 0 < cfg.eval.top_p <= 1, "must be in (0, 1]"),
-        ("eval.top_k", cfg.eval.top_k >= 0, "must be >= 0 (0 = off)"),
-        ("eval.max_new_tokens", cfg.eval.max_new_tokens >= 1, "must be >= 1"),
         ("eval.every", cfg.eval.every >= 0, "must be >= 0"),
         ("train.steps", cfg.train.steps >= 0, "must be >= 0"),
         ("train.epochs", cfg.train.epochs >= 1, "must be >= 1"),
@@ -216,15 +272,15 @@ def validate(cfg: Config) -> Config:
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' = {_get(cfg, key)!r}: {why}")
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices().items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"config key '{key}' = {_get(cfg, key)!r}: must be one of {', '.join(allowed)}")
     for op in cfg.data.arithmetic.ops:
         if op not in ("+", "-", "*"):
             raise ConfigError(f"config key 'data.arithmetic.ops' has {op!r}: use +, - or *")
-    for key in ("data.eval", "data.stop", "model.lora_target_modules"):
+    for key in ("data.eval", "rollout.stop", "eval.stop", "model.lora_target_modules"):
         for item in _get(cfg, key):
-            if not isinstance(item, str) or (key == "data.stop" and not item):
+            if not isinstance(item, str) or not item:
                 raise ConfigError(f"config key '{key}' has {item!r}: every entry must be a non-empty string")
     return cfg
 
@@ -271,13 +327,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}' must be of type {tp.__name__}, got {value!r} ({type(value).__name__})")
 
 
+MOVED = {"data.stop": "rollout.stop and eval.stop (stop strings are sampler settings)"}
+"""Keys of earlier versions, and where their setting lives now."""
+
+
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(str(k) for k in set(values) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; known keys here: {', '.join(sorted(names))}")
+        key = prefix + unknown[0]
+        if key in MOVED:
+            raise ConfigError(f"config key '{key}' has moved: set {MOVED[key]} instead")
+        raise ConfigError(f"unknown config key '{key}'; known keys here: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
     return cls(**kwargs)
 

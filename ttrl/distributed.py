@@ -9,7 +9,6 @@ share, and the engine (DDP, FSDP, DeepSpeed) all-reduces the gradients. See docs
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from contextlib import contextmanager, nullcontext
@@ -17,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from ttrl.config import ConfigError
-from ttrl.rollout import Rollout, score
+from ttrl.rollout import score
 
 
 def is_main_process() -> bool:
@@ -31,16 +30,6 @@ def shard(n: int, rank: int, world: int) -> range:
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (rank < extra))
-
-
-def concat_rollouts(parts: list[Rollout]) -> Rollout:
-    """One Rollout of the prompts of `parts`, in order (one part: itself, not a copy)."""
-    if len(parts) == 1:
-        return parts[0]
-    join = lambda name: [x for r in parts for x in getattr(r, name)]  # noqa: E731
-    return Rollout(n=parts[0].n, prompt_ids=join("prompt_ids"), completion_ids=join("completion_ids"),
-                   logprobs=join("logprobs"), entropy=join("entropy"), certainty=join("certainty"),
-                   texts=join("texts"), truncated=join("truncated"))
 
 
 def make_accelerator():
@@ -224,9 +213,3 @@ def zero_loss(model, pad_id: int, temperature: float) -> torch.Tensor:
     to join the gradient all-reduce (and, under FSDP, as many forwards) as the others."""
     logp, _ = score(model, [[pad_id]], [[pad_id, pad_id]], temperature, pad_id)
     return logp.sum() * 0.0
-
-
-def micro_batches(kept: list[int], n_prompts: int, per_mb: int, world: int) -> int:
-    """How many micro-batches every rank runs: as many as the busiest rank needs, so that all
-    run the same number of backward passes (each one may be a collective)."""
-    return max(math.ceil(sum(p in shard(n_prompts, r, world) for p in kept) / per_mb) for r in range(world))

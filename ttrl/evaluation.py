@@ -17,7 +17,7 @@ from ttrl.data import Problem, render_prompt
 from ttrl.distributed import Dist
 from ttrl.grading import is_equivalent, sample_answers
 from ttrl.models import encode_prompts
-from ttrl.rollout import Sampling, generate
+from ttrl.rollout import Sampler, Sampling, TorchSampler
 from ttrl.voting import majority_vote
 
 
@@ -72,27 +72,34 @@ def summarize(results: list[ProblemResult], k: int, greedy: list[bool | None] | 
     return out
 
 
+def eval_seed(cfg) -> int:
+    """The evaluation sampler's seed: fixed by train.seed and apart from the training streams, so the
+    evaluations before and after training (and `ttrl eval`) draw the same random numbers."""
+    return cfg.train.seed + 7919
+
+
 def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, template: str,
-             chat_template: bool = True, seed: int = 0, dist: Dist | None = None, stop: tuple[str, ...] = ()) -> tuple[dict, list[ProblemResult]]:
+             chat_template: bool = True, seed: int = 0, dist: Dist | None = None,
+             sampler: Sampler | None = None) -> tuple[dict, list[ProblemResult]]:
     """Sample k answers per problem with the evaluation sampler; (summary, per-problem results).
 
     Problem i samples from its own stream, the i-th seed drawn from `seed`, so under `dist` each
     rank can take a share of the problems and the gathered results are those of one process."""
     dist = dist or Dist()
+    sampler = sampler or TorchSampler(tokenizer)
     share = dist.share(len(problems))
     mine = [problems[i] for i in share]
     prompt_ids = encode_prompts(tokenizer, [render_prompt(p, template) for p in mine], chat_template)
     k = cfg.n_samples
     seeds = torch.randint(0, 2**62, (len(problems),), generator=torch.Generator().manual_seed(seed)).tolist()
-    sampling = Sampling(n=k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                        max_new_tokens=cfg.max_new_tokens, stop=tuple(stop))
-    rollout = generate(model, tokenizer, prompt_ids, sampling, seeds=[seeds[i] for i in share])
+    sampling = Sampling.of(cfg, n=k)
+    rollout = sampler.generate(model, prompt_ids, sampling, [seeds[i] for i in share])
     answers = sample_answers(rollout.texts, rollout.truncated)
     results = [score_group([answers[i] for i in rollout.group(p)], prob.answer, prob.id)
                for p, prob in enumerate(mine)]
     greedy = None
     if cfg.greedy and all(p.answer is not None for p in problems):
-        g = generate(model, tokenizer, prompt_ids, replace(sampling, n=1, temperature=0.0))
+        g = sampler.generate(model, prompt_ids, replace(sampling, n=1, temperature=0.0), [0] * len(mine))
         greedy = [is_equivalent(a, p.answer) for a, p in zip(sample_answers(g.texts, g.truncated), mine)]
         greedy = dist.gather(greedy)
     results = dist.gather(results)

@@ -129,3 +129,10 @@ def encode_prompts(tokenizer, texts: list[str], chat_template: bool = True) -> l
         return [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                                    tokenize=True, return_dict=True)["input_ids"]) for t in texts]
     return [tokenizer(t)["input_ids"] for t in texts]
+
+
+def encode_problems(tokenizer, problems, cfg) -> list[list[int]]:
+    """Prompt token ids of `problems` as the config renders them (data.template, model.chat_template)."""
+    from ttrl.data import render_prompt
+
+    return encode_prompts(tokenizer, [render_prompt(p, cfg.data.template) for p in problems], cfg.model.chat_template)

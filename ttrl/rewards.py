@@ -8,9 +8,10 @@ consensus text (the medoid of the group).
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from ttrl.voting import Vote
+if TYPE_CHECKING:  # the type only: importing the grader (sympy) here would slow config validation
+    from ttrl.voting import Vote
 
 MAX_TOKENS = 2048  # ROUGE-L looks at the first tokens only; keeps N^2 comparisons cheap
 

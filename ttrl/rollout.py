@@ -11,25 +11,29 @@ was tried and dropped: benchmarks/README.md (rollout.py).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from ttrl.config import SamplingConfig
+
 
 @dataclass
-class Sampling:
+class Sampling(SamplingConfig):
+    """One call of the engine: the sampler settings (`rollout:` or `eval:` of the config, one
+    definition in ttrl.config) and how many samples each prompt gets."""
     n: int = 1
     """Samples per prompt."""
-    temperature: float = 1.0
-    """0 = greedy."""
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 256
     max_batch_rows: int = 512
     """At most this many sequences decode at once; more prompts are processed in chunks."""
-    stop: tuple[str, ...] = ()
-    """A sample ends once its text contains one of these (its tokens and text keep the stop string)."""
+
+    @classmethod
+    def of(cls, settings: SamplingConfig, n: int, **kwargs) -> Sampling:
+        """The engine's settings for `n` samples per prompt with a config section's sampler."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(SamplingConfig)}, n=n, **kwargs)
 
 
 @dataclass
@@ -55,6 +59,45 @@ class Rollout:
     @property
     def n_tokens(self) -> int:
         return sum(len(c) for c in self.completion_ids)
+
+    @staticmethod
+    def concat(parts: list[Rollout]) -> Rollout:
+        """One Rollout of the prompts of `parts`, in order (one part: itself, not a copy)."""
+        if len(parts) == 1:
+            return parts[0]
+        join = lambda name: [x for r in parts for x in getattr(r, name)]  # noqa: E731
+        return Rollout(n=parts[0].n, prompt_ids=join("prompt_ids"), completion_ids=join("completion_ids"),
+                       logprobs=join("logprobs"), entropy=join("entropy"), certainty=join("certainty"),
+                       texts=join("texts"), truncated=join("truncated"))
+
+
+class NonFiniteError(FloatingPointError):
+    """The model's logits hold NaN or +inf: its weights have blown up, nothing can be sampled."""
+
+
+class Sampler(Protocol):
+    """A rollout backend: the built-in engine (`TorchSampler`) or vLLM (ttrl.vllm_rollout)."""
+
+    def generate(self, model, prompt_ids: list[list[int]], s: Sampling, seeds: list[int]) -> Rollout:
+        """`s.n` samples of each prompt, prompt p on its own random stream `seeds[p]`."""
+
+    def sync(self, model) -> None:
+        """Take the trained weights after an update (a no-op where the sampler uses them directly)."""
+
+
+class TorchSampler:
+    """The built-in engine (`generate` below) as a rollout backend. `context(model)` yields the plain
+    model to sample from (ttrl.distributed gathers sharded parameters there)."""
+
+    def __init__(self, tokenizer, context=nullcontext):
+        self.tokenizer, self.context = tokenizer, context
+
+    def generate(self, model, prompt_ids: list[list[int]], s: Sampling, seeds: list[int]) -> Rollout:
+        with self.context(model) as plain:
+            return generate(plain, self.tokenizer, prompt_ids, s, seeds=seeds)
+
+    def sync(self, model) -> None:
+        pass
 
 
 def tempered_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -103,7 +146,8 @@ def sample_next(logits: torch.Tensor, s: Sampling, uniforms: torch.Tensor | None
         cdf = (p if drop is None else p.masked_fill(drop, 0.0)).cumsum(-1)
         total = cdf[:, -1]
         u = torch.minimum(uniforms.to(cdf) * total, torch.nextafter(total, torch.zeros_like(total)))
-        tokens = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
+        # NaN probabilities (blown-up weights) search past the end: clamp, the NaN log-prob tells.
+        tokens = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1).clamp_(max=logp.shape[-1] - 1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(1), entropy, certainty
 
 
@@ -235,6 +279,8 @@ def _generate_chunk(model, tokenizer, prompts: list[list[int]], s: Sampling, eos
     for t in range(T):
         u = None if s.temperature == 0 else _uniforms(gens, s.n, row_id, alive).to(device)
         tok, lp, ent, cert = (x.cpu() for x in sample_next(logits, s, u))
+        if lp.isnan().any():  # NaN/+inf logits: a sampled index would be out of range, and the text garbage
+            raise NonFiniteError(f"non-finite logits at decoding step {t}")
         live = row_id[alive]
         tokens[live, t] = tok[alive]
         logprobs[live, t] = lp[alive]
@@ -304,18 +350,20 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], s: Sampling,
 
 
 def score(model, prompts: list[list[int]], completions: list[list[int]], temperature: float,
-          pad_id: int, group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+          pad_id: int, group_size: int | list[int] = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced log-probs of `completions` (with grad when enabled).
 
-    `prompts` has one entry per group of `group_size` consecutive completions: each prompt is
-    run once and its KV cache (with its autograd graph) is expanded to the group, which gives the
-    same gradient as repeating the prompt, at a fraction of the cost when prompts are long.
-    Returns (logprobs [B, Tc], mask [B, Tc]); the LM head runs over completion positions only.
+    `prompts` has one entry per group of consecutive completions, `group_size` of them (one size
+    for all, or one per prompt): each prompt is run once and its KV cache (with its autograd graph)
+    is expanded to the group, which gives the same gradient as repeating the prompt, at a fraction
+    of the cost when prompts are long. Returns (logprobs [B, Tc], mask [B, Tc]); the LM head runs
+    over completion positions only.
     """
     from transformers import DynamicCache
 
-    if len(prompts) * group_size != len(completions):
-        raise ValueError(f"{len(prompts)} prompts x group_size {group_size} != {len(completions)} completions")
+    sizes = [group_size] * len(prompts) if isinstance(group_size, int) else list(group_size)
+    if len(sizes) != len(prompts) or sum(sizes) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts with group sizes {group_size} != {len(completions)} completions")
     device = next(model.parameters()).device
     p_ids, p_mask = _pad(prompts, pad_id, device, left=True)
     c_ids, c_mask = _pad(completions, pad_id, device, left=False)
@@ -324,10 +372,14 @@ def score(model, prompts: list[list[int]], completions: list[list[int]], tempera
     p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
     last = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1,
                  **cache_kw).logits[:, -1:]
-    if group_size > 1:
-        cache.batch_repeat_interleave(group_size)
-        last = last.repeat_interleave(group_size, 0)
-        p_mask = p_mask.repeat_interleave(group_size, 0)
+    if len(set(sizes)) == 1 and sizes[0] > 1:
+        cache.batch_repeat_interleave(sizes[0])
+        last = last.repeat_interleave(sizes[0], 0)
+        p_mask = p_mask.repeat_interleave(sizes[0], 0)
+    elif len(set(sizes)) > 1:
+        rows = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+        cache.batch_select_indices(rows)
+        last, p_mask = last[rows], p_mask[rows]
     mask = torch.cat([p_mask, c_mask], 1)
     c_pos = p_mask.sum(-1, keepdim=True) + torch.arange(c_ids.shape[1], device=device)
     # Completion token t is predicted at position t-1: the prompt's last logit, then the completion's own.

@@ -1,13 +1,16 @@
 """The TTRL loop, top to bottom: prompts -> samples -> votes -> rewards -> advantages -> update
--> metrics. Gold answers enter only `diagnostics()` and evaluation, after the update is done.
-Checkpoints (ttrl.checkpoint) let a killed run resume exactly where it stopped."""
+-> metrics. `train()` shows the stages, one call each; set-up, the update's inner loop and the
+between-steps control (ttrl.control) live in their own functions. Gold answers enter only
+`diagnostics()` and evaluation, after the update is done. Checkpoints (ttrl.checkpoint) let a
+killed run resume exactly where it stopped."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
-import signal
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -16,32 +19,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ttrl import batches
 from ttrl.advantages import compute_advantages
-from ttrl.checkpoint import CHECKPOINTS, CheckpointError, StopSignals, load_checkpoint, save_checkpoint
+from ttrl.checkpoint import CHECKPOINTS, CheckpointError, load_checkpoint, save_checkpoint
 from ttrl.config import Config
-from ttrl.data import Problem, drop_too_long, load_problems, render_prompt, split_holdout
-from ttrl.distributed import Dist, concat_rollouts, is_main_process, make_accelerator, micro_batches, zero_loss
-from ttrl.evaluation import evaluate
-from ttrl.grading import is_equivalent, sample_answers
+from ttrl.control import Control, StopSignals
+from ttrl.data import Problem, drop_too_long, load_problems, split_holdout
+from ttrl.distributed import Dist, is_main_process, make_accelerator, zero_loss
+from ttrl.evaluation import eval_seed, evaluate
+from ttrl.groups import Group, diagnostics, reward, vote
 from ttrl.losses import kl_k3, policy_loss
 from ttrl.metrics import MetricsWriter, progress_bar, read_metrics, truncate_metrics
-from ttrl.models import encode_prompts, load_model
-from ttrl.rewards import label_free_rewards
-from ttrl.rollout import Rollout, Sampling, generate, score
-from ttrl.stopping import stop_reason
-from ttrl.voting import Vote, majority_vote
-from ttrl.vllm_rollout import VLLMRollout
-
-
-@dataclass
-class Group:
-    """One prompt's votes and the M samples chosen for training, with their rewards."""
-    vote: Vote
-    answers: list[str | None]
-    train_idx: list[int]
-    """Indices (within the group) of the M samples that are rewarded and trained on."""
-    rewards: list[float]
-    skipped: bool
+from ttrl.models import encode_problems, load_model
+from ttrl.rollout import NonFiniteError, Rollout, Sampler, Sampling, TorchSampler, score
 
 
 def seed_everything(seed: int) -> None:
@@ -56,127 +46,194 @@ def prompt_seed(seed: int, step: int, index: int) -> int:
     return (seed * 1_000_003 + step) * 1_000_033 + index
 
 
-def vote_and_reward(rollout: Rollout, cfg: Config, seeds: list[int]) -> list[Group]:
-    """Majority vote over each prompt's N samples; reward M of them drawn at random."""
-    answers = sample_answers(rollout.texts, rollout.truncated)
-    groups = []
-    for p in range(len(rollout.prompt_ids)):
-        idx = list(rollout.group(p))
-        vote = majority_vote([answers[i] for i in idx])
-        pick = torch.Generator().manual_seed(seeds[p] + 1)  # not the sampling stream itself
-        chosen = torch.randperm(rollout.n, generator=pick)[: cfg.reward.n_train_samples].tolist()
-        rewards = label_free_rewards(cfg.reward.kind, vote, [rollout.texts[i] for i in idx],
-                                     [float(rollout.entropy[i].mean()) for i in idx],
-                                     [float(rollout.certainty[i].mean()) for i in idx], chosen)
-        groups.append(Group(vote=vote, answers=[answers[i] for i in idx], train_idx=chosen,
-                            rewards=list(rewards), skipped=vote.majority_ratio < cfg.reward.min_majority_ratio))
-    return groups
+def batch_order(n_prompts: int, per_step: int, step: int, seed: int) -> list[int]:
+    """Prompt indices for `step` (0-based): epochs of seeded shuffles laid end to end."""
+    per_step = min(per_step, n_prompts)
+    start = step * per_step
+    out = []
+    while len(out) < per_step:
+        epoch, offset = divmod(start + len(out), n_prompts)
+        perm = list(range(n_prompts))
+        random.Random(seed * 100003 + epoch).shuffle(perm)
+        out.append(perm[offset])
+    return out
 
 
-def update(model, ref_model, rollout: Rollout, groups: list[Group], cfg: Config, optimizer, scheduler,
-           pad_id: int, dist: Dist | None = None) -> dict:
-    """Advantages from rewards, then clipped policy-gradient steps on the trained samples.
+def total_steps(cfg: Config, n_prompts: int) -> int:
+    if cfg.train.steps:
+        return cfg.train.steps
+    return cfg.train.epochs * math.ceil(n_prompts / min(cfg.train.prompts_per_step, n_prompts))
 
-    `rollout` and `groups` hold the whole step (every rank's prompts), so batch statistics and
-    the token count are global; this rank trains on its share of the prompts (`dist.share`)."""
+
+# --- stages 2 and 5 -------------------------------------------------------------------------------
+
+def sample(sampler: Sampler, model, prompt_ids: list[list[int]], seeds: list[int], sampling: Sampling,
+           dist: Dist) -> Rollout | None:
+    """Stage 2: each rank samples all N votes of its share of the step's prompts. None on every
+    rank when any rank's model produced non-finite logits (its weights have blown up)."""
+    share = dist.share(len(prompt_ids))
+    try:
+        rollout = sampler.generate(model, [prompt_ids[k] for k in share], sampling, [seeds[k] for k in share])
+    except NonFiniteError:
+        rollout = None
+    return rollout if dist.all_true(rollout is not None) else None
+
+
+def gather_step(rollout: Rollout, groups: list[Group], dist: Dist) -> tuple[Rollout, list[Group]]:
+    """Every rank's rollout and groups, concatenated in prompt order, on every rank: advantages and
+    metrics are computed over the whole step, exactly as one process would."""
+    parts = dist.gather([(rollout, groups)])
+    return Rollout.concat([r for r, _ in parts]), [g for _, gs in parts for g in gs]
+
+
+def estimate_advantages(estimator: str, groups: list[Group]) -> list[torch.Tensor | None]:
+    """Stage 5: per group, the advantage of each trained sample [M]; None for a skipped group.
+    Batch-level estimators (reinforce_pp) see the kept groups only."""
+    kept = [g for g in groups if not g.skipped]
+    adv = iter(compute_advantages(estimator, torch.tensor([g.rewards for g in kept])) if kept else [])
+    return [None if g.skipped else next(adv) for g in groups]
+
+
+# --- stage 6: the update --------------------------------------------------------------------------
+
+@dataclass
+class Policy:
+    """What the update changes and what it measures against."""
+    model: object
+    """The model as the engine wraps it (DDP, ...): forward and backward through this."""
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    ref_model: object | None
+    """Frozen reference for the KL term (None when algorithm.kl_coef = 0)."""
+    pad_id: int
+    good: LastGoodWeights | None = None
+    """The weights before the last optimizer step, to undo a step that made the logits non-finite."""
+
+
+class LastGoodWeights:
+    """A copy, in CPU memory, of the trainable weights before an optimizer step: weights can blow up
+    without a non-finite loss or gradient (a huge learning rate), which shows only in the logits."""
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.copies = [torch.empty(p.shape, dtype=p.dtype, device="cpu") for p in self.params]
+        self.save()
+
+    def save(self) -> None:
+        with torch.no_grad():
+            for c, p in zip(self.copies, self.params):
+                c.copy_(p)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for c, p in zip(self.copies, self.params):
+                p.copy_(c)
+
+
+def finite_after_step(policy: Policy, rollout: Rollout, groups: list[Group], micro_batches: list, cfg: Config) -> bool:
+    """Whether the stepped weights still give finite log-probs on one of the samples just trained on
+    (a forward of one sequence per optimizer step)."""
+    if not micro_batches:
+        return True
+    piece = micro_batches[0][0]
+    i = piece.prompt * rollout.n + groups[piece.prompt].train_idx[piece.samples[0]]
+    with torch.no_grad():
+        logp, _ = score(policy.model, [rollout.prompt_ids[piece.prompt]], [rollout.completion_ids[i]],
+                        cfg.rollout.temperature, policy.pad_id)
+    return bool(logp.isfinite().all())
+
+
+def update(policy: Policy, rollout: Rollout, groups: list[Group], advantages: list[torch.Tensor | None],
+           cfg: Config, dist: Dist | None = None) -> dict:
+    """Stage 6: clipped policy-gradient steps on the trained samples, `algorithm.ppo_epochs` passes
+    of one optimizer step per mini-batch (ttrl.batches); the scheduler steps once per call.
+
+    `rollout` and `groups` hold the whole step (every rank's prompts), so the token counts that
+    normalise the loss are global; this rank trains on its share of the prompts (`dist.share`)."""
     dist = dist or Dist()
     algo = cfg.algorithm
-    kept = [(p, g) for p, g in enumerate(groups) if not g.skipped]
-    if not kept:
+    if all(a is None for a in advantages):
         return {"loss/policy": 0.0, "train/updated": 0}
-    n_kept, m = len(kept), cfg.reward.n_train_samples
-    adv = compute_advantages(algo.advantage, torch.tensor([g.rewards for _, g in kept]))  # [kept, M]
-    n_tokens = float(sum(len(rollout.completion_ids[p * rollout.n + i]) for p, g in kept for i in g.train_idx))
-    per_mb = max(1, algo.micro_batch_size // m)  # whole groups per micro-batch: each prompt runs once
-    n_mb = micro_batches([p for p, _ in kept], len(groups), per_mb, dist.world)
-    share = dist.share(len(groups))
-    mine = [j for j, (p, _) in enumerate(kept) if p in share]
-    adv, kept = adv[mine].flatten(), [kept[j] for j in mine]
-    samples = [p * rollout.n + i for p, g in kept for i in g.train_idx]
-    prompts = [rollout.prompt_ids[p] for p, _ in kept]
-    completions = [rollout.completion_ids[i] for i in samples]
-    old = (torch.nn.utils.rnn.pad_sequence([rollout.logprobs[i] for i in samples], batch_first=True) if samples
-           else torch.zeros((0, 0)))
-    # The engine averages gradients over ranks; each rank's loss is its share of a global sum.
-    scale = float(dist.world)
-    params = [p for p in model.parameters() if p.requires_grad]
-    totals = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/clipfrac": 0.0, "loss/approx_kl": 0.0}
-    grad_norm, skipped_updates = 0.0, 0
-    model.train()
+    lengths = [[] if a is None else [len(rollout.completion_ids[p * rollout.n + i]) for i in g.train_idx]
+               for p, (g, a) in enumerate(zip(groups, advantages))]
+    prompt_lengths = [len(ids) for ids in rollout.prompt_ids]
+    shares = [dist.share(len(groups), r) for r in range(dist.world)]
+    n_mini = batches.n_mini_batches(len(groups), algo.mini_batch_prompts)
+    plan = batches.plan(shares, lengths, prompt_lengths, n_mini, algo.micro_batch_size, algo.micro_batch_tokens)
+    minis = [[plan[r][j] for r in range(dist.world)] for j in range(n_mini)]
+    total_tokens = sum(map(sum, lengths))
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    totals = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/total": 0.0, "loss/clipfrac": 0.0, "loss/approx_kl": 0.0}
+    grad_norm, skipped = 0.0, 0
+    policy.model.train()
     for _ in range(algo.ppo_epochs):
-        optimizer.zero_grad(set_to_none=True)
-        finite = True
-        for j in range(n_mb):
-            pg, mb = prompts[j * per_mb:(j + 1) * per_mb], slice(j * per_mb * m, (j + 1) * per_mb * m)
-            with dist.accumulating(model, sync=j == n_mb - 1):
-                if not pg or not finite:  # out of work (or after a NaN): still join the all-reduce
-                    dist.backward(zero_loss(model, pad_id, cfg.rollout.temperature))
-                    continue
-                logp, mask = score(model, pg, completions[mb], cfg.rollout.temperature, pad_id, group_size=m)
-                old_mb = old[mb, : logp.shape[1]].to(logp.device)
-                loss, stats = policy_loss(logp, old_mb, adv[mb].to(logp.device), mask, algo.clip_eps, n_tokens)
-                if ref_model is not None:
-                    with torch.no_grad(), dist.autocast():
-                        ref_logp, _ = score(ref_model, pg, completions[mb], cfg.rollout.temperature, pad_id,
-                                            group_size=m)
-                    kl = (kl_k3(logp, ref_logp) * mask).sum() / n_tokens
-                    loss = loss + algo.kl_coef * kl
-                    totals["loss/kl"] += float(kl.detach()) / algo.ppo_epochs
-                value = float(loss.detach())
-                totals["loss/policy"] += value / algo.ppo_epochs
-                totals["loss/clipfrac"] += stats["clipfrac"] / algo.ppo_epochs
-                totals["loss/approx_kl"] += stats["approx_kl"] / algo.ppo_epochs
-                finite = math.isfinite(value)
-                if not finite:
-                    if dist.world == 1:
+        for mini in minis:
+            n_tokens = batches.tokens_of(mini, lengths)
+            if n_tokens == 0:
+                continue
+            mine, n_micro = mini[dist.rank], max(len(m) for m in mini)
+            policy.optimizer.zero_grad(set_to_none=True)
+            finite = True
+            for k in range(n_micro):
+                with dist.accumulating(policy.model, sync=k == n_micro - 1):
+                    if k >= len(mine) or not finite:  # out of work (or after a NaN): still join the all-reduce
+                        dist.backward(zero_loss(policy.model, policy.pad_id, cfg.rollout.temperature))
+                        continue
+                    loss, stats = micro_batch_loss(policy, rollout, groups, advantages, mine[k], n_tokens, cfg, dist)
+                    weight = n_tokens / (total_tokens * algo.ppo_epochs)  # step token-mean over the epochs
+                    for key, value in stats.items():
+                        totals[key] += value * weight
+                    finite = math.isfinite(stats["loss/total"])
+                    if not finite and dist.world == 1:
                         break
-                    dist.backward(zero_loss(model, pad_id, cfg.rollout.temperature))
-                    continue
-                dist.backward(loss * scale if dist.world > 1 else loss)
-        finite = dist.all_true(finite)  # one rank's NaN skips the step on all
-        grad_norm = dist.clip_grad_norm_(params, algo.max_grad_norm) if finite else math.nan
-        if not math.isfinite(grad_norm):  # a NaN/inf loss or gradient must not reach the weights
-            skipped_updates += 1
-            optimizer.zero_grad(set_to_none=True)
-            continue
-        optimizer.step()
-    scheduler.step()
+                    dist.backward(zero_loss(policy.model, policy.pad_id, cfg.rollout.temperature) if not finite
+                                  else loss * dist.world)  # the engine averages over ranks; ours is a share of a sum
+            finite = dist.all_true(finite)  # one rank's NaN skips the optimizer step on all
+            grad_norm = dist.clip_grad_norm_(params, algo.max_grad_norm) if finite else math.nan
+            if not math.isfinite(grad_norm):  # a NaN/inf loss or gradient must not reach the weights
+                skipped += 1
+                policy.optimizer.zero_grad(set_to_none=True)
+                continue
+            if policy.good is not None:
+                policy.good.save()
+            policy.optimizer.step()
+            if policy.good is not None and not dist.all_true(finite_after_step(policy, rollout, groups, mine, cfg)):
+                policy.good.restore()  # weights that blew up without a non-finite loss (a huge learning rate)
+                skipped += 1
+    policy.scheduler.step()
     totals = dict(zip(totals, dist.sum(list(totals.values()))))  # each rank summed its share of the tokens
-    return {**totals, "optim/grad_norm": grad_norm, "optim/lr": scheduler.get_last_lr()[0],
-            "optim/skipped_updates": skipped_updates, "train/updated": n_kept}
+    return {**totals, "optim/grad_norm": grad_norm, "optim/lr": policy.scheduler.get_last_lr()[0],
+            "optim/skipped_updates": skipped, "optim/steps": n_mini * algo.ppo_epochs - skipped,
+            "train/updated": sum(a is not None for a in advantages)}
 
 
-def sample_and_vote(model, tok, prompt_ids: list[list[int]], seeds: list[int], sampling: Sampling, cfg: Config,
-                    dist: Dist, vllm: VLLMRollout | None = None) -> tuple[Rollout, list[Group], float]:
-    """(rollout, groups, rollout seconds) of a step's prompts. Each rank samples and votes on its
-    share of the prompts, all N votes of each, then every rank gets the whole step in order."""
-    t0 = time.perf_counter()
-    share = dist.share(len(prompt_ids))
-    mine, my_seeds = [prompt_ids[k] for k in share], [seeds[k] for k in share]
-    if vllm:
-        local = vllm.generate(dist.unwrap(model), mine, sampling, my_seeds)
-    else:
-        with dist.generation(model) as policy:
-            local = generate(policy, tok, mine, sampling, seeds=my_seeds)
-    seconds = time.perf_counter() - t0
-    parts = dist.gather([(local, vote_and_reward(local, cfg, my_seeds))])
-    return concat_rollouts([r for r, _ in parts]), [g for _, gs in parts for g in gs], seconds
+def micro_batch_loss(policy: Policy, rollout: Rollout, groups: list[Group], advantages: list,
+                     pieces: batches.MicroBatch, n_tokens: int, cfg: Config, dist: Dist) -> tuple[torch.Tensor, dict]:
+    """The loss of one micro-batch (its share of the mini-batch's token-mean) and its terms as floats."""
+    samples = [p * rollout.n + groups[p].train_idx[j] for piece in pieces for p in [piece.prompt]
+               for j in piece.samples]
+    completions = [rollout.completion_ids[i] for i in samples]
+    prompts = [rollout.prompt_ids[piece.prompt] for piece in pieces]
+    sizes = [len(piece.samples) for piece in pieces]
+    temperature = cfg.rollout.temperature
+    logp, mask = score(policy.model, prompts, completions, temperature, policy.pad_id, group_size=sizes)
+    old = torch.nn.utils.rnn.pad_sequence([rollout.logprobs[i] for i in samples], batch_first=True)
+    adv = torch.cat([advantages[piece.prompt][list(piece.samples)] for piece in pieces])
+    loss, stats = policy_loss(logp, old[:, : logp.shape[1]].to(logp.device), adv.to(logp.device), mask,
+                              cfg.algorithm.clip_eps, n_tokens)
+    terms = {"loss/policy": float(loss.detach()), "loss/kl": 0.0, "loss/clipfrac": stats["clipfrac"],
+             "loss/approx_kl": stats["approx_kl"]}
+    if policy.ref_model is not None:
+        with torch.no_grad(), dist.autocast():
+            ref_logp, _ = score(policy.ref_model, prompts, completions, temperature, policy.pad_id, group_size=sizes)
+        kl = (kl_k3(logp, ref_logp) * mask).sum() / n_tokens
+        loss = loss + cfg.algorithm.kl_coef * kl
+        terms["loss/kl"] = float(kl.detach())
+    terms["loss/total"] = float(loss.detach())
+    return loss, terms
 
 
-def diagnostics(groups: list[Group], golds: list[str | None]) -> dict:
-    """Gold-based metrics (label accuracy, reward accuracy, rollout accuracy); read-only."""
-    if any(g is None for g in golds):
-        return {}
-    label_ok = [is_equivalent(g.vote.pseudo_label, gold) for g, gold in zip(groups, golds)]
-    rollout_ok = [is_equivalent(a, gold) for g, gold in zip(groups, golds) for a in g.answers]
-    reward_ok = []
-    for g, gold in zip(groups, golds):
-        for i, r in zip(g.train_idx, g.rewards):
-            reward_ok.append(float(is_equivalent(g.answers[i], gold)) == r)
-    return {"train/label_accuracy": float(np.mean(label_ok)),
-            "train/reward_accuracy": float(np.mean(reward_ok)) if reward_ok else None,
-            "train/rollout_accuracy": float(np.mean(rollout_ok))}
-
+# --- metrics --------------------------------------------------------------------------------------
 
 def rollout_metrics(rollout: Rollout, groups: list[Group], seconds: float) -> dict:
     lengths = [len(c) for c in rollout.completion_ids]
@@ -224,35 +281,15 @@ def truncate_rollouts(run_dir: Path, last_step: int) -> None:
     path.write_text("".join(kept), encoding="utf-8")
 
 
-def batch_order(n_prompts: int, per_step: int, step: int, seed: int) -> list[int]:
-    """Prompt indices for `step` (0-based): epochs of seeded shuffles laid end to end."""
-    per_step = min(per_step, n_prompts)
-    start = step * per_step
-    out = []
-    while len(out) < per_step:
-        epoch, offset = divmod(start + len(out), n_prompts)
-        perm = list(range(n_prompts))
-        random.Random(seed * 100003 + epoch).shuffle(perm)
-        out.append(perm[offset])
-    return out
-
-
-def total_steps(cfg: Config, n_prompts: int) -> int:
-    if cfg.train.steps:
-        return cfg.train.steps
-    return cfg.train.epochs * math.ceil(n_prompts / min(cfg.train.prompts_per_step, n_prompts))
-
-
 def run_evals(model, tok, sets: dict[str, list[Problem]], cfg: Config, step: int, writer: MetricsWriter | None,
-              store: dict, dist: Dist | None = None) -> None:
+              store: dict, dist: Dist | None = None, sampler: Sampler | None = None) -> None:
     """Evaluate on every set (each rank its share of the problems); rank 0 logs (`writer`)."""
     dist = dist or Dist()
     for name, problems in sets.items():
         if not problems:
             continue
-        with dist.generation(model) as policy:
-            summary, results = evaluate(policy, tok, problems, cfg.eval, cfg.data.template, cfg.model.chat_template,
-                                        seed=cfg.train.seed + 7919, dist=dist, stop=cfg.data.stop)
+        summary, results = evaluate(model, tok, problems, cfg.eval, cfg.data.template, cfg.model.chat_template,
+                                    seed=eval_seed(cfg), dist=dist, sampler=sampler or TorchSampler(tok, dist.generation))
         if writer is not None:
             writer.log({"step": step, **{f"eval/{name}/{k}": v for k, v in summary.items()}})
         store.setdefault(name, []).append({"step": step, **summary,
@@ -280,7 +317,7 @@ def fit_context(problems: list[Problem], tok, model, cfg: Config, max_new_tokens
     context = getattr(model.config, "max_position_embeddings", None)
     if not context or not problems:
         return problems
-    ids = encode_prompts(tok, [render_prompt(p, cfg.data.template) for p in problems], cfg.model.chat_template)
+    ids = encode_problems(tok, problems, cfg)
     budget, why = context - max_new_tokens, f"context {context} (max_position_embeddings) - {key} {max_new_tokens}"
     kept, skipped = drop_too_long(problems, [len(x) for x in ids], budget, cfg.data.too_long, why)
     if skipped:
@@ -289,6 +326,8 @@ def fit_context(problems: list[Problem], tok, model, cfg: Config, max_new_tokens
              "set data.too_long=fail to stop instead")
     return kept
 
+
+# --- set-up and resume ----------------------------------------------------------------------------
 
 def resumed_state(run_dir: Path, cfg: Config, model, optimizer, scheduler) -> dict | None:
     """Load the latest checkpoint; settings that differ from the checkpointed run are named
@@ -318,145 +357,208 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = False) -> dict:
-    """Run TTRL end to end; returns the summary also written to RUN_DIR/summary.json.
-    `resume`: continue from the latest valid checkpoint in RUN_DIR (from step 0 if there is none).
-    Under `torchrun` / `accelerate launch` every process runs this; rank 0 writes the files."""
-    run_dir = Path(run_dir)
+@dataclass
+class Run:
+    """Everything the loop needs, built by `setup()`."""
+    dist: Dist
+    policy: Policy
+    model: object
+    """The plain (unwrapped) model: sample from it, save it."""
+    tok: object
+    sampler: Sampler
+    sampling: Sampling
+    adapt: list[Problem]
+    prompt_ids: list[list[int]]
+    eval_sets: dict[str, list[Problem]]
+    control: Control
+    start: int
+    evals: dict
+    writer: MetricsWriter | None
+
+
+def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Run:
+    """Data, model, optimizer, sampler and (on resume) the checkpoint's state, in the order that
+    makes a resumed run continue bit for bit."""
     dist = Dist(make_accelerator())
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
     problems = load_problems(cfg.data.train, cfg.data)
     extra = {Path(name).stem: load_problems(name, cfg.data) for name in cfg.data.eval}
-
     model, tok = load_model(cfg.model, seed=cfg.train.seed)
     ref_model = None
     if cfg.algorithm.kl_coef > 0:
         ref_model, _ = load_model(type(cfg.model)(**{**cfg.model.__dict__, "lora_rank": 0}), seed=cfg.train.seed)
         ref_model.eval().requires_grad_(False).to(dist.device)
-    pad_id = tok.pad_token_id
+    stop.check()
     problems = fit_context(problems, tok, model, cfg, cfg.rollout.max_new_tokens, "rollout.max_new_tokens")
     adapt, held = split_holdout(problems, cfg.data.holdout, cfg.train.seed)
     dist.check_batch(min(cfg.train.prompts_per_step, len(adapt)))
     eval_sets = {"adapt": adapt, "heldout": held}
     for name, probs in extra.items():
         eval_sets[name] = fit_context(probs, tok, model, cfg, cfg.eval.max_new_tokens, "eval.max_new_tokens")
-    prompt_ids = encode_prompts(tok, [render_prompt(p, cfg.data.template) for p in adapt], cfg.model.chat_template)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.algorithm.lr, weight_decay=cfg.algorithm.weight_decay)
     warm = cfg.algorithm.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    # The scheduler stays ours (accelerate's would step once per process); `model` is now the
-    # engine's wrapper (DDP, ...): forward/backward through it, sample from `policy`.
-    model, optimizer = dist.prepare(model, optimizer)
-    policy = dist.unwrap(model)
-    vllm = VLLMRollout(cfg, policy, tok, dist) if cfg.rollout.backend == "vllm" else None
-    sampling = Sampling(n=cfg.rollout.n_votes, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                        top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens, stop=tuple(cfg.data.stop))
-    steps = total_steps(cfg, len(adapt))
+    # The scheduler stays ours (accelerate's would step once per process); `wrapped` is the
+    # engine's wrapper (DDP, ...): forward/backward through it, sample from `model`.
+    wrapped, optimizer = dist.prepare(model, optimizer)
+    model = dist.unwrap(wrapped)
+    if cfg.rollout.backend == "vllm":
+        from ttrl.vllm_rollout import VLLMSampler
 
+        sampler = VLLMSampler(cfg, model, tok, dist)
+    else:
+        sampler = TorchSampler(tok, dist.generation)
+    steps = total_steps(cfg, len(adapt))
     # Resume: weights, optimizer, RNGs and eval history from the checkpoint (every rank loads it);
     # metrics rows logged after it (and a torn last line) are dropped, so the file reads as if
     # never interrupted.
-    state = resumed_state(run_dir, cfg, policy, optimizer, scheduler) if resume else None
-    start, evals, bad_steps = (state["step"], state["evals"], state["bad_steps"]) if state else (0, {}, 0)
+    state = resumed_state(run_dir, cfg, model, optimizer, scheduler) if resume else None
     writer = None
     if dist.is_main:
         if resume:
             truncate_metrics(run_dir, state["metric_rows"] if state else 0)
-            truncate_rollouts(run_dir, start)
+            truncate_rollouts(run_dir, state["step"] if state else 0)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        writer = MetricsWriter(run_dir, purge_step=(start + 1 if state else 0) if resume else None)
+        writer = MetricsWriter(run_dir, purge_step=(state["step"] + 1 if state else 0) if resume else None)
     history = dist.broadcast([r for r in read_metrics(run_dir) if "train/reward" in r] if dist.is_main else None)
-    stopped_reason = None
-    if vllm and state:
-        vllm.sync(model)
+    if state:
+        sampler.sync(model)
+        if state["step"] > steps:
+            warn(f"the checkpoint is at step {state['step']}, past train.steps={steps}: no step is run, and the "
+                 f"final evaluation is logged as step {state['step']}")
+    policy = Policy(model=wrapped, optimizer=optimizer, scheduler=scheduler, ref_model=ref_model,
+                    pad_id=tok.pad_token_id, good=None if dist.deepspeed else LastGoodWeights(model))
+    return Run(dist=dist, policy=policy, model=model, tok=tok, sampler=sampler,
+               sampling=Sampling.of(cfg.rollout, n=cfg.rollout.n_votes), adapt=adapt,
+               prompt_ids=encode_problems(tok, adapt, cfg), eval_sets=eval_sets,
+               control=Control(cfg, max(steps, state["step"]) if state else steps, history,
+                               state["bad_steps"] if state else 0),
+               start=state["step"] if state else 0, evals=state["evals"] if state else {}, writer=writer)
 
-    def checkpoint(done: int) -> Path:
-        path = None
-        if dist.sharded:  # optimizer state is split across ranks; see docs/distributed.md
-            warn(f"step {done}: no checkpoint under FSDP/DeepSpeed (not supported yet)")
-        elif dist.is_main:
-            path = save_checkpoint(run_dir, done, policy, optimizer, scheduler,
-                                   keep=cfg.train.keep_checkpoints,
-                                   state={"evals": evals, "bad_steps": bad_steps, "metric_rows": writer.n_rows,
-                                          "config": cfg.to_dict()})
-        dist.barrier()  # no rank may exit (and so end the job) while rank 0 is still writing
-        return path or run_dir / CHECKPOINTS
 
-    try:
-        if cfg.eval.before and not state:
-            run_evals(model, tok, eval_sets, cfg, 0, writer, evals, dist)
-        with StopSignals() as stop, progress_bar(disable=quiet or not dist.is_main) as bar:
-            task = bar.add_task("ttrl train", total=steps, completed=start, info="")
-            for step in range(start, steps):
-                t0 = time.perf_counter()
-                batch = batch_order(len(adapt), cfg.train.prompts_per_step, step, cfg.train.seed)
-                seeds = [prompt_seed(cfg.train.seed, step, i) for i in batch]
-                rollout, groups, t_roll = sample_and_vote(model, tok, [prompt_ids[i] for i in batch], seeds,
-                                                          sampling, cfg, dist, vllm)
-                stats = update(model, ref_model, rollout, groups, cfg, optimizer, scheduler, pad_id, dist)
-                if vllm:
-                    vllm.sync(model)
-                row = {"step": step + 1, **rollout_metrics(rollout, groups, t_roll), **stats,
-                       **diagnostics(groups, [adapt[i].answer for i in batch]),
-                       "perf/step_seconds": time.perf_counter() - t0}
-                history.append(row)
-                stopped_reason = stop_reason(history, cfg.train.stop_on, cfg.train.stop_window,
-                                             cfg.train.stop_min_delta, cfg.train.entropy_floor)
-                if stopped_reason:
-                    row["stop_reason"] = stopped_reason
-                if dist.is_main:
-                    writer.log(row)
-                    log_rollouts(run_dir, step + 1, [adapt[i].id for i in batch], groups, rollout)
-                bar.update(task, advance=1, info=f"reward {row['train/reward']:.2f} "
-                                                 f"maj {row['train/majority_ratio']:.2f}")
-                done = step + 1
-                bad_steps = bad_steps + 1 if stats.get("optim/skipped_updates") else 0
-                if bad_steps:
-                    warn(f"step {done}: NaN/inf loss or gradient; update skipped "
-                         f"({bad_steps} in a row, algorithm.max_bad_steps={cfg.algorithm.max_bad_steps})")
-                if stopped_reason:
-                    if dist.is_main:
-                        print(f"stopping early after step {done}: {stopped_reason}", file=sys.stderr)
-                    steps = done
-                if cfg.eval.every and done % cfg.eval.every == 0 and done < steps:
-                    run_evals(model, tok, eval_sets, cfg, done, writer, evals, dist)
-                # A signal that lands after this line is handled at the end of the next step; the
-                # ranks agree on it (a signal may reach them at different steps).
-                failing, stopping = bad_steps >= cfg.algorithm.max_bad_steps, first_signal(stop.received, dist)
-                due = done == steps or (cfg.train.save_every and done % cfg.train.save_every == 0)
-                if due or failing or stopping:
-                    path = checkpoint(done)
-                if failing or stopping:
-                    dist.close()
-                if failing:
-                    raise TrainingStopped(
-                        f"stopped after step {done}: {bad_steps} steps in a row had a NaN/inf loss or gradient "
-                        f"(algorithm.max_bad_steps); their updates were skipped, so {path} holds the last good "
-                        "weights. Lower algorithm.lr or algorithm.max_grad_norm, or use model.dtype=float32", path, 1)
-                if stopping:
-                    raise TrainingStopped(f"stopped by {stopping} after step {done} of {steps}; "
-                                          f"checkpoint saved in {path}", path, 128 + signal.Signals[stopping])
-                if stopped_reason:
-                    break
-        run_evals(model, tok, eval_sets, cfg, steps, writer, evals, dist)
-    finally:
-        if writer is not None:
-            writer.close()
+def export_model(model, tok, run_dir: Path, state_dict=None) -> Path:
+    """RUN_DIR/model: the trained model (or LoRA adapter) with its tokenizer, written beside and
+    renamed into place, so a kill never leaves weights without a tokenizer."""
+    final, tmp = run_dir / "model", run_dir / f".tmp-model-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict)
+    tok.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = False) -> dict:
+    """Run TTRL end to end; returns the summary also written to RUN_DIR/summary.json.
+    `resume`: continue from the latest valid checkpoint in RUN_DIR (from step 0 if there is none).
+    Under `torchrun` / `accelerate launch` every process runs this; rank 0 writes the files."""
+    run_dir = Path(run_dir)
+    with StopSignals(announce=is_main_process()) as stop:
+        r = setup(cfg, run_dir, resume, stop)
+        dist, control, path = r.dist, r.control, run_dir / CHECKPOINTS
+        try:
+            if cfg.eval.before and not r.start:
+                run_evals(r.policy.model, r.tok, r.eval_sets, cfg, 0, r.writer, r.evals, dist, r.sampler)
+            stop.check()
+            with progress_bar(disable=quiet or not dist.is_main) as bar:
+                task = bar.add_task("ttrl train", total=control.steps, completed=r.start, info="")
+                for step in range(r.start, control.steps):
+                    with stop.deferred():
+                        t0, done = time.perf_counter(), step + 1
+                        batch = batch_order(len(r.adapt), cfg.train.prompts_per_step, step, cfg.train.seed)
+                        seeds = [prompt_seed(cfg.train.seed, step, i) for i in batch]                  # 1 prompts
+                        rollout = sample(r.sampler, r.policy.model, [r.prompt_ids[i] for i in batch],  # 2 samples
+                                         seeds, r.sampling, dist)
+                        t_rollout = time.perf_counter() - t0
+                        if rollout is None:  # the last optimizer step blew the weights up: undo it
+                            r.policy.good.restore()
+                            r.sampler.sync(r.policy.model)
+                            row = {"step": done, "train/nonfinite_logits": 1, "optim/skipped_updates": 1}
+                        else:
+                            mine = dist.share(len(batch))
+                            groups = vote(rollout)                                                     # 3 votes
+                            groups = reward(groups, rollout, cfg.reward, [seeds[k] for k in mine])     # 4 rewards
+                            rollout, groups = gather_step(rollout, groups, dist)
+                            advantages = estimate_advantages(cfg.algorithm.advantage, groups)          # 5 advantages
+                            stats = update(r.policy, rollout, groups, advantages, cfg, dist)           # 6 update
+                            r.sampler.sync(r.policy.model)
+                            row = {"step": done, **rollout_metrics(rollout, groups, t_rollout),
+                                   **stats, **diagnostics(groups, [r.adapt[i].answer for i in batch]),
+                                   "perf/step_seconds": time.perf_counter() - t0}
+                        evaluate_now = control.after_step(done, row)
+                        if dist.is_main:
+                            r.writer.log(row)
+                            if rollout is not None:
+                                log_rollouts(run_dir, done, [r.adapt[i].id for i in batch], groups, rollout)
+                        report_step(bar, task, row, control, done)
+                        if evaluate_now:
+                            run_evals(r.policy.model, r.tok, r.eval_sets, cfg, done, r.writer, r.evals, dist, r.sampler)
+                        # A signal that lands after this line is handled at the end of the next step; the
+                        # ranks agree on it (a signal may reach them at different steps).
+                        halt = control.halt(done, first_signal(stop.received, dist))
+                        if halt or control.checkpoint_due(done):
+                            path = checkpoint(r, cfg, run_dir, done)
+                    if halt:
+                        dist.close()
+                        raise TrainingStopped(halt.message.format(path=path), path, halt.exit_code)
+                    if control.finished:
+                        break
+            received = first_signal(stop.received, dist)  # one that arrived while the last checkpoint was written
+            if received:
+                dist.close()
+                raise TrainingStopped(f"stopped by {received} after step {control.steps}; checkpoint saved in {path}",
+                                      path, control.halt(control.steps, received).exit_code)
+            run_evals(r.policy.model, r.tok, r.eval_sets, cfg, control.steps, r.writer, r.evals, dist, r.sampler)
+        finally:
+            if r.writer is not None:
+                r.writer.close()
     # Under FSDP / ZeRO-3 the full weights are gathered from every rank (a collective).
-    weights = dist.accelerator.get_state_dict(model) if dist.sharded else None
-    summary = {"steps": steps, "evals": evals, "stopped_early": stopped_reason}
+    weights = dist.accelerator.get_state_dict(r.policy.model) if dist.sharded else None
+    summary = {"steps": control.steps, "evals": r.evals, "stopped_early": control.stopped_early}
     if dist.is_main:
-        policy.save_pretrained(run_dir / "model", state_dict=weights)
-        tok.save_pretrained(run_dir / "model")
+        export_model(r.model, r.tok, run_dir, weights)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     dist.close()
     return summary
 
 
+def report_step(bar, task, row: dict, control: Control, done: int) -> None:
+    """The progress bar's line, and the warnings a step can raise."""
+    if "train/reward" in row:
+        bar.update(task, advance=1, total=control.steps, info=f"reward {row['train/reward']:.2f} "
+                                                              f"majority ratio {row['train/majority_ratio']:.2f}")
+    else:
+        bar.update(task, advance=1, total=control.steps)
+    if row.get("optim/skipped_updates"):
+        warn(f"step {done}: NaN/inf loss, gradient or logits; update skipped "
+             f"({control.bad_steps} in a row, algorithm.max_bad_steps={control.cfg.algorithm.max_bad_steps})")
+    if control.stopped_early and row.get("stop_reason"):
+        warn(f"stopping early after step {done}: {control.stopped_early}")
+
+
+def checkpoint(r: Run, cfg: Config, run_dir: Path, done: int) -> Path:
+    """Save step `done` (rank 0 writes; every rank waits for it)."""
+    path = None
+    if r.dist.sharded:  # optimizer state is split across ranks; see docs/distributed.md
+        warn(f"step {done}: no checkpoint under FSDP/DeepSpeed (not supported yet)")
+    elif r.dist.is_main:
+        path = save_checkpoint(run_dir, done, r.model, r.policy.optimizer, r.policy.scheduler,
+                               keep=cfg.train.keep_checkpoints,
+                               state={"evals": r.evals, "bad_steps": r.control.bad_steps,
+                                      "metric_rows": r.writer.n_rows, "config": cfg.to_dict()})
+    r.dist.barrier()  # no rank may exit (and so end the job) while rank 0 is still writing
+    return path or run_dir / CHECKPOINTS
+
+
 def first_signal(received: str | None, dist: Dist) -> str | None:
     """The stop signal any rank received (SIGINT/SIGTERM), on every rank, so all stop at the same step."""
+    import signal
+
     code = dist.max(int(signal.Signals[received]) if received else 0)
     return signal.Signals(code).name if code else None

@@ -24,7 +24,9 @@ GPU_MEMORY = float(os.environ.get("TTRL_VLLM_GPU_MEMORY", "0.3"))
 """Share of the GPU's memory vLLM may take (weights + KV cache); the rest is for training."""
 
 
-class VLLMRollout:
+class VLLMSampler:
+    """vLLM behind the same interface as the built-in engine (ttrl.rollout.Sampler)."""
+
     def __init__(self, cfg: Config, policy, tokenizer, dist):
         try:
             import vllm
@@ -54,6 +56,7 @@ class VLLMRollout:
 
     def generate(self, model, prompt_ids: list[list[int]], s: Sampling, seeds: list[int]) -> Rollout:
         """`s.n` samples per prompt, each prompt on its own seed (as the torch sampler)."""
+        model = self.dist.unwrap(model)
         params = [self._vllm.SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
                                             top_k=s.top_k if s.top_k else -1, max_tokens=s.max_new_tokens,
                                             stop=list(s.stop), include_stop_str_in_output=True,

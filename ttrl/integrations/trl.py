@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 from ttrl.grading import is_equivalent, sample_answers
 from ttrl.rewards import majority_rewards
-from ttrl.trainer import Group, diagnostics
+from ttrl.groups import Group, diagnostics
 from ttrl.voting import Vote, majority_vote
 
 EXTRA = "pip install 'ttrl[trl]'"

@@ -1,0 +1,98 @@
+import os
+import signal
+
+import pytest
+
+from ttrl.config import Config
+from ttrl.control import Control, StopSignals
+
+
+def _control(**train) -> Control:
+    cfg = Config()
+    for k, v in train.items():
+        section, key = k.split("__")
+        setattr(getattr(cfg, section), key, v)
+    return Control(cfg, steps=10)
+
+
+def test_evaluation_and_checkpoints_fall_due_on_schedule():
+    c = _control(eval__every=3, train__save_every=4)
+    due = [(s, c.after_step(s, {"train/reward": 0.5})) for s in range(1, 11)]
+    assert [s for s, ev in due if ev] == [3, 6, 9]  # not 10: the final evaluation follows anyway
+    assert [s for s in range(1, 11) if c.checkpoint_due(s)] == [4, 8, 10]
+    assert not c.finished and c.halt(10, None) is None
+
+
+def test_an_early_stopping_rule_ends_the_run_at_that_step():
+    c = _control(train__stop_on="reward", train__stop_window=2, train__stop_min_delta=0.01, eval__every=4)
+    rows = [{"train/reward": r} for r in (0.1, 0.2, 0.5, 0.5, 0.5, 0.5)]
+    evaluate = [c.after_step(s, row) for s, row in enumerate(rows, 1)]
+    assert c.finished and c.steps == 6 and "reward plateaued" in rows[-1]["stop_reason"]
+    assert "stop_reason" not in rows[-2]
+    assert evaluate == [False, False, False, True, False, False]
+    assert c.checkpoint_due(6)
+
+
+def test_non_finite_steps_in_a_row_halt_with_exit_code_1():
+    c = _control(algorithm__max_bad_steps=2)
+    c.after_step(1, {"optim/skipped_updates": 1})
+    assert c.halt(1, None) is None
+    c.after_step(2, {"optim/skipped_updates": 0})  # a good step resets the streak
+    c.after_step(3, {"optim/skipped_updates": 1})
+    c.after_step(4, {"optim/skipped_updates": 1})
+    halt = c.halt(4, None)
+    assert halt.exit_code == 1 and "2 steps in a row" in halt.message and "{path}" in halt.message
+
+
+def test_a_signal_halts_with_128_plus_its_number():
+    halt = _control().halt(3, "SIGTERM")
+    assert halt.exit_code == 128 + signal.SIGTERM and "stopped by SIGTERM after step 3 of 10" in halt.message
+
+
+def test_signals_wait_for_the_step_in_flight_but_not_elsewhere():
+    with StopSignals(announce=False) as stop:
+        with stop.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.received == "SIGTERM"  # recorded; the step goes on
+            with pytest.raises(KeyboardInterrupt):  # a second one stops at once
+                os.kill(os.getpid(), signal.SIGINT)
+    with StopSignals(announce=False) as stop:
+        with pytest.raises(KeyboardInterrupt):  # outside a step (start-up, evaluation): at once
+            os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):  # and again at the next check, were it swallowed
+            stop.check()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_a_signal_during_the_final_evaluation_stops_the_run_and_resume_finishes_it(tmp_path):
+    """SIGTERM once the last checkpoint exists (the final evaluation, or the checkpoint's last
+    writes): exit 143 with one line, no summary; the resumed run only evaluates and finishes."""
+    import json
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    config = Path(__file__).parent.parent / "configs" / "tiny.yaml"
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ttrl", "train", "--config", str(config), "--output-dir", str(out), "--quiet",
+           "--no-report", "train.steps=2", "train.prompts_per_step=2", "rollout.n_votes=2",
+           "reward.n_train_samples=2", "rollout.max_new_tokens=2", "eval.before=false", "eval.n_samples=16",
+           "eval.max_new_tokens=32", "eval.greedy=false", "data.holdout=0", "data.arithmetic.n=4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = out / "checkpoints" / "step-00000002" / "state.json"
+    deadline = time.time() + 240
+    while not last.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and "--resume" in err and not (out / "summary.json").exists()
+
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/reward" in r] == [1, 2]  # no step redone
+    assert [r["step"] for r in rows if "eval/adapt/avg@16" in r] == [2]  # the final evaluation, once

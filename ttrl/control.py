@@ -1,0 +1,113 @@
+"""What the loop does between steps besides the algorithm: stop early on an unlabeled signal,
+give up after repeated non-finite steps, evaluate and checkpoint on schedule, obey SIGINT and
+SIGTERM. Kept apart from the loop so the loop reads as the algorithm, and tested on its own."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from ttrl.config import Config
+from ttrl.stopping import stop_reason
+
+
+@dataclass
+class Halt:
+    """Training must end now, after saving a checkpoint; `message` has a `{path}` slot for it."""
+    message: str
+    exit_code: int
+
+
+@dataclass
+class Control:
+    """The loop's bookkeeping across steps: `history` holds the training rows so far (resumed
+    ones included), `bad_steps` the current streak of steps whose update was skipped."""
+    cfg: Config
+    steps: int
+    """The last step; lowered when an early-stopping rule fires."""
+    history: list[dict] = field(default_factory=list)
+    bad_steps: int = 0
+    stopped_early: str | None = None
+
+    def after_step(self, done: int, row: dict) -> bool:
+        """Record step `done`'s metrics row (a `stop_reason` is added to it when a stopping rule
+        fires); True when an evaluation is due now."""
+        t = self.cfg.train
+        self.history.append(row)
+        self.bad_steps = self.bad_steps + 1 if row.get("optim/skipped_updates") else 0
+        reason = stop_reason(self.history, t.stop_on, t.stop_window, t.stop_min_delta, t.entropy_floor)
+        if reason:
+            row["stop_reason"] = self.stopped_early = reason
+            self.steps = done
+        every = self.cfg.eval.every
+        return bool(every) and done % every == 0 and done < self.steps
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped_early is not None
+
+    def halt(self, done: int, signal_name: str | None) -> Halt | None:
+        """Why training must end after step `done` other than reaching its last step, if it must."""
+        if self.bad_steps >= self.cfg.algorithm.max_bad_steps:
+            return Halt(f"stopped after step {done}: {self.bad_steps} steps in a row had a NaN/inf loss, gradient "
+                        "or logits (algorithm.max_bad_steps); their updates were skipped, so {path} holds the last "
+                        "good weights. Lower algorithm.lr or algorithm.max_grad_norm, or use model.dtype=float32", 1)
+        if signal_name:
+            return Halt(f"stopped by {signal_name} after step {done} of {self.steps}; checkpoint saved in {{path}}",
+                        128 + signal.Signals[signal_name])
+        return None
+
+    def checkpoint_due(self, done: int) -> bool:
+        every = self.cfg.train.save_every
+        return done == self.steps or bool(every and done % every == 0)
+
+
+class StopSignals:
+    """SIGINT/SIGTERM while active. Inside `deferred()` (a training step, a periodic evaluation) a
+    signal is recorded and the loop stops after the step in flight, saving a checkpoint; a second
+    one stops at once, keeping the previous checkpoint. Outside it (start-up, the evaluations
+    before and after training, nothing unsaved), a signal stops at once; were that interrupt
+    swallowed (Python ignores exceptions raised inside a destructor), `check()` raises it again."""
+
+    def __init__(self, announce: bool = True):
+        self.received: str | None = None
+        self.announce = announce
+        self._deferred = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @contextmanager
+    def deferred(self):
+        self._deferred = True
+        try:
+            yield self
+        finally:
+            self._deferred = False
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a signal arrived while stopping at once was due."""
+        if self.received and not self._deferred:
+            raise KeyboardInterrupt(self.received)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None or not self._deferred:
+            self.received = self.received or name
+            raise KeyboardInterrupt(name)
+        self.received = name
+        if self.announce:  # every rank of a distributed run gets the signal; one says so
+            print(f"\n{name} received: finishing the step in flight, then saving a checkpoint "
+                  "(send it again to stop at once and keep the previous checkpoint)", file=sys.stderr)

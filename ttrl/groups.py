@@ -1,0 +1,72 @@
+"""A prompt's group of samples through stages 3 and 4 of the loop: the vote over its N answers,
+then the M samples drawn for training and their label-free rewards. Gold answers enter only
+`diagnostics()`, after the rewards are fixed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from ttrl.config import RewardConfig
+from ttrl.grading import is_equivalent, sample_answers
+from ttrl.rewards import label_free_rewards
+from ttrl.rollout import Rollout
+from ttrl.voting import Vote, majority_vote
+
+
+@dataclass
+class Group:
+    """One prompt's vote and the M samples chosen for training, with their rewards."""
+    vote: Vote
+    answers: list[str | None]
+    """The answer extracted from each of the N samples (None: no answer, or cut off)."""
+    train_idx: list[int] = field(default_factory=list)
+    """Indices (within the group) of the M samples that are rewarded and trained on."""
+    rewards: list[float] = field(default_factory=list)
+    """Reward of each sample in `train_idx`, in that order."""
+    skipped: bool = False
+    """Left out of the update (majority ratio below reward.min_majority_ratio)."""
+
+
+def vote(rollout: Rollout) -> list[Group]:
+    """Stage 3: each prompt's N answers elect its pseudo-label by majority vote."""
+    answers = sample_answers(rollout.texts, rollout.truncated)
+    groups = []
+    for p in range(len(rollout.prompt_ids)):
+        mine = [answers[i] for i in rollout.group(p)]
+        groups.append(Group(vote=majority_vote(mine), answers=mine))
+    return groups
+
+
+def reward(groups: list[Group], rollout: Rollout, cfg: RewardConfig, seeds: list[int]) -> list[Group]:
+    """Stage 4: draw each prompt's M trained samples (from its own seed, so the draw does not
+    depend on batching) and score them with the label-free reward `cfg.kind`."""
+    out = []
+    for p, g in enumerate(groups):
+        idx = rollout.group(p)
+        pick = torch.Generator().manual_seed(seeds[p] + 1)  # not the sampling stream itself
+        chosen = torch.randperm(rollout.n, generator=pick)[: cfg.n_train_samples].tolist()
+        rewards = label_free_rewards(cfg.kind, g.vote, [rollout.texts[i] for i in idx],
+                                     [float(rollout.entropy[i].mean()) for i in idx],
+                                     [float(rollout.certainty[i].mean()) for i in idx], chosen)
+        out.append(replace(g, train_idx=chosen, rewards=list(rewards),
+                           skipped=g.vote.majority_ratio < cfg.min_majority_ratio))
+    return out
+
+
+def diagnostics(groups: list[Group], golds: list[str | None]) -> dict:
+    """Gold-based metrics (label accuracy, reward accuracy, rollout accuracy); read-only, and
+    only where every prompt of the step has a gold answer."""
+    if any(g is None for g in golds):
+        return {}
+    label_ok = [is_equivalent(g.vote.pseudo_label, gold) for g, gold in zip(groups, golds)]
+    rollout_ok = [is_equivalent(a, gold) for g, gold in zip(groups, golds) for a in g.answers]
+    reward_ok = []
+    for g, gold in zip(groups, golds):
+        for i, r in zip(g.train_idx, g.rewards):
+            reward_ok.append(float(is_equivalent(g.answers[i], gold)) == r)
+    return {"train/label_accuracy": float(np.mean(label_ok)),
+            "train/reward_accuracy": float(np.mean(reward_ok)) if reward_ok else None,
+            "train/rollout_accuracy": float(np.mean(rollout_ok))}
