@@ -90,15 +90,15 @@ from ttrl.cli import main
 # at step 2 all of rank 1's, at step 3 every prompt (no update at all).
 SKIP = {(0, 0), (0, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)}
 SEEDS = {T.prompt_seed(0, s, T.batch_order(8, 4, s, 0)[k]) for s, k in SKIP}
-real = T.vote_and_reward
+real = T.reward
 
-def vote_and_reward(rollout, cfg, seeds):
-    groups = real(rollout, cfg, seeds)
+def reward(groups, rollout, cfg, seeds):
+    groups = real(groups, rollout, cfg, seeds)
     for g, seed in zip(groups, seeds):
         g.skipped = seed in SEEDS
     return groups
 
-T.vote_and_reward = vote_and_reward
+T.reward = reward
 sys.exit(main(sys.argv[1:]))
 '''
 
