@@ -24,7 +24,7 @@ from ttrl.distributed import Dist, concat_rollouts, is_main_process, make_accele
 from ttrl.evaluation import evaluate
 from ttrl.grading import is_equivalent, sample_answers
 from ttrl.losses import kl_k3, policy_loss
-from ttrl.metrics import MetricsWriter, progress_bar, read_metrics, truncate_metrics
+from ttrl.metrics import MetricsWriter, library_bars, progress_bar, read_metrics, truncate_metrics
 from ttrl.models import encode_prompts, load_model
 from ttrl.rewards import label_free_rewards
 from ttrl.rollout import Rollout, Sampling, generate, score
@@ -321,7 +321,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = False) -> dict:
     """Run TTRL end to end; returns the summary also written to RUN_DIR/summary.json.
     `resume`: continue from the latest valid checkpoint in RUN_DIR (from step 0 if there is none).
+    `quiet`: no progress output, ours or the libraries' (model loading and saving).
     Under `torchrun` / `accelerate launch` every process runs this; rank 0 writes the files."""
+    with library_bars(enabled=not quiet):
+        return _train(cfg, run_dir, quiet, resume)
+
+
+def _train(cfg: Config, run_dir: str | Path, quiet: bool, resume: bool) -> dict:
     run_dir = Path(run_dir)
     dist = Dist(make_accelerator())
     if dist.is_main:
@@ -367,7 +373,8 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
             truncate_metrics(run_dir, state["metric_rows"] if state else 0)
             truncate_rollouts(run_dir, start)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        writer = MetricsWriter(run_dir, purge_step=(start + 1 if state else 0) if resume else None)
+        writer = MetricsWriter(run_dir, purge_step=(start + 1 if state else 0) if resume else None,
+                               wandb_project=cfg.train.wandb_project, config=cfg.to_dict())
     history = dist.broadcast([r for r in read_metrics(run_dir) if "train/reward" in r] if dist.is_main else None)
     stopped_reason = None
     if vllm and state:
