@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from ttrl.metrics import is_number
+
 NO_ANSWER_LIMIT = 0.5
 """Mean `train/no_answer` above this: most samples neither vote nor earn a reward."""
 MAJORITY_RATIO_FLOOR = 0.2
@@ -21,7 +23,7 @@ for its first 4 steps and passes 0.9 by step 20; its mean over the run is well a
 
 
 def _mean(rows: Sequence[Mapping], key: str) -> float | None:
-    values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    values = [r[key] for r in rows if is_number(r.get(key))]
     return sum(values) / len(values) if values else None
 
 

@@ -26,7 +26,8 @@ def _clean(value):
     return value
 
 
-def _number(value) -> bool:
+def is_number(value) -> bool:
+    """A metric value (int or float; not a bool, a string or null)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -58,7 +59,7 @@ class MetricsWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self.n_rows += 1
-        scalars = {k: v for k, v in row.items() if k != "step" and _number(v)}
+        scalars = {k: v for k, v in row.items() if k != "step" and is_number(v)}
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, row.get("step", 0))
@@ -119,10 +120,10 @@ def read_metrics(run_dir: str | Path, problems: list[str] | None = None) -> list
             why = "not a complete JSON row (torn by a kill, or garbled)"
         else:
             if not isinstance(row, dict):
-                why = f"a JSON {type(row).__name__}, not an object ({_snippet(row)})"
+                why = f"a JSON {type(row).__name__}, not an object ({snippet(row)})"
             elif "step" in row and not (isinstance(row["step"], int) and not isinstance(row["step"], bool)
                                         and row["step"] >= 0):
-                why = f"step is {_snippet(row['step'])}, not a whole number"
+                why = f"step is {snippet(row['step'])}, not a whole number"
         if why is None:
             rows.append(row)
         elif problems is not None:
@@ -130,8 +131,9 @@ def read_metrics(run_dir: str | Path, problems: list[str] | None = None) -> list
     return rows
 
 
-def _snippet(value) -> str:
-    text = json.dumps(value)
+def snippet(value) -> str:
+    """A value as it appeared in a JSON file, cut to 40 characters, for a warning."""
+    text = json.dumps(value, default=str)
     return text if len(text) <= 40 else text[:39] + "…"
 
 
