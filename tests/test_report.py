@@ -312,6 +312,13 @@ def test_partly_labelled_sets_report_accuracy_on_the_labelled_prompts(tmp_path):
     old = recorded_run(tmp_path, "old")  # a run from before n_labelled: as before
     write_report(old)
     assert "graded on" not in (old / "report.md").read_text()
+    # Partly labelled, evaluated before accuracy was graded on the labelled part: no accuracy keys, but
+    # the examples show gold answers, so the report must not claim there are none.
+    partial = no_gold_run(tmp_path, "partial")
+    _edit_summary(partial, lambda s: s["evals"]["adapt"][-1]["examples"][0].update(gold="7"))
+    write_report(partial)
+    md = (partial / "report.md").read_text()
+    assert "gold 7" in md and "Partly labelled" in md and "No gold answers" not in md
 
 
 def test_a_run_with_no_answers_is_flagged_not_called_a_tie(tmp_path):

@@ -140,7 +140,13 @@ def headline(run: Run, doc: Doc) -> None:
                 "mostly wrong too, so their 0 reward is still right" if ra > la and not no_signal else ""
         doc.add("p", f"Across training the pseudo-label matched gold on {pct(la)} of prompts, and "
                      f"{pct(ra)} of rewards equalled the reward gold would give{lucky}.")
-    if not run.has_gold:
+    some_gold = any(ex.get("gold") is not None for rows in run.evals.values() for row in rows
+                    for ex in row.get("examples", []))
+    if not run.has_gold and some_gold:  # a partly labelled run from before accuracy was graded on the labelled part
+        doc.add("note", "**Partly labelled.** Some prompts have reference answers, but this run was evaluated by a "
+                        "ttrl that graded accuracy only when every prompt had one, so accuracy is left out; "
+                        "`ttrl eval` grades the labelled prompts.")
+    elif not run.has_gold:
         doc.add("note", "**No gold answers.** This run's prompts have no reference answers, so accuracy "
                         "(avg@k, maj@k, pass@k, greedy), label/reward accuracy and the accuracy curves are "
                         "left out; the majority ratios, entropy and the vote histograms show how confident the "
