@@ -211,7 +211,8 @@ DAMAGE = {
     "summary evals list": ("summary.json", "write", b'{"steps": 4, "evals": [1]}', "'evals' is [1]"),
     "summary wrong types": ("summary.json", "write", json.dumps({"evals": {"adapt": [
         {"step": "nine"}, {"step": 0, "avg@4": "x", "examples": {"id": 1}},
-        {"step": 4, "avg@4": 0.5, "examples": [[1], {"id": "a", "histogram": [["3", "two"]]}]}]}}).encode(),
+        {"step": 4, "avg@4": 0.5, "maj@4": float("inf"),
+         "examples": [[1], {"id": "a", "gold": {"x": 1}, "histogram": [["3", "two"]]}]}]}}).encode(),
         "evals.adapt[0] is not an evaluation"),
     "config list": ("config.json", "write", b"[1, 2]", "config.json: a JSON list"),
     "config wrong types": ("config.json", "write", b'{"eval": {"n_samples": "four"}, "algorithm": {"kl_coef": "x"},'

@@ -27,8 +27,8 @@ def _clean(value):
 
 
 def is_number(value) -> bool:
-    """A metric value (int or float; not a bool, a string or null)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A metric value: a finite int or float (not a bool, a string, null, NaN or inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class MetricsWriter:

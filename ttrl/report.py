@@ -75,7 +75,8 @@ def beats_voting(run: Run) -> str:
     a, (m, what) = final[f"avg@{k}"], bar
     of = f"the base model's {'greedy answer' if what == 'base greedy' else f'majority vote of {k} samples'}"
     against = f"{of} ({pct(m)} {what.removeprefix('base ')}, the better of base greedy and maj@{k})"
-    small = f"; on {base['n_prompts']} prompts a few points are noise" if base.get("n_prompts", 99) < 50 else ""
+    n = base.get("n_prompts")
+    small = f"; on {n} prompts a few points are noise" if is_number(n) and n < 50 else ""
     where = graded(final)
     small += f" ({where})" if where else ""
     warnings = no_signal_warnings(run.steps)
@@ -168,7 +169,7 @@ def results_table(runs: list[Run]) -> tuple[list[str], list[list]]:
             if not evals:
                 continue
             last = evals[-1]
-            prompts = last.get("n_prompts", "")
+            prompts = last.get("n_prompts") if last.get("n_prompts") is not None else ""
             if graded(last):  # partly labelled: accuracy is over the prompts with a gold answer
                 prompts = f"{prompts} ({last['n_labelled']} graded)"
             row = ([run.name] if many else []) + [name if many else set_label(name), prompts]

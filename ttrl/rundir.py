@@ -176,7 +176,12 @@ def _clean_examples(value, where: str, problems: list[str]) -> list[dict]:
         pairs = [(str(h[0]), h[1]) for h in hist if isinstance(h, (list, tuple)) and len(h) == 2 and _whole(h[1])]
         if len(pairs) != len(hist) or ("histogram" in ex and not isinstance(ex["histogram"], list)):
             problems.append(f"{where}.examples[{i}].histogram has entries that are not [answer, count]; left out")
-        out.append({**ex, "id": str(ex["id"]), "histogram": pairs,
+        gold = ex.get("gold")
+        if gold is not None and not isinstance(gold, str):
+            if not is_number(gold):
+                problems.append(f"{where}.examples[{i}].gold is {snippet(gold)}, not an answer; left out")
+            gold = str(gold) if is_number(gold) else None
+        out.append({**ex, "id": str(ex["id"]), "gold": gold, "histogram": pairs,
                     "majority_ratio": ex.get("majority_ratio") if is_number(ex.get("majority_ratio")) else None})
     return out
 
@@ -231,18 +236,18 @@ def load_run(run_dir: str | Path) -> Run:
     problems: list[str] = []
     steps: dict[int, dict] = {}
     evals: dict[str, dict[int, dict]] = {}
-    for n, row in enumerate(read_metrics(path, problems)):
+    for row in read_metrics(path, problems):
         step = row.get("step", 0)
         for key, value in row.items():
             if key == "step":
                 continue
             if "/" in key and value is not None and not is_number(value):
-                problems.append(f"{path / METRICS_FILE}: row {n + 1} (step {step}): {key} is {snippet(value)}, "
-                                "not a number; left out")
+                problems.append(f"{path / METRICS_FILE}: step {step}: {key} is {snippet(value)}, not a number; "
+                                "left out")
             elif key.startswith("eval/"):
                 parts = key.split("/", 2)
                 if len(parts) < 3 or not parts[1] or not parts[2]:
-                    problems.append(f"{path / METRICS_FILE}: row {n + 1}: key {key!r} is not eval/<set>/<metric>; "
+                    problems.append(f"{path / METRICS_FILE}: step {step}: key {key!r} is not eval/<set>/<metric>; "
                                     "left out")
                     continue
                 evals.setdefault(parts[1], {}).setdefault(step, {"step": step})[parts[2]] = value
