@@ -74,7 +74,9 @@ def beats_voting(run: Run) -> str:
         return f"{q} Not answered: the adaptation prompts have no gold answers."
     a, (m, what) = final[f"avg@{k}"], bar
     of = f"the base model's {'greedy answer' if what == 'base greedy' else f'majority vote of {k} samples'}"
-    against = f"{of} ({pct(m)} {what.removeprefix('base ')}, the better of base greedy and maj@{k})"
+    both = is_number(base.get("greedy")) and is_number(base.get(f"maj@{k}"))
+    against = f"{of} ({pct(m)} {what.removeprefix('base ')}" + (f", the better of base greedy and maj@{k})" if both
+                                                                 else ")")
     n = base.get("n_prompts")
     small = f"; on {n} prompts a few points are noise" if is_number(n) and n < 50 else ""
     where = graded(final)
