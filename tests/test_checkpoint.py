@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,3 +200,57 @@ def test_lora_checkpoint_holds_only_the_adapter(tmp_path, small):
     with pytest.raises(CheckpointError, match="different model"):
         plain = _small_model()
         load_checkpoint(tmp_path, plain, *_parts(plain))
+
+
+def _flip(path: Path, n: int = 4096) -> None:
+    """Flip every bit of `n` bytes in the middle of a file (its tensor data, past any header)."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_the_weights_fall_back_to_the_previous_checkpoint(tmp_path, small, capsys):
+    """4 KB of damaged weights still parse as a valid safetensors file: only the checksum tells."""
+    opt, sched = _parts(small)
+    save_checkpoint(tmp_path, 1, small, opt, sched, state={})
+    good = _snapshot(small)
+    _step(small, opt, sched)
+    latest = save_checkpoint(tmp_path, 2, small, opt, sched, state={})
+    assert (latest / ckpt.WEIGHTS).stat().st_size > 3 * 4096
+    _flip(latest / ckpt.WEIGHTS)
+    assert load_checkpoint(tmp_path, small, opt, sched)["step"] == 1
+    err = capsys.readouterr().err
+    assert "step-00000002 is damaged" in err and "weights.safetensors does not match its checksum" in err
+    assert all(torch.equal(p, good[n]) for n, p in small.named_parameters())
+
+
+def test_checksums_cover_every_file_and_read_with_sha256sum(tmp_path, small):
+    opt, sched = _parts(small)
+    path = save_checkpoint(tmp_path, 1, small, opt, sched, state={})
+    assert set(ckpt.read_checksums(path)) == {ckpt.WEIGHTS, ckpt.TRAINER, ckpt.STATE}
+    if shutil.which("sha256sum"):
+        subprocess.run(["sha256sum", "--quiet", "-c", ckpt.CHECKSUMS], cwd=path, check=True)
+    for damage in (ckpt.TRAINER, ckpt.STATE):  # any file: the optimizer state, the counters
+        other = save_checkpoint(tmp_path / damage, 1, small, opt, sched, state={"bad_steps": 0})
+        text = (other / damage).read_bytes()
+        (other / damage).write_bytes(text.replace(b'"bad_steps": 0', b'"bad_steps": 7') if damage == ckpt.STATE
+                                     else text[:-4096] + bytes(b ^ 1 for b in text[-4096:]))
+        assert load_checkpoint(tmp_path / damage, small, opt, sched) is None
+    gone = save_checkpoint(tmp_path / "gone", 1, small, opt, sched, state={})
+    (gone / ckpt.CHECKSUMS).unlink()  # deleting the checksums does not turn the check off
+    assert load_checkpoint(tmp_path / "gone", small, opt, sched) is None
+
+
+def test_checkpoints_from_before_checksums_still_load(tmp_path, small):
+    opt, sched = _parts(small)
+    _step(small, opt, sched)
+    path = save_checkpoint(tmp_path, 3, small, opt, sched, state={"evals": {}})
+    saved = _snapshot(small)
+    (path / ckpt.CHECKSUMS).unlink()  # as an older ttrl wrote it: no SHA256SUMS, no mention in state.json
+    state = json.loads((path / ckpt.STATE).read_text())
+    del state["checksums"]
+    (path / ckpt.STATE).write_text(json.dumps(state))
+    _step(small, opt, sched)
+    assert load_checkpoint(tmp_path, small, opt, sched)["step"] == 3
+    assert all(torch.equal(p, saved[n]) for n, p in small.named_parameters())

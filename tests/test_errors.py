@@ -153,7 +153,6 @@ def test_non_finite_loss_skips_updates_then_stops_with_a_checkpoint(tmp_path, ca
 def test_exploding_weights_are_undone_and_stop_the_run_with_good_weights(tmp_path, capsys):
     """lr=1e30 gives finite gradients but weights whose logits overflow: each such optimizer step is
     undone and counted like a NaN loss; the run stops with a checkpoint that still samples."""
-    import torch
     from safetensors.torch import load_file
 
     out = tmp_path / "run"

@@ -195,3 +195,194 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert image.size == (1280, 2600)
     colours = image.resize((128, 260)).getcolors(maxcolors=1 << 16)
     assert colours and len(colours) > 200  # plots and tables, not a blank or error page
+
+
+# --- damaged run files: skipped with a warning naming file:line, never a traceback -----------------
+
+DAMAGE = {
+    "metrics list": ("metrics.jsonl", "append", b"[1, 2]\n", "metrics.jsonl:11"),
+    "metrics binary": ("metrics.jsonl", "append", b"\x00\xff\xfe\x9c binary\n", "metrics.jsonl:11"),
+    "metrics step nine": ("metrics.jsonl", "append", b'{"step": "nine", "train/reward": 0.5}\n', "metrics.jsonl:11"),
+    "metrics field type": ("metrics.jsonl", "append", b'{"step": 2, "train/reward": [1], "eval/adapt/avg@4": "x"}\n',
+                           "train/reward is [1]"),
+    "metrics bad eval key": ("metrics.jsonl", "append", b'{"step": 2, "eval/x": 0.5}\n', "'eval/x'"),
+    "summary list": ("summary.json", "write", b"[1, 2]", "summary.json: a JSON list"),
+    "summary binary": ("summary.json", "write", b"\x89PNG\r\n\x1a\n\x00\xff", "summary.json:1"),
+    "summary evals list": ("summary.json", "write", b'{"steps": 4, "evals": [1]}', "'evals' is [1]"),
+    "summary wrong types": ("summary.json", "write", json.dumps({"evals": {"adapt": [
+        {"step": "nine"}, {"step": 0, "avg@4": "x", "examples": {"id": 1}},
+        {"step": 4, "avg@4": 0.5, "maj@4": float("inf"),
+         "examples": [[1], {"id": "a", "gold": {"x": 1}, "histogram": [["3", "two"]]}]}]}}).encode(),
+        "evals.adapt[0] is not an evaluation"),
+    "config list": ("config.json", "write", b"[1, 2]", "config.json: a JSON list"),
+    "config wrong types": ("config.json", "write", b'{"eval": {"n_samples": "four"}, "algorithm": {"kl_coef": "x"},'
+                           b' "rollout": [1]}', "eval.n_samples is \"four\""),
+    "environment list": ("environment.json", "write", b"[1, 2]", "environment.json: a JSON list"),
+    "environment binary": ("environment.json", "write", b"\xff\xfe", "environment.json:1"),
+    "rollouts garbage": ("rollouts.jsonl", "write", b"[1, 2]\n\xff\n{\"step\": \"nine\"}\n", None),
+}
+
+
+def _damage(run: Path, name: str, how: str, data: bytes) -> None:
+    with open(run / name, "ab" if how == "append" else "wb") as f:
+        f.write(data)
+
+
+def test_damaged_run_files_are_skipped_with_a_warning(tmp_path, capsys):
+    """Each damage alone: the report is built (plots aside, for time) and says what it left out."""
+    from ttrl.report import build_report, to_html, to_markdown
+
+    for case, (name, how, data, needle) in DAMAGE.items():
+        path = recorded_run(tmp_path, case.replace(" ", "-"))
+        _damage(path, name, how, data)
+        run = load_run(path)
+        doc = build_report(run, [], [])
+        md, page = to_markdown(doc, "report"), to_html(doc, {})
+        assert "Before and after" in page and "Setup and environment" in md, case
+        err = capsys.readouterr().err
+        if needle:  # said on the console and in the report, with the file (and line)
+            assert f"warning: {path / name.split('.')[0]}" in err and needle in err, (case, err)
+            assert "Damaged run files" in md and needle.split(":")[0] in md, case
+        else:
+            assert not run.problems and not err, case
+
+
+def test_cli_report_and_compare_of_a_badly_damaged_run(tmp_path, capsys):
+    """Every damage at once, through `ttrl report` and `ttrl compare`: exit 0, no traceback."""
+    run = recorded_run(tmp_path)
+    for case, (name, how, data, _) in DAMAGE.items():
+        if how == "append" or case in ("summary wrong types", "config wrong types", "environment binary",
+                                       "rollouts garbage"):
+            _damage(run, name, how, data)
+    assert main(["report", str(run)]) == 0
+    assert main(["compare", str(run), str(recorded_run(tmp_path, "other")), "--output", str(tmp_path / "c")]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("warning: ") >= 2 * 10
+    assert "Damaged run files" in (run / "report.md").read_text()
+    assert "Damaged run files in run" in (tmp_path / "c" / "compare.md").read_text()
+
+
+# --- Markdown escapes what it shows, as the HTML does ---------------------------------------------
+
+def test_markdown_escapes_ids_answers_and_pipes(tmp_path):
+    from markdown_it import MarkdownIt
+
+    run = recorded_run(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    adapt = summary["evals"]["adapt"]
+    for entry in (adapt[0], adapt[-1]):
+        entry["examples"][0].update(id="<script>x</script>", gold="a|b", problem="*What* is <b>1</b> | 2?")
+    summary["evals"]["odd|set<i>"] = summary["evals"].pop("heldout")
+    (run / "summary.json").write_text(json.dumps(summary))
+    write_report(run)
+    md = (run / "report.md").read_text()
+    page = MarkdownIt("commonmark").enable("table").render(md)
+    assert "<script>" not in page and "<b>1</b>" not in page and "<i>" not in page
+    assert "&lt;script&gt;x&lt;/script&gt;" in page and "gold a|b" in page and "*What* is &lt;b&gt;1&lt;/b&gt; | 2?" in page
+    results = page.split("<table>")[1].split("</table>")[0]
+    widths = {row.count("<td") or row.count("<th") for row in results.split("<tr>")[1:]}
+    assert widths == {7}, results  # the pipe in the set name did not add a cell
+    assert "odd|set&lt;i&gt;" in results
+    html_page = (run / "report.html").read_text()  # the HTML escaped them already
+    assert "&lt;script&gt;x&lt;/script&gt;" in html_page and "<script>" not in html_page
+
+
+# --- partly labelled data, no-signal runs, the bar to beat, which majority ratio ---------------------
+
+def _edit_summary(run: Path, edit) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    edit(summary)
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_partly_labelled_sets_report_accuracy_on_the_labelled_prompts(tmp_path):
+    run = recorded_run(tmp_path)
+
+    def label_some(summary):
+        for entry in summary["evals"]["adapt"]:
+            entry["n_labelled"] = 5  # evaluation.summarize: accuracy over the 5 of 9 prompts with gold
+        for entry in summary["evals"]["heldout"]:
+            entry["n_labelled"] = entry["n_prompts"]  # all labelled: nothing to say
+
+    _edit_summary(run, label_some)
+    write_report(run)
+    for text in ((run / "report.html").read_text(), (run / "report.md").read_text()):
+        assert "graded on 5 of 9 prompts" in text and "9 (5 graded)" in text
+        assert "No gold answers" not in text and "no reference answers" not in text
+        assert "graded on 3 of 3" not in text
+    old = recorded_run(tmp_path, "old")  # a run from before n_labelled: as before
+    write_report(old)
+    assert "graded on" not in (old / "report.md").read_text()
+    # Partly labelled, evaluated before accuracy was graded on the labelled part: no accuracy keys, but
+    # the examples show gold answers, so the report must not claim there are none.
+    partial = no_gold_run(tmp_path, "partial")
+    _edit_summary(partial, lambda s: s["evals"]["adapt"][-1]["examples"][0].update(gold="7"))
+    write_report(partial)
+    md = (partial / "report.md").read_text()
+    assert "gold 7" in md and "Partly labelled" in md and "No gold answers" not in md
+
+
+def test_a_run_with_no_answers_is_flagged_not_called_a_tie(tmp_path):
+    """MATH-500 with short answers: every sample cut off; before and after are both 0."""
+    run = recorded_run(tmp_path)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if "train/reward" in row:
+            row.update({"train/no_answer": 1.0, "train/truncated": 1.0, "train/majority_ratio": 0.0,
+                        "train/reward": 0.0, "train/label_accuracy": 0.0, "train/reward_accuracy": 0.5})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def zero(summary):
+        for entries in summary["evals"].values():
+            for entry in entries:
+                entry.update({"avg@4": 0.0, "maj@4": 0.0, "greedy": 0.0, "pass@4": 0.0})
+
+    _edit_summary(run, zero)
+    write_report(run)
+    for text in ((run / "report.html").read_text(), (run / "report.md").read_text()):
+        assert "No signal" in text and "rollout.max_new_tokens" in text and "100% of the training samples" in text
+        assert text.index("No signal") < text.index("Does training beat just voting?")
+        assert "A tie" not in text and "lucky hit" not in text
+        assert "No verdict" in text
+
+
+def test_the_bar_to_beat_is_the_better_of_base_greedy_and_maj():
+    def run(avg, maj, greedy=None):
+        base = {"step": 0, "n_prompts": 100, "avg@4": 0.1, "maj@4": maj}
+        if greedy is not None:
+            base["greedy"] = greedy
+        evals = {"adapt": [base, {"step": 5, "n_prompts": 100, "avg@4": avg, "maj@4": 0.9}]}
+        return Run(Path("x"), "x", {"eval": {"n_samples": 4}}, {}, [], evals, True)
+
+    verdict = beats_voting(run(0.5, 0.4, greedy=0.55))  # above maj@4, below greedy: not yet
+    assert "**Not yet.**" in verdict and "-5.0 points" in verdict and "greedy answer (55.0% greedy" in verdict
+    assert "**Yes.**" in beats_voting(run(0.6, 0.4, greedy=0.55)) and "+5.0 points" in beats_voting(run(0.6, 0.4, 0.55))
+    assert "majority vote of 4 samples (40.0% maj@4" in beats_voting(run(0.5, 0.4, greedy=0.3))
+    assert run(0.5, 0.4, greedy=0.55).bar() == (0.55, "base greedy")
+    assert run(0.5, 0.4).bar() == (0.4, "base maj@4")
+
+
+def test_report_names_the_bar_pass_at_k_and_both_majority_ratios(tmp_path):
+    run = recorded_run(tmp_path)
+
+    def greedy_above_maj(summary):
+        summary["evals"]["adapt"][0]["greedy"] = 0.5
+
+    _edit_summary(run, greedy_above_maj)
+    write_report(run)
+    md = (run / "report.md").read_text()
+    assert "**bar to beat (adapt)**: 50.0% (best of base maj@4 11.1% / greedy 50.0%)" in md
+    assert "below the base model's greedy answer (50.0% greedy" in md
+    assert "33.3% → **22.2%** (-11.1)" in md  # pass@4 falls as the model sharpens
+    assert "train majority ratio" in md and "| eval majority ratio |" in md and "| majority ratio |" not in md
+    assert (run / "metrics.csv").is_file()
+
+
+def test_environment_command_is_shell_quoted(monkeypatch):
+    import shlex
+
+    argv = ["/x/bin/ttrl", "train", "--output-dir", "my runs/a", "data.template=Question: {problem}"]
+    monkeypatch.setattr("sys.argv", argv)
+    command = environment()["command"]
+    assert shlex.split(command) == ["ttrl"] + argv[1:]
+    assert "'data.template=Question: {problem}'" in command

@@ -5,27 +5,29 @@ history and how many metrics rows were logged.
 
 A checkpoint is written into a temporary directory, fsynced, then renamed into place, so a crash
 at any moment leaves either the whole new checkpoint or none of it beside the previous ones.
-`state.json` is written last; a directory without it is never used.
+`state.json` is written last; a directory without it is never used. `SHA256SUMS` (the format of
+`sha256sum -c`) holds a checksum of each file, so bytes damaged later on disk are caught on load
+and the previous checkpoint is used instead; checkpoints from before checksums load unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
-import signal
 import sys
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ttrl.distributed import is_main_process
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS, TRAINER, STATE = "weights.safetensors", "trainer.pt", "state.json"
+CHECKSUMS = "SHA256SUMS"
 
 
 class CheckpointError(RuntimeError):
@@ -38,6 +40,30 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 16 MiB chunks (hashlib releases the GIL on them, so several
+    files hash in parallel threads)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checksums(path: Path) -> dict[str, str] | None:
+    """{file name: sha256} from a checkpoint's SHA256SUMS; None for a checkpoint written before
+    checksums existed. A malformed file raises ValueError (the checkpoint counts as damaged)."""
+    if not (path / CHECKSUMS).exists():
+        return None
+    sums = {}
+    for n, line in enumerate((path / CHECKSUMS).read_text(encoding="utf-8").splitlines(), 1):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"{path / CHECKSUMS}:{n} is not '<sha256>  <file>'")
+        sums[name] = digest
+    return sums
 
 
 def trained_weights(model) -> dict[str, torch.Tensor]:
@@ -89,12 +115,22 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     plain, tensors = rng_states()
-    save_file(trained_weights(model), tmp / WEIGHTS)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": tensors}, tmp / TRAINER)
-    (tmp / STATE).write_text(json.dumps({**state, "step": step, "rng": plain}, default=str), encoding="utf-8")
-    for name in (WEIGHTS, TRAINER, STATE):
-        _fsync(tmp / name)
+    # Each file is hashed in a thread as soon as it is written (read back from the page cache),
+    # overlapping the next write and the fsyncs: see docs/report.md for what checksums cost.
+    with ThreadPoolExecutor(3) as pool:
+        save_file(trained_weights(model), tmp / WEIGHTS)
+        sums = {WEIGHTS: pool.submit(sha256_file, tmp / WEIGHTS)}
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": tensors}, tmp / TRAINER)
+        sums[TRAINER] = pool.submit(sha256_file, tmp / TRAINER)
+        (tmp / STATE).write_text(json.dumps({**state, "step": step, "rng": plain, "checksums": CHECKSUMS},
+                                            default=str), encoding="utf-8")
+        sums[STATE] = pool.submit(sha256_file, tmp / STATE)
+        for name in (WEIGHTS, TRAINER, STATE):
+            _fsync(tmp / name)
+        (tmp / CHECKSUMS).write_text("".join(f"{sums[n].result()}  {n}\n" for n in (WEIGHTS, TRAINER, STATE)),
+                                     encoding="utf-8")
+    _fsync(tmp / CHECKSUMS)
     _fsync(tmp)
     if final.exists():  # the same step saved again (e.g. stopped right after resuming): swap it out
         _retire(final)
@@ -114,12 +150,27 @@ def _retire(path: Path) -> None:
     shutil.rmtree(gone, ignore_errors=True)
 
 
+class DamagedCheckpoint(ValueError):
+    """A file of a checkpoint does not match its recorded checksum."""
+
+
 def _read(path: Path) -> tuple[dict, dict, dict]:
+    """state, weights and trainer state of one checkpoint, verified against SHA256SUMS when it has
+    one (hashed in threads while the files load, so verifying costs little extra time)."""
     from safetensors.torch import load_file
 
+    expected = read_checksums(path)
     state = json.loads((path / STATE).read_text(encoding="utf-8"))
-    weights = load_file(path / WEIGHTS)
-    trainer = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
+    if expected is None and state.get("checksums"):  # written with checksums, but the file is gone
+        raise DamagedCheckpoint(f"{CHECKSUMS} is missing")
+    with ThreadPoolExecutor(3) as pool:
+        actual = {name: pool.submit(sha256_file, path / name) for name in expected or {}}
+        weights = load_file(path / WEIGHTS)
+        trainer = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
+        bad = [name for name, digest in (expected or {}).items() if actual[name].result() != digest]
+    if bad or (expected is not None and not {WEIGHTS, TRAINER, STATE} <= set(expected)):
+        raise DamagedCheckpoint(f"{', '.join(bad) or CHECKSUMS} does not match its checksum in {CHECKSUMS}"
+                                if bad else f"{CHECKSUMS} does not list every file")
     return state, weights, trainer
 
 
@@ -143,34 +194,6 @@ def load_checkpoint(run_dir: str | Path, model, optimizer, scheduler) -> dict | 
         optimizer.load_state_dict(trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
         set_rng_states(state.pop("rng"), trainer["rng"])
+        state.pop("checksums", None)
         return {**state, "path": str(path)}
     return None
-
-
-class StopSignals:
-    """While active, SIGINT/SIGTERM ask the training loop to stop after the step in flight (it then
-    saves a checkpoint); a second signal abandons the step at once, keeping the last checkpoint."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
-        self.received = signal.Signals(signum).name
-        if not is_main_process():  # every rank of a distributed run gets the signal; one says so
-            return
-        print(f"\n{self.received} received: finishing the step in flight, then saving a checkpoint "
-              "(send it again to stop at once and keep the previous checkpoint)", file=sys.stderr)

@@ -4,6 +4,7 @@ before any model is loaded so a typo costs seconds, not a model load."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field
@@ -185,6 +186,9 @@ class TrainConfig:
     """The plateau rule stops when the windowed mean rose by less than this."""
     entropy_floor: float = 0.05
     """The entropy rule stops when the rollouts' mean token entropy (nats) falls below this."""
+    wandb_project: str = ""
+    """Also log every metrics row to this Weights & Biases project ("" = off; needs
+    `pip install 'ttrl[wandb]'`; WANDB_MODE=offline logs without a network, under RUN_DIR/wandb)."""
 
 
 @dataclass
@@ -268,6 +272,8 @@ def validate(cfg: Config) -> Config:
         ("data.arithmetic.high", cfg.data.arithmetic.high >= cfg.data.arithmetic.low, "must be >= data.arithmetic.low"),
         ("model.lora_rank", cfg.model.lora_rank >= 0, "must be >= 0 (0 = full fine-tune)"),
         ("model.lora_dropout", 0 <= cfg.model.lora_dropout < 1, "must be in [0, 1)"),
+        ("train.wandb_project", not cfg.train.wandb_project or importlib.util.find_spec("wandb") is not None,
+         "needs Weights & Biases: pip install 'ttrl[wandb]' (or wandb), or leave it empty"),
     ]
     for key, ok, why in checks:
         if not ok:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ttrl.report import Run
+    from ttrl.rundir import Run
 
 # One colour per quantity, the same in every report; compare gives each run its own colour instead.
 COLOURS = {"train/rollout_accuracy": "#0072B2", "base": "#555555", "train/label_accuracy": "#E69F00",
@@ -25,10 +25,12 @@ RC = {"font.size": 8.5, "axes.titlesize": 9.5, "axes.titleweight": "bold", "axes
 
 # (slug, title, [(metric key, label)], y is a fraction in [0, 1])
 PANELS = [
-    ("accuracy", "Rollout accuracy vs base maj@k", [("train/rollout_accuracy", "rollout accuracy (pass@1)")], True),
+    ("accuracy", "Rollout accuracy vs the bar to beat", [("train/rollout_accuracy", "rollout accuracy (pass@1)")],
+     True),
     ("label_reward", "Label and reward accuracy", [("train/label_accuracy", "label accuracy"),
                                                   ("train/reward_accuracy", "reward accuracy")], True),
-    ("majority_ratio", "Majority ratio", [("train/majority_ratio", "majority ratio")], True),
+    ("majority_ratio", "Train majority ratio (N rollouts)", [("train/majority_ratio", "train majority ratio")],
+     True),
     ("entropy", "Entropy (nats / token)", [("train/entropy", "entropy")], False),
     ("response_length", "Response length (tokens)", [("train/response_length", "mean length")], False),
     ("reward", "Mean reward", [("train/reward", "reward")], True),
@@ -114,7 +116,7 @@ def make_plots(runs: list[Run]) -> tuple[list[Plot], list[str]]:
                 for j in sorted(styles):
                     ax.plot([], [], color="#6b7280", linestyle=STYLES[j % len(STYLES)], label=series[j][1])
             if many and slug == "accuracy":
-                ax.plot([], [], color="#6b7280", linestyle="--", label=f"base maj@{runs[0].k}")
+                ax.plot([], [], color="#6b7280", linestyle="--", label="bar: base greedy or maj@k")
                 ax.plot([], [], color="#6b7280", linestyle="none", marker="D", label="eval avg@k")
             if ax.get_legend_handles_labels()[0]:
                 _legend(ax, many)
@@ -131,13 +133,14 @@ def make_plots(runs: list[Run]) -> tuple[list[Plot], list[str]]:
 
 
 def _draw_baseline(ax, run: Run, colour: str | None) -> None:
-    """Base maj@k on the adapt set as a line, and eval avg@k at each evaluation as points: the
-    question is whether sampled pass@1 climbs to and past the base model's own vote."""
-    base, k = run.base(), run.k
-    if base and f"maj@{k}" in base:
-        ax.axhline(base[f"maj@{k}"], color=colour or COLOURS["base"], linestyle="--", linewidth=1.2,
-                   label=None if colour else f"base maj@{k} (eval)")
-    pts_ = [(row["step"], row[f"avg@{k}"]) for row in run.evals.get("adapt", []) if f"avg@{k}" in row]
+    """The bar to beat on the adapt set (the better of base greedy and base maj@k) as a line, and
+    eval avg@k at each evaluation as points: does sampled pass@1 climb past what the base model
+    already gets by decoding greedily or by voting?"""
+    bar, k = run.bar(), run.k
+    if bar:
+        ax.axhline(bar[0], color=colour or COLOURS["base"], linestyle="--", linewidth=1.2,
+                   label=None if colour else f"bar: {bar[1]} (eval)")
+    pts_ = [(row["step"], row[f"avg@{k}"]) for row in run.evals.get("adapt", []) if row.get(f"avg@{k}") is not None]
     if pts_:
         ax.plot(*zip(*pts_), linestyle="none", marker="D", markersize=4.5, color=colour or "#111827",
                 label=None if colour else f"eval avg@{k}")
@@ -159,10 +162,13 @@ def _eval_plot(runs: list[Run]) -> Plot | None:
                 continue
             colour = RUN_COLOURS[r % len(RUN_COLOURS)] if many else COLOURS.get(name, RUN_COLOURS[(s + 2) % 8])
             x = [row["step"] for row in rows]
-            ax.plot(x, [row[f"avg@{k}"] for row in rows], color=colour, marker="o", markersize=3,
+            ax.plot(x, [_value(row, f"avg@{k}") for row in rows], color=colour, marker="o", markersize=3,
                     label=run.name if many else f"{name} avg@{k}")
-            ax.plot(x, [row[f"maj@{k}"] for row in rows], color=colour, linestyle="--", linewidth=1.1,
+            ax.plot(x, [_value(row, f"maj@{k}") for row in rows], color=colour, linestyle="--", linewidth=1.1,
                     label=None if many else f"{name} maj@{k}")
+            if not many and any(f"pass@{k}" in row for row in rows):  # falls as the model sharpens
+                ax.plot(x, [_value(row, f"pass@{k}") for row in rows], color=colour, linestyle=":", linewidth=1.1,
+                        label=f"{name} pass@{k}")
             drawn = True
     if not drawn:
         return None
@@ -173,6 +179,11 @@ def _eval_plot(runs: list[Run]) -> Plot | None:
     ax.set_title("Eval accuracy over steps" + (" (adapt; dashed: maj@k)" if many else ""))
     _legend(ax, many)
     return Plot("eval", ax.get_title(loc="left"), _png(fig))
+
+
+def _value(row: dict, key: str) -> float:
+    value = row.get(key)
+    return float("nan") if value is None else value  # a gap in the line, not a crash
 
 
 def _legend(ax, many: bool) -> None:

@@ -11,141 +11,17 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import platform
 import re
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ttrl.metrics import read_metrics
+from ttrl.health import no_signal_warnings
+from ttrl.metrics import is_number, write_csv
 from ttrl.plots import RUN_COLOURS, Plot, make_plots
+from ttrl.rundir import ENVIRONMENT_FILE, ReportError, Run, environment, graded, load_run
 
-ENVIRONMENT_FILE = "environment.json"
-
-
-class ReportError(ValueError):
-    """A directory that holds no run: the message names it and what to pass instead."""
-
-
-def environment() -> dict:
-    """Versions and machine of this process, saved as RUN_DIR/environment.json for the report."""
-    import torch
-    import transformers
-
-    from ttrl import __version__
-
-    env = {"ttrl": __version__, "python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "platform": platform.platform(),
-           "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
-           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-           "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(Path(a).name if i == 0 else a
-                                                                             for i, a in enumerate(sys.argv))}
-    try:  # the code being run: the commit of the working directory, "-dirty" with uncommitted changes
-        git = ["git", "-C", os.getcwd()]
-        sha = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        if sha.returncode == 0:
-            dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True, timeout=5).stdout.strip()
-            env["git_commit"] = sha.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):  # no git, or not a repository: nothing to record
-        pass
-    return env
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# ---------------------------------------------------------------- reading a run back
-
-@dataclass
-class Run:
-    path: Path
-    name: str
-    config: dict
-    env: dict
-    steps: list[dict]
-    """One row per training step (the last logged wins when a resumed run logged a step twice)."""
-    evals: dict[str, list[dict]]
-    """Eval set -> [{step, avg@k, maj@k, pass@k, greedy, majority_ratio, examples?}], oldest first."""
-    finished: bool
-
-    def cfg(self, dotted: str, default=None):
-        node = self.config
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return default
-            node = node[part]
-        return node
-
-    @property
-    def k(self) -> int:
-        return int(self.cfg("eval.n_samples", 0) or _k_of(self.evals))
-
-    def series(self, key: str) -> tuple[list[int], list[float]]:
-        pts = [(r["step"], r[key]) for r in self.steps if isinstance(r.get(key), (int, float))]
-        return [s for s, _ in pts], [float(v) for _, v in pts]
-
-    def base(self, name: str = "adapt") -> dict | None:
-        rows = self.evals.get(name) or []
-        return rows[0] if rows and rows[0]["step"] == 0 else None
-
-    def final(self, name: str = "adapt") -> dict | None:
-        rows = self.evals.get(name) or []
-        return rows[-1] if rows and rows[-1]["step"] > 0 else None
-
-    @property
-    def has_gold(self) -> bool:
-        """Gold answers were there to measure against (training diagnostics or evaluation)."""
-        return any(r.get("train/rollout_accuracy") is not None for r in self.steps) or bool(
-            (self.base() or self.final() or {}).get(f"avg@{self.k}") is not None)
-
-
-def _k_of(evals: dict) -> int:
-    for rows in evals.values():
-        for row in rows:
-            for key in row:
-                if key.startswith("avg@"):
-                    return int(key[4:])
-    return 0
-
-
-def load_run(run_dir: str | Path) -> Run:
-    path = Path(run_dir)
-    if not (path / "metrics.jsonl").is_file() and not (path / "summary.json").is_file():
-        raise ReportError(f"{path} holds no ttrl run (no metrics.jsonl or summary.json); "
-                          "pass the --output-dir of a `ttrl train` run")
-
-    def read_json(name: str) -> dict:
-        try:
-            return json.loads((path / name).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return {}
-
-    steps: dict[int, dict] = {}
-    evals: dict[str, dict[int, dict]] = {}
-    for row in read_metrics(path):
-        step = row.get("step", 0)
-        for key, value in row.items():
-            if key.startswith("eval/"):
-                _, name, metric = key.split("/", 2)
-                evals.setdefault(name, {}).setdefault(step, {"step": step})[metric] = value
-            elif key != "step":
-                steps.setdefault(step, {"step": step})[key] = value
-    summary = read_json("summary.json")
-    eval_rows = summary.get("evals") or {n: [rows[s] for s in sorted(rows)] for n, rows in evals.items()}
-    name = path.resolve().name
-    return Run(path=path, name=name, config=read_json("config.json"), env=read_json(ENVIRONMENT_FILE),
-               steps=[steps[s] for s in sorted(steps)], evals=eval_rows, finished=bool(summary))
+__all__ = ["ENVIRONMENT_FILE", "ReportError", "Run", "environment", "load_run", "write_report", "write_compare",
+           "beats_voting"]
 
 
 # ---------------------------------------------------------------- formatting helpers
@@ -188,25 +64,39 @@ class Doc:
 
 
 def beats_voting(run: Run) -> str:
-    """The plain answer to "does training beat just voting?": TTRL avg@k against base maj@k."""
-    base, final, k = run.base(), run.final(), run.k
+    """The plain answer to "does training beat just voting?": TTRL avg@k against the bar, the
+    better of the base model's greedy answer and its maj@k (greedy alone often beats a vote)."""
+    base, final, k, bar = run.base(), run.final(), run.k, run.bar()
+    q = "Does training beat just voting?"
     if not base or not final:
-        return ("Does training beat just voting? Not answered: this needs the base model's evaluation "
-                "(eval.before) and one after training.")
-    if f"maj@{k}" not in base or f"avg@{k}" not in final:
-        return ("Does training beat just voting? Not answered: the adaptation prompts have no gold answers.")
-    a, m = final[f"avg@{k}"], base[f"maj@{k}"]
-    small = f"; on {base['n_prompts']} prompts a few points are noise" if base.get("n_prompts", 99) < 50 else ""
+        return f"{q} Not answered: this needs the base model's evaluation (eval.before) and one after training."
+    if bar is None or f"avg@{k}" not in final:
+        return f"{q} Not answered: the adaptation prompts have no gold answers."
+    a, (m, what) = final[f"avg@{k}"], bar
+    of = f"the base model's {'greedy answer' if what == 'base greedy' else f'majority vote of {k} samples'}"
+    both = is_number(base.get("greedy")) and is_number(base.get(f"maj@{k}"))
+    against = f"{of} ({pct(m)} {what.removeprefix('base ')}" + (f", the better of base greedy and maj@{k})" if both
+                                                                 else ")")
+    n = base.get("n_prompts")
+    small = f"; on {n} prompts a few points are noise" if is_number(n) and n < 50 else ""
+    where = graded(final)
+    small += f" ({where})" if where else ""
+    warnings = no_signal_warnings(run.steps)
+    if warnings:  # nothing (or little) was learnt from: equal numbers are not "a tie"
+        head = warnings[0].split(":", 1)[0].lower()
+        return (f"{q} **No verdict ({head} in training).** After TTRL one sample is right {pct(a)} of the time "
+                f"(avg@{k}) against {against}, but with so little to learn from this says little about what "
+                f"TTRL did{small}.")
     if a > m:
-        verdict = f"**Yes.** After TTRL one sample is right {pct(a)} of the time (avg@{k}), above the base " \
-                  f"model's majority vote of {k} samples ({pct(m)} maj@{k}): {pts(a - m)} points"
+        verdict = f"**Yes.** After TTRL one sample is right {pct(a)} of the time (avg@{k}), above {against}: " \
+                  f"{pts(a - m)} points"
     elif a == m:
-        verdict = f"**A tie.** After TTRL one sample is right {pct(a)} of the time (avg@{k}), exactly as often " \
-                  f"as the base model's majority vote of {k} samples (maj@{k})"
+        verdict = f"**A tie.** After TTRL one sample is right {pct(a)} of the time (avg@{k}), exactly as " \
+                  f"often as {against}"
     else:
-        verdict = f"**Not yet.** After TTRL one sample is right {pct(a)} of the time (avg@{k}), below the base " \
-                  f"model's majority vote of {k} samples ({pct(m)} maj@{k}): {pts(a - m)} points"
-    return f"Does training beat just voting? {verdict}{small}."
+        verdict = f"**Not yet.** After TTRL one sample is right {pct(a)} of the time (avg@{k}), below {against}: " \
+                  f"{pts(a - m)} points"
+    return f"{q} {verdict}{small}."
 
 
 def _mean(run: Run, key: str) -> float | None:
@@ -222,33 +112,47 @@ def headline(run: Run, doc: Doc) -> None:
                  f"samples, T = {run.cfg('rollout.temperature')}, lr {run.cfg('algorithm.lr')}), evaluated with "
                  f"k = {k} samples." + ("" if run.finished else f" **The run has not finished** "
                                                                 f"({len(run.steps)} of {steps} steps logged)."))
+    no_signal = no_signal_warnings(run.steps)
+    for warning in no_signal:  # before any number, so that nobody reads a no-signal run as a result
+        doc.add("warn", f"**{warning.split(':', 1)[0]}.** {warning.split(':', 1)[1].strip()}")
     cards = []
     for name in run.evals:  # the headline number of each eval set: avg@k, base -> after
         base, final, metric = run.base(name), run.final(name), f"avg@{k}"
         if base and final and metric in base and metric in final:
             cards.append((f"{name} {metric}", f"{pct(base[metric])} → {pct(final[metric])}",
-                          f"{pts(final[metric] - base[metric])} points"))
-    base = run.base()
-    if base and f"maj@{k}" in base:
-        cards.append((f"base maj@{k} (adapt)", pct(base[f"maj@{k}"]), "the bar to beat"))
+                          f"{pts(final[metric] - base[metric])} points" + (f", {graded(final)}" if graded(final)
+                                                                           else "")))
+    bar, base = run.bar(), run.base() or {}
+    if bar:
+        parts = [f"{label} {pct(base[key])}" for key, label in ((f"maj@{k}", f"maj@{k}"), ("greedy", "greedy"))
+                 if is_number(base.get(key))]
+        cards.append(("bar to beat (adapt)", pct(bar[0]), f"best of base {' / '.join(parts)}"))
     la, ra = _mean(run, "train/label_accuracy"), _mean(run, "train/reward_accuracy")
     if la is not None and ra is not None:
         cards.append(("label / reward accuracy", f"{pct(la)} / {pct(ra)}", "mean over steps"))
     _, mr = run.series("train/majority_ratio")
     if mr:
-        cards.append(("majority ratio", f"{pct(mr[0])} → {pct(mr[-1])}", "first → last step"))
+        cards.append(("train majority ratio", f"{pct(mr[0])} → {pct(mr[-1])}",
+                      f"N = {run.cfg('rollout.n_votes')} rollouts at T = {run.cfg('rollout.temperature')}, "
+                      "first → last step"))
     if cards:
         doc.add("cards", cards)
     doc.add("p", beats_voting(run))
     if la is not None and ra is not None:
         lucky = " — the \"lucky hit\" effect: when the vote is wrong, samples that disagree with it are " \
-                "mostly wrong too, so their 0 reward is still right" if ra > la else ""
+                "mostly wrong too, so their 0 reward is still right" if ra > la and not no_signal else ""
         doc.add("p", f"Across training the pseudo-label matched gold on {pct(la)} of prompts, and "
                      f"{pct(ra)} of rewards equalled the reward gold would give{lucky}.")
-    if not run.has_gold:
+    some_gold = any(ex.get("gold") is not None for rows in run.evals.values() for row in rows
+                    for ex in row.get("examples", []))
+    if not run.has_gold and some_gold:  # a partly labelled run from before accuracy was graded on the labelled part
+        doc.add("note", "**Partly labelled.** Some prompts have reference answers, but this run was evaluated by a "
+                        "ttrl that graded accuracy only when every prompt had one, so accuracy is left out; "
+                        "`ttrl eval` grades the labelled prompts.")
+    elif not run.has_gold:
         doc.add("note", "**No gold answers.** This run's prompts have no reference answers, so accuracy "
                         "(avg@k, maj@k, pass@k, greedy), label/reward accuracy and the accuracy curves are "
-                        "left out; majority ratio, entropy and the vote histograms show how confident the "
+                        "left out; the majority ratios, entropy and the vote histograms show how confident the "
                         "model grew, which is not the same as how right it is.")
 
 
@@ -258,7 +162,7 @@ def results_table(runs: list[Run]) -> tuple[list[str], list[list]]:
     ks = {r.k for r in runs}
     kk = str(ks.pop()) if len(ks) == 1 else "k"
     metrics = [("avg", f"avg@{kk}"), ("maj", f"maj@{kk}"), ("pass", f"pass@{kk}"), ("greedy", "greedy"),
-               ("majority_ratio", "majority ratio")]
+               ("majority_ratio", "eval majority ratio")]
     headers = (["run"] if many else []) + ["eval set", "prompts"] + [h for _, h in metrics]
     rows = []
     for run in runs:
@@ -266,7 +170,11 @@ def results_table(runs: list[Run]) -> tuple[list[str], list[list]]:
             base, final = run.base(name), run.final(name)
             if not evals:
                 continue
-            row = ([run.name] if many else []) + [name if many else set_label(name), evals[-1].get("n_prompts", "")]
+            last = evals[-1]
+            prompts = last.get("n_prompts") if last.get("n_prompts") is not None else ""
+            if graded(last):  # partly labelled: accuracy is over the prompts with a gold answer
+                prompts = f"{prompts} ({last['n_labelled']} graded)"
+            row = ([run.name] if many else []) + [name if many else set_label(name), prompts]
             for m, _ in metrics:
                 key = f"{m}@{run.k}" if m in ("avg", "maj", "pass") else m
                 b, f = (base or {}).get(key), (final or {}).get(key)
@@ -330,7 +238,14 @@ def build_report(run: Run, plots: list[Plot], missing: list[str]) -> Doc:
         doc.add("table", headers, rows)
         doc.add("small", "adapt: the prompts trained on (TTRL is transductive: it learns on the test prompts "
                          "without their answers); heldout: prompts of the same source never trained on. "
-                         "avg@k: mean accuracy of k samples (pass@1); maj@k: accuracy of their majority vote.")
+                         "avg@k: mean accuracy of k samples (pass@1); maj@k: accuracy of their majority vote; "
+                         "greedy: accuracy of the temperature-0 answer. The bar to beat is the better of the base "
+                         "model's greedy and maj@k. pass@k (at least one of k samples right) often falls as TTRL "
+                         "sharpens the model: its samples agree more, so fewer prompts get a lucky right one. "
+                         "Eval majority ratio: share of the k evaluation samples (at eval.temperature) in the "
+                         "winning answer — not the train majority ratio of the N training rollouts."
+                         + "".join(f" {name}: accuracy {graded(rows[-1])}, those with a gold answer."
+                                   for name, rows in run.evals.items() if rows and graded(rows[-1])))
     else:
         doc.add("note", "No evaluation recorded.")
     doc.add("h2", "Training curves")
@@ -347,7 +262,15 @@ def build_report(run: Run, plots: list[Plot], missing: list[str]) -> Doc:
     env = env_table(run) if run.env else env_table(run) + [["", f"({ENVIRONMENT_FILE} was not recorded)"]]
     doc.add("tables", [("Setup", *setup_table([run])), ("Environment", ["", ""], env)])
     doc.add("details", "Full config (config.json)", json.dumps(run.config, indent=2))
+    damaged(run, doc)
     return doc
+
+
+def damaged(run: Run, doc: Doc, many: bool = False) -> None:
+    """Say what was left out of the run files as damaged (also printed as warnings)."""
+    if run.problems:
+        shown = "; ".join(run.problems[:8]) + (f"; and {len(run.problems) - 8} more" if len(run.problems) > 8 else "")
+        doc.add("note", f"**Damaged run files{f' in {run.name}' if many else ''}.** Left out: {shown}.")
 
 
 def build_compare(runs: list[Run], plots: list[Plot], missing: list[str]) -> Doc:
@@ -355,6 +278,8 @@ def build_compare(runs: list[Run], plots: list[Plot], missing: list[str]) -> Doc
     doc.add("p", "Does training beat just voting?")
     for r in runs:
         doc.add("p", f"**{r.name}**: {beats_voting(r).split('? ', 1)[1]}")
+        for warning in no_signal_warnings(r.steps):
+            doc.add("warn", f"**{r.name}**: {warning}")
     doc.add("h2", "Results")
     doc.add("table", *results_table(runs))
     doc.add("h2", "Curves")
@@ -364,6 +289,8 @@ def build_compare(runs: list[Run], plots: list[Plot], missing: list[str]) -> Doc
         doc.add("small", "Not shown: " + "; ".join(missing) + ".")
     doc.add("h2", "Setup")
     doc.add("table", *setup_table(runs))
+    for r in runs:
+        damaged(r, doc, many=True)
     return doc
 
 
@@ -377,6 +304,7 @@ h1{font-size:24px;margin:0 0 6px}h2{font-size:17px;margin:30px 0 10px;border-bot
 padding-bottom:4px}
 p{margin:8px 0;max-width:900px}.small{color:#6b7280;font-size:12.5px;max-width:900px}
 .note{background:#fffbeb;border-left:4px solid #f59e0b;padding:8px 12px;border-radius:4px;max-width:880px}
+.warn{background:#fef2f2;border-left:4px solid #dc2626;padding:8px 12px;border-radius:4px;max-width:880px}
 .cards{display:flex;flex-wrap:wrap;gap:12px;margin:14px 0}
 .card{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:10px 14px;min-width:150px}
 .card .l{color:#6b7280;font-size:12px}.card .v{font-size:20px;font-weight:600;font-variant-numeric:tabular-nums}
@@ -447,7 +375,7 @@ def to_html(doc: Doc, plots_b64: dict) -> str:
     for kind, *args in doc.blocks:
         if kind == "h2":
             out.append(f"<h2>{html.escape(args[0])}</h2>")
-        elif kind in ("p", "small", "note"):
+        elif kind in ("p", "small", "note", "warn"):
             out.append(f'<p class="{kind}">{_inline(args[0])}</p>')
         elif kind == "cards":
             out.append('<div class="cards">' + "".join(
@@ -483,10 +411,28 @@ def to_html(doc: Doc, plots_b64: dict) -> str:
     return "\n".join(out)
 
 
+def _md(text) -> str:
+    """Text from a run (ids, answers, file names) as literal Markdown: no raw HTML (`<script>`
+    stays text, as report.html escapes it) and no stray emphasis, links or table cells."""
+    text = html.escape(str(text).replace("\n", " "), quote=False)
+    return re.sub(r"([\\`*_\[\]|#])", r"\\\1", text)
+
+
+def _md_prose(text: str) -> str:
+    """Our own sentences with `**bold**` kept; values inside them cannot open raw HTML."""
+    return html.escape(text, quote=False)
+
+
+def _fence(text: str, lang: str = "") -> list[str]:
+    """A code block that no backtick run inside `text` can close early."""
+    ticks = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
+    return [ticks + lang, text, ticks]
+
+
 def _md_cell(cell) -> str:
     if isinstance(cell, tuple):
         return f"{pct(cell[0])} → **{pct(cell[1])}** ({pts(cell[1] - cell[0])})"
-    return str(cell).replace("|", "\\|").replace("\n", " ")
+    return _md(cell)
 
 
 def _hist_md(ex: dict | None, gold) -> list[str]:
@@ -508,21 +454,23 @@ def _hist_md(ex: dict | None, gold) -> list[str]:
 
 
 def _table_md(headers: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + \
+    return ["| " + " | ".join(_md(h) for h in headers) + " |", "|" + "---|" * len(headers)] + \
         ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows] + [""]
 
 
 def to_markdown(doc: Doc, plot_dir: str) -> str:
-    out = [f"# {doc.title}", ""]
+    out = [f"# {_md(doc.title)}", ""]
     for kind, *args in doc.blocks:
         if kind == "h2":
             out += [f"## {args[0]}", ""]
         elif kind in ("p", "small"):
-            out += [args[0] if kind == "p" else f"<sub>{args[0]}</sub>", ""]
+            out += [_md_prose(args[0]) if kind == "p" else f"<sub>{_md_prose(args[0])}</sub>", ""]
         elif kind == "note":
-            out += [f"> {args[0]}", ""]
+            out += [f"> {_md_prose(args[0])}", ""]
+        elif kind == "warn":
+            out += [f"> ⚠ {_md_prose(args[0])}", ""]
         elif kind == "cards":
-            out += [f"- **{l}**: {v} ({d})" for l, v, d in args[0]] + [""]
+            out += [f"- **{_md(l)}**: {_md(v)} ({_md(d)})" for l, v, d in args[0]] + [""]
         elif kind == "table":
             out += _table_md(*args)
         elif kind == "tables":
@@ -531,41 +479,49 @@ def to_markdown(doc: Doc, plot_dir: str) -> str:
         elif kind == "figures":
             out += [f"![{p.title}]({plot_dir}/{p.slug}.png)" for p in args[0]] + [""]
         elif kind == "legend":
-            out += ["Runs, in plot colour order: " + ", ".join(n for n, _ in args[0]), ""]
+            out += ["Runs, in plot colour order: " + ", ".join(_md(n) for n, _ in args[0]), ""]
         elif kind == "examples":
             for ex in args[0]:
-                gold = f"gold {ex['gold']}" if ex["gold"] is not None else "no gold answer"
-                out += [f"**{ex['id']}** ({ex['set']}, {gold})" + (f": {_short(ex['problem'], 200)}"
-                                                                   if ex["problem"] else ""), "", "```"]
+                gold = f"gold {_md(ex['gold'])}" if ex["gold"] is not None else "no gold answer"
+                head = f"**{_md(ex['id'])}** ({_md(ex['set'])}, {gold})" + (f": {_md(_short(ex['problem'], 200))}"
+                                                                            if ex["problem"] else "")
+                block = []
                 for when in ("before", "after"):
                     e = ex[when]
-                    label = f"pseudo-label {_short(e.get('pseudo_label'), 24)}, majority ratio " \
+                    label = f"pseudo-label {_short(e.get('pseudo_label'), 24)}, eval majority ratio " \
                             f"{pct(e.get('majority_ratio'))}" if e else ""
-                    out += [f"{when}: {label}"] + _hist_md(e, ex["gold"])
-                out += ["```", ""]
+                    block += [f"{when}: {label}"] + _hist_md(e, ex["gold"])
+                out += [head, ""] + _fence("\n".join(block)) + [""]
         elif kind == "details":
-            out += [f"<details><summary>{args[0]}</summary>", "", "```json", args[1], "```", "", "</details>", ""]
+            out += [f"<details><summary>{html.escape(args[0])}</summary>", ""] + _fence(args[1], "json") + \
+                ["", "</details>", ""]
     return "\n".join(out)
 
 
 def _write(doc: Doc, plots: list[Plot], out_dir: Path, stem: str) -> Path:
-    plot_dir = out_dir / stem
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    for old in plot_dir.glob("*.png"):  # a panel left out this time must not linger from a previous report
-        old.unlink()
-    for p in plots:
-        (plot_dir / f"{p.slug}.png").write_bytes(p.png)
-    (out_dir / f"{stem}.md").write_text(to_markdown(doc, stem), encoding="utf-8")
-    page = to_html(doc, {p.slug: base64.b64encode(p.png).decode() for p in plots})
-    (out_dir / f"{stem}.html").write_text(page, encoding="utf-8")
+    try:
+        plot_dir = out_dir / stem
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        for old in plot_dir.glob("*.png"):  # a panel left out this time must not linger from a previous report
+            old.unlink()
+        for p in plots:
+            (plot_dir / f"{p.slug}.png").write_bytes(p.png)
+        (out_dir / f"{stem}.md").write_text(to_markdown(doc, stem), encoding="utf-8")
+        page = to_html(doc, {p.slug: base64.b64encode(p.png).decode() for p in plots})
+        (out_dir / f"{stem}.html").write_text(page, encoding="utf-8")
+    except OSError as e:
+        raise ReportError(f"cannot write {stem}.html / {stem}.md in {out_dir}: {e.strerror or e}; "
+                          "choose a directory you can write to") from None
     return out_dir / f"{stem}.html"
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """RUN_DIR/report.html, RUN_DIR/report.md and RUN_DIR/report/*.png; returns the HTML path."""
+    """RUN_DIR/report.html, report.md, report/*.png and metrics.csv; returns the HTML path."""
     run = load_run(run_dir)
     plots, missing = make_plots([run])
-    return _write(build_report(run, plots, missing), plots, Path(run_dir), "report")
+    page = _write(build_report(run, plots, missing), plots, Path(run_dir), "report")
+    write_csv(run_dir)
+    return page
 
 
 def write_compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
@@ -577,5 +533,8 @@ def write_compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
             r.name = str(r.path)
     plots, missing = make_plots(runs)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"cannot create {out}: {e.strerror or e}; pass another --output") from None
     return _write(build_compare(runs, plots, missing), plots, out, "compare")

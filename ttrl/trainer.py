@@ -29,7 +29,7 @@ from ttrl.distributed import Dist, is_main_process, make_accelerator, zero_loss
 from ttrl.evaluation import eval_seed, evaluate
 from ttrl.groups import Group, diagnostics, reward, vote
 from ttrl.losses import kl_k3, policy_loss
-from ttrl.metrics import MetricsWriter, progress_bar, read_metrics, truncate_metrics
+from ttrl.metrics import MetricsWriter, library_bars, progress_bar, read_metrics, truncate_metrics
 from ttrl.models import encode_problems, load_model
 from ttrl.rollout import NonFiniteError, Rollout, Sampler, Sampling, TorchSampler, score
 
@@ -337,7 +337,8 @@ def resumed_state(run_dir: Path, cfg: Config, model, optimizer, scheduler) -> di
         warn(f"no checkpoint in {run_dir}/{CHECKPOINTS}; starting from step 0")
         return None
     old, new = _flatten(state["config"]), _flatten(cfg.to_dict())
-    free = ("train.steps", "train.save_every", "train.keep_checkpoints", "algorithm.max_bad_steps")
+    free = ("train.steps", "train.save_every", "train.keep_checkpoints", "algorithm.max_bad_steps",
+            "train.wandb_project")
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in free]
     if any(k.startswith("model.") for k in changed):
         raise CheckpointError(f"cannot resume {run_dir}: the checkpoint was trained with other model settings "
@@ -422,7 +423,8 @@ def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Run:
             truncate_metrics(run_dir, state["metric_rows"] if state else 0)
             truncate_rollouts(run_dir, state["step"] if state else 0)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        writer = MetricsWriter(run_dir, purge_step=(state["step"] + 1 if state else 0) if resume else None)
+        writer = MetricsWriter(run_dir, purge_step=(state["step"] + 1 if state else 0) if resume else None,
+                               wandb_project=cfg.train.wandb_project, config=cfg.to_dict())
     history = dist.broadcast([r for r in read_metrics(run_dir) if "train/reward" in r] if dist.is_main else None)
     if state:
         sampler.sync(model)
@@ -457,9 +459,10 @@ def export_model(model, tok, run_dir: Path, state_dict=None) -> Path:
 def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = False) -> dict:
     """Run TTRL end to end; returns the summary also written to RUN_DIR/summary.json.
     `resume`: continue from the latest valid checkpoint in RUN_DIR (from step 0 if there is none).
+    `quiet`: no progress output, ours or the libraries' (model loading and saving).
     Under `torchrun` / `accelerate launch` every process runs this; rank 0 writes the files."""
     run_dir = Path(run_dir)
-    with StopSignals(announce=is_main_process()) as stop:
+    with StopSignals(announce=is_main_process()) as stop, library_bars(enabled=not quiet):
         r = setup(cfg, run_dir, resume, stop)
         dist, control, path = r.dist, r.control, run_dir / CHECKPOINTS
         try:
@@ -522,7 +525,8 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
     weights = dist.accelerator.get_state_dict(r.policy.model) if dist.sharded else None
     summary = {"steps": control.steps, "evals": r.evals, "stopped_early": control.stopped_early}
     if dist.is_main:
-        export_model(r.model, r.tok, run_dir, weights)
+        with library_bars(enabled=not quiet):
+            export_model(r.model, r.tok, run_dir, weights)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     dist.close()
     return summary
