@@ -101,7 +101,7 @@ def test_missing_model_and_missing_extras_say_how_to_fix(tmp_path, capsys, monke
 
 def test_prompt_too_long_for_the_context(tmp_path, capsys, tiny):
     from ttrl.data import load_problems
-    from ttrl.trainer import fit_context
+    from ttrl.data import fit_context
 
     model, tok = tiny
     path = tmp_path / "p.jsonl"

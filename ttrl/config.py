@@ -4,6 +4,7 @@ before any model is loaded so a typo costs seconds, not a model load."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -13,8 +14,21 @@ from typing import Any
 import yaml
 
 
+CONFIGS_DIR = Path(__file__).parent / "configs"
+"""The bundled configs (`configs/` in the repository is a link to it)."""
+
+SEED_LIMIT = 10_000_000
+"""train.seed must be below this: the per-prompt streams derived from it (trainer.prompt_seed
+multiplies it by ~1e12) must fit the 64 bits of a torch seed."""
+
+
 class ConfigError(ValueError):
-    """A bad setting: the message names the key and what to do."""
+    """A bad setting: the message names the key and what to do. `key` is the dotted key at fault
+    (when one is), so the caller can say where it was set."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -31,8 +45,11 @@ class ModelConfig:
     lora_rank: int = 0
     """0 = full fine-tune; >0 = train a LoRA adapter of this rank (peft)."""
     lora_alpha: int = 32
+    """LoRA scaling: the adapter's update is multiplied by lora_alpha / lora_rank."""
     lora_dropout: float = 0.0
+    """Dropout on the adapter's input during training."""
     lora_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the linear layers that get an adapter."""
 
 
 @dataclass
@@ -40,10 +57,13 @@ class ArithmeticConfig:
     n: int = 64
     """How many questions the generator makes."""
     low: int = 0
+    """Smallest operand."""
     high: int = 9
-    """Operands are drawn uniformly from [low, high]."""
+    """Largest operand: operands are drawn uniformly from [low, high]."""
     ops: list = field(default_factory=lambda: ["+"])
+    """Operators to use: any of +, - and *."""
     seed: int = 0
+    """Seed of the question order."""
 
 
 @dataclass
@@ -55,9 +75,11 @@ class DataConfig:
     holdout: float = 0.0
     """Fraction of `train` kept aside (seeded) and only evaluated: the held-out split."""
     prompt_field: str = "problem"
+    """Field of each record that holds the question."""
     answer_field: str = "answer"
     """Gold answers: read for diagnostics and evaluation only, never for training."""
     id_field: str = "id"
+    """Field holding a record's id; a record without one is named by its position (from 0)."""
     limit: int = 0
     """Use only the first `limit` prompts (0 = all)."""
     template: str = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -76,18 +98,22 @@ class RolloutConfig:
     n_votes: int = 64
     """N: samples per prompt that vote on the pseudo-label (official TTRL scripts: 64)."""
     temperature: float = 1.0
+    """Sampling temperature of the training rollouts."""
     top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off)."""
     top_k: int = 0
     """0 = no top-k truncation."""
     max_new_tokens: int = 3072
+    """Longest completion, in tokens; a sample cut off here has no answer."""
     backend: str = "torch"
     """torch (built in, CPU and CUDA) or vllm (optional extra, GPU)."""
 
 
 @dataclass
 class RewardConfig:
-    n_train_samples: int = 32
-    """M: samples per prompt that are rewarded and trained on, drawn from the N votes."""
+    n_train_samples: int = 0
+    """M: samples per prompt that are rewarded and trained on, drawn from the N votes; 0 = half
+    of rollout.n_votes (official TTRL scripts: 32 of 64)."""
     kind: str = "majority"
     """majority (TTRL: 1 if equivalent to the pseudo-label), similarity (ROUGE-L to the consensus text),
     semantic_entropy (EMPO), neg_entropy (RENT) or self_certainty (Intuitor); see ttrl/rewards.py."""
@@ -100,12 +126,17 @@ class AlgorithmConfig:
     advantage: str = "grpo"
     """grpo (group-normalised), dr_grpo (no std division), rloo (leave-one-out) or reinforce_pp."""
     clip_eps: float = 0.2
+    """PPO clip range of the probability ratio: [1 - clip_eps, 1 + clip_eps]."""
     kl_coef: float = 0.0
     """Weight of the k3 KL penalty to the frozen reference model (0 = no reference model kept)."""
     lr: float = 5e-7
+    """AdamW learning rate."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     max_grad_norm: float = 1.0
+    """Gradients are clipped to this global norm."""
     warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many steps (0 = none)."""
     ppo_epochs: int = 1
     """Optimisation passes over each rollout batch."""
     micro_batch_size: int = 16
@@ -120,9 +151,13 @@ class EvalConfig:
     n_samples: int = 16
     """k in avg@k / maj@k / pass@k (paper: 16)."""
     temperature: float = 0.6
+    """Sampling temperature of the evaluation samples (paper: 0.6)."""
     top_p: float = 0.95
+    """Nucleus sampling of the evaluation samples (paper: 0.95)."""
     top_k: int = 0
+    """0 = no top-k truncation."""
     max_new_tokens: int = 3072
+    """Longest evaluation completion, in tokens."""
     greedy: bool = True
     """Also report greedy (temperature 0) accuracy."""
     before: bool = True
@@ -136,8 +171,11 @@ class TrainConfig:
     steps: int = 0
     """Optimiser steps; 0 = run `epochs` passes over the prompts."""
     epochs: int = 1
+    """Passes over the adaptation prompts when steps is 0."""
     prompts_per_step: int = 8
+    """Prompts per GRPO step (official scripts: 8)."""
     seed: int = 0
+    """Seeds sampling, the held-out split, the batch order and random-weight models."""
     save_every: int = 0
     """Checkpoint every this many steps (0 = only at the end, or when stopped by a signal)."""
     keep_checkpoints: int = 2
@@ -146,8 +184,12 @@ class TrainConfig:
     """Optional early stop on an unlabeled signal: majority_ratio or reward (plateau over
     stop_window steps), or entropy (below entropy_floor). Never on gold-based metrics."""
     stop_window: int = 5
+    """Steps per window of the plateau rule: the mean of the last window against the one before."""
     stop_min_delta: float = 0.01
+    """The plateau rule stops when the signal rose by less than this from one window to the next."""
     entropy_floor: float = 0.05
+    """The entropy rule stops when the mean token entropy falls below this."""
+
 
 @dataclass
 class Config:
@@ -158,6 +200,10 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.reward.n_train_samples == 0:  # M: half of N unless set
+            self.reward.n_train_samples = max(1, self.rollout.n_votes // 2)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -202,8 +248,14 @@ def validate(cfg: Config) -> Config:
         ("train.steps", cfg.train.steps >= 0, "must be >= 0"),
         ("train.epochs", cfg.train.epochs >= 1, "must be >= 1"),
         ("train.prompts_per_step", cfg.train.prompts_per_step >= 1, "must be >= 1"),
+        ("train.seed", 0 <= cfg.train.seed < SEED_LIMIT,
+         f"must be in [0, {SEED_LIMIT}): the per-prompt random streams derived from it must fit in 64 bits"),
         ("train.save_every", cfg.train.save_every >= 0, "must be >= 0 (0 = only at the end)"),
         ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, "must be >= 1"),
+        ("train.stop_window", cfg.train.stop_window >= 1, "must be >= 1 (steps per window of the plateau rule)"),
+        ("train.stop_min_delta", cfg.train.stop_min_delta >= 0,
+         "must be >= 0: the plateau rule stops when the signal rose by less than this"),
+        ("train.entropy_floor", cfg.train.entropy_floor > 0, "must be > 0: entropy is never below 0"),
         ("data.holdout", 0 <= cfg.data.holdout < 1, "must be in [0, 1)"),
         ("data.limit", cfg.data.limit >= 0, "must be >= 0 (0 = all)"),
         ("data.template", "{problem}" in cfg.data.template, "must contain {problem}"),
@@ -215,17 +267,17 @@ def validate(cfg: Config) -> Config:
     ]
     for key, ok, why in checks:
         if not ok:
-            raise ConfigError(f"config key '{key}' = {_get(cfg, key)!r}: {why}")
+            raise ConfigError(f"config key '{key}' = {_get(cfg, key)!r}: {why}", key)
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
-            raise ConfigError(f"config key '{key}' = {_get(cfg, key)!r}: must be one of {', '.join(allowed)}")
+            raise ConfigError(f"config key '{key}' = {_get(cfg, key)!r}: must be one of {', '.join(allowed)}", key)
     for op in cfg.data.arithmetic.ops:
         if op not in ("+", "-", "*"):
-            raise ConfigError(f"config key 'data.arithmetic.ops' has {op!r}: use +, - or *")
+            raise ConfigError(f"config key 'data.arithmetic.ops' has {op!r}: use +, - or *", "data.arithmetic.ops")
     for key in ("data.eval", "data.stop", "model.lora_target_modules"):
         for item in _get(cfg, key):
             if not isinstance(item, str) or (key == "data.stop" and not item):
-                raise ConfigError(f"config key '{key}' has {item!r}: every entry must be a non-empty string")
+                raise ConfigError(f"config key '{key}' has {item!r}: every entry must be a non-empty string", key)
     return cfg
 
 
@@ -239,7 +291,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and gently convert) one value against its dataclass field type."""
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping of settings, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a mapping of settings, got {value!r}", key)
         return _build(tp, value, key + ".")
     if tp is bool:
         if isinstance(value, bool):
@@ -256,7 +308,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if number is not None:
             if not math.isfinite(number):
-                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}", key)
             return number
     elif tp is str:
         if isinstance(value, str):
@@ -268,7 +320,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     else:
         return value
-    raise ConfigError(f"config key '{key}' must be of type {tp.__name__}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"config key '{key}' must be of type {tp.__name__}, got {value!r} ({type(value).__name__})",
+                      key)
 
 
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
@@ -276,18 +329,36 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(str(k) for k in set(values) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; known keys here: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; known keys here: {', '.join(sorted(names))}",
+                          prefix + unknown[0])
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
     return cls(**kwargs)
 
 
-def _parse_scalar(text: str) -> Any:
-    """`key=value` overrides use YAML scalars: 1e-5, true, [a, b], 'text'."""
+def field_type(key: str) -> Any:
+    """The declared type of a dotted key (a dataclass for a section), or None if no such key."""
+    tp: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def parse_override(key: str, text: str) -> Any:
+    """The value of `key=text`: a YAML scalar (1e-5, true, [a, b], {n: 2}), except that a text
+    setting keeps the text as typed when YAML would make it something else
+    (`data.template=Question: {problem}` is a string, not a mapping)."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if field_type(key) is str and not isinstance(value, str):
+        return text
+    return value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -295,40 +366,118 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. rollout.n_votes=16)")
         key, text = item.split("=", 1)
+        key = key.strip()
         node = raw
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is not a section")
-        node[parts[-1]] = _parse_scalar(text)
+        node[parts[-1]] = parse_override(key, text)
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """YAML file (optional) + overrides -> validated Config."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: bytes that are not UTF-8 (at byte {e.start}); "
-                              "re-save the file as UTF-8") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
-    raw = apply_overrides(raw, overrides or [])
+def find_config(name: str | Path) -> Path:
+    """A config file by path, or a bundled one by name (`demo`, `demo.yaml`, `configs/demo.yaml`
+    when no such local file exists), so the documented commands work from any directory."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    if path.parent in (Path("."), Path("configs")):
+        for candidate in (CONFIGS_DIR / path.name, CONFIGS_DIR / f"{path.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    what = "is a directory" if path.is_dir() else "not found"
+    bundled = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {name} {what}; give a YAML file or a bundled config: {bundled}")
+
+
+class _KeyLines(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (YAML would keep the last
+    silently) and records the line of every dotted key, for error messages."""
+
+    def __init__(self, stream, path: Path):
+        super().__init__(stream)
+        self.path, self.lines = path, {}
+
+    def walk(self, node, prefix: str = "") -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            name, line = key_node.value, key_node.start_mark.line + 1
+            if name in seen:
+                raise ConfigError(f"{self.path}:{line}: key '{prefix}{name}' is given twice (first at line "
+                                  f"{seen[name]}); YAML would keep only the last, so delete one")
+            seen[name] = line
+            self.lines.setdefault(prefix + name, line)
+            self.walk(value_node, f"{prefix}{name}.")
+
+
+def read_file(path: Path) -> tuple[dict, dict[str, int]]:
+    """(raw settings, line of each dotted key) from a YAML (or JSON) config file."""
     try:
-        cfg = _build(Config, raw)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: bytes that are not UTF-8 (at byte {e.start}); re-save the file as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    if path.suffix.lower() == ".json":  # a run's config.json
+        try:
+            raw = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be an object of sections (model, data, ...)")
+        return raw, {}
+    loader = _KeyLines(text, path)
+    try:
+        node = loader.get_single_node()
+        loader.walk(node)
+        raw = loader.construct_document(node) if node is not None else {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    finally:
+        loader.dispose()
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
+    return raw, loader.lines
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional; a bundled name works too) + overrides -> validated Config. An error
+    names where the bad value was set: the override as typed, or file:line."""
+    overrides = overrides or []
+    raw: dict = {}
+    lines: dict[str, int] = {}
+    if path is not None:
+        path = find_config(path)
+        raw, lines = read_file(path)
+    raw = apply_overrides(raw, overrides)
+    try:
+        return validate(_build(Config, raw))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-    return validate(cfg)
+        raise ConfigError(f"{_where(e.key, path, lines, overrides)}{e}", e.key) from None
+
+
+def _where(key: str | None, path: Path | None, lines: dict[str, int], overrides: list[str]) -> str:
+    """`command-line override k=v: `, `file:line: ` or `file: ` for the message about `key`."""
+    if key is None:
+        return f"{path}: " if path else ""
+    related = lambda k: k == key or key.startswith(k + ".") or k.startswith(key + ".")  # noqa: E731
+    for item in reversed(overrides):  # the last override of a key is the one in force
+        if related(item.split("=", 1)[0].strip()):
+            return f"command-line override {item}: "
+    for k in sorted(lines, key=len, reverse=True):  # the innermost key of the file that holds it
+        if related(k):
+            return f"{path}:{lines[k]}: "
+    return ""
 
 
 def config_from_dict(raw: dict) -> Config:
@@ -336,3 +485,39 @@ def config_from_dict(raw: dict) -> Config:
         raise ConfigError(f"a config must be a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
     return validate(_build(Config, raw))
 
+
+@dataclass
+class KeyDoc:
+    key: str
+    type: str
+    default: Any
+    doc: str
+
+
+def config_keys() -> list[KeyDoc]:
+    """Every setting with its type, default and the docstring written under its field in this
+    file (Python keeps no docstring for a dataclass field at run time, so the source is read)."""
+    import ast
+
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    docs: dict[tuple[str, str], str] = {}
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        for stmt, after in zip(cls.body, cls.body[1:] + [None]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[cls.name, stmt.target.id] = " ".join(after.value.value.split())
+
+    def walk(cls: type, prefix: str) -> list[KeyDoc]:
+        out = []
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                out += walk(tp, f"{prefix}{f.name}.")
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                out.append(KeyDoc(prefix + f.name, tp.__name__, default, docs.get((cls.__name__, f.name), "")))
+        return out
+
+    return walk(Config, "")

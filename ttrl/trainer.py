@@ -19,9 +19,9 @@ import torch
 from ttrl.advantages import compute_advantages
 from ttrl.checkpoint import CHECKPOINTS, CheckpointError, StopSignals, load_checkpoint, save_checkpoint
 from ttrl.config import Config
-from ttrl.data import Problem, drop_too_long, load_problems, render_prompt, split_holdout
+from ttrl.data import Problem, load_sets, render_prompt, run_sets
 from ttrl.distributed import Dist, concat_rollouts, is_main_process, make_accelerator, micro_batches, zero_loss
-from ttrl.evaluation import evaluate
+from ttrl.evaluation import EVAL_SEED_OFFSET, evaluate
 from ttrl.grading import is_equivalent, sample_answers
 from ttrl.losses import kl_k3, policy_loss
 from ttrl.metrics import MetricsWriter, progress_bar, read_metrics, truncate_metrics
@@ -252,7 +252,7 @@ def run_evals(model, tok, sets: dict[str, list[Problem]], cfg: Config, step: int
             continue
         with dist.generation(model) as policy:
             summary, results = evaluate(policy, tok, problems, cfg.eval, cfg.data.template, cfg.model.chat_template,
-                                        seed=cfg.train.seed + 7919, dist=dist, stop=cfg.data.stop)
+                                        seed=cfg.train.seed + EVAL_SEED_OFFSET, dist=dist, stop=cfg.data.stop)
         if writer is not None:
             writer.log({"step": step, **{f"eval/{name}/{k}": v for k, v in summary.items()}})
         store.setdefault(name, []).append({"step": step, **summary,
@@ -272,22 +272,6 @@ def warn(message: str) -> None:
     if not is_main_process():  # every rank would say the same
         return
     print(f"warning: {message}", file=sys.stderr)  # rich's live progress bar redirects stderr above itself
-
-
-def fit_context(problems: list[Problem], tok, model, cfg: Config, max_new_tokens: int, key: str) -> list[Problem]:
-    """Leave out (data.too_long=skip) or fail on prompts that leave no room for `max_new_tokens`
-    in the model's context."""
-    context = getattr(model.config, "max_position_embeddings", None)
-    if not context or not problems:
-        return problems
-    ids = encode_prompts(tok, [render_prompt(p, cfg.data.template) for p in problems], cfg.model.chat_template)
-    budget, why = context - max_new_tokens, f"context {context} (max_position_embeddings) - {key} {max_new_tokens}"
-    kept, skipped = drop_too_long(problems, [len(x) for x in ids], budget, cfg.data.too_long, why)
-    if skipped:
-        names = ", ".join(repr(p.id) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        warn(f"skipped {len(skipped)} of {len(problems)} prompts longer than {budget} tokens ({why}): {names}; "
-             "set data.too_long=fail to stop instead")
-    return kept
 
 
 def resumed_state(run_dir: Path, cfg: Config, model, optimizer, scheduler) -> dict | None:
@@ -323,12 +307,11 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
     `resume`: continue from the latest valid checkpoint in RUN_DIR (from step 0 if there is none).
     Under `torchrun` / `accelerate launch` every process runs this; rank 0 writes the files."""
     run_dir = Path(run_dir)
+    problems, extra = load_sets(cfg)  # bad data fails before anything is written
     dist = Dist(make_accelerator())
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
-    problems = load_problems(cfg.data.train, cfg.data)
-    extra = {Path(name).stem: load_problems(name, cfg.data) for name in cfg.data.eval}
 
     model, tok = load_model(cfg.model, seed=cfg.train.seed)
     ref_model = None
@@ -336,12 +319,9 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
         ref_model, _ = load_model(type(cfg.model)(**{**cfg.model.__dict__, "lora_rank": 0}), seed=cfg.train.seed)
         ref_model.eval().requires_grad_(False).to(dist.device)
     pad_id = tok.pad_token_id
-    problems = fit_context(problems, tok, model, cfg, cfg.rollout.max_new_tokens, "rollout.max_new_tokens")
-    adapt, held = split_holdout(problems, cfg.data.holdout, cfg.train.seed)
+    eval_sets = run_sets(cfg, problems, extra, tok, model)
+    adapt = eval_sets["adapt"]
     dist.check_batch(min(cfg.train.prompts_per_step, len(adapt)))
-    eval_sets = {"adapt": adapt, "heldout": held}
-    for name, probs in extra.items():
-        eval_sets[name] = fit_context(probs, tok, model, cfg, cfg.eval.max_new_tokens, "eval.max_new_tokens")
     prompt_ids = encode_prompts(tok, [render_prompt(p, cfg.data.template) for p in adapt], cfg.model.chat_template)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.algorithm.lr, weight_decay=cfg.algorithm.weight_decay)
