@@ -88,7 +88,7 @@ def cmd_train(args) -> int:
     except OSError as e:
         if e.errno not in DISK_FULL:
             raise
-        print(f"error: {_os_error(e)}; free some space, then continue: {again}", file=sys.stderr)
+        print(f"error: {_os_error(e, out)}; free some space, then continue: {again}", file=sys.stderr)
         return 1
     if not is_main_process():
         return 0
@@ -252,8 +252,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _os_error(e: OSError) -> str:
-    where = f" ({e.filename})" if e.filename else ""
+def _os_error(e: OSError, place: Path | None = None) -> str:
+    where = f" ({e.filename})" if e.filename else f" (in {place})" if place else ""
     if e.errno in DISK_FULL:
         return f"no space left on the disk while writing{where}"
     return f"cannot write{where}: {e.strerror}"
@@ -261,23 +261,24 @@ def _os_error(e: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _quiet_libraries()
-    from ttrl.data import DataError
-    from ttrl.models import ModelError
+    try:  # Ctrl-C at any point, imports included, is one line
+        from ttrl.data import DataError
+        from ttrl.models import ModelError
 
-    try:
-        return args.func(args)
-    except (ConfigError, DataError, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        _quiet_libraries()
+        try:
+            return args.func(args)
+        except (ConfigError, DataError, ModelError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            if e.errno not in DISK_FULL + UNWRITABLE:
+                raise
+            print(f"error: {_os_error(e)}", file=sys.stderr)
+            return 1 if e.errno in DISK_FULL else 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except OSError as e:
-        if e.errno not in DISK_FULL + UNWRITABLE:
-            raise
-        print(f"error: {_os_error(e)}", file=sys.stderr)
-        return 1 if e.errno in DISK_FULL else 2
 
 
 if __name__ == "__main__":

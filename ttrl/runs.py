@@ -17,6 +17,8 @@ from ttrl.data import load_sets, run_sets
 from ttrl.models import EMBEDDED, ModelError, resolve
 
 def _json_object(path: Path) -> dict:
+    if not path.is_file() or path.stat().st_size > 10_000_000:  # never a device or a huge file
+        return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
