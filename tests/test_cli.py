@@ -174,6 +174,14 @@ def test_eval_checks_data_and_json_path_before_loading_a_model(tmp_path, capsys,
     assert "neither a run directory" in _error(capsys, "eval", "--config", TINY, "no-such-run")
 
 
+def test_eval_of_a_lora_run_that_cannot_be_loaded_says_why(tmp_path, capsys):
+    run = _fake_run(tmp_path / "run")
+    (run / "model").mkdir()
+    (run / "model" / "adapter_config.json").write_text('{"base_model_name_or_path": "/no/such/base"}')
+    err = _error(capsys, "eval", run)
+    assert "LoRA adapter" in err and str(run / "model") in err
+
+
 def test_eval_skips_prompts_too_long_for_the_context(tmp_path, capsys):
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import shlex
 import sys
 import time
@@ -85,8 +86,8 @@ def cmd_train(args) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        if e.errno not in DISK_FULL:
+    except Exception as e:
+        if not _disk_full(e):
             raise
         print(f"error: {_os_error(e, out)}; free some space, then continue: {again}", file=sys.stderr)
         return 1
@@ -252,9 +253,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _os_error(e: OSError, place: Path | None = None) -> str:
-    where = f" ({e.filename})" if e.filename else f" (in {place})" if place else ""
-    if e.errno in DISK_FULL:
+def _disk_full(e: BaseException) -> bool:
+    """An OSError for a full disk, or a library's error that says so in the OS's words (safetensors
+    raises its own error type, "... No space left on device (os error 28)")."""
+    if isinstance(e, OSError):
+        return e.errno in DISK_FULL
+    return any(os.strerror(code) in str(e) for code in DISK_FULL)
+
+
+def _os_error(e: Exception, place: Path | None = None) -> str:
+    filename = getattr(e, "filename", None)
+    where = f" ({filename})" if filename else f" (in {place})" if place else ""
+    if _disk_full(e):
         return f"no space left on the disk while writing{where}"
     return f"cannot write{where}: {e.strerror}"
 

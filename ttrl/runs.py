@@ -72,6 +72,15 @@ def check_output_dir(path: Path, overwrite: bool = False, resume: bool = False) 
                           "--overwrite to replace it, or choose another --output-dir")
 
 
+def _adapter_error(name: str, e: ModelError) -> ModelError:
+    """A clearer error where `name` is a LoRA adapter directory (a LoRA run's model/)."""
+    if not (Path(name) / "adapter_config.json").is_file():
+        return e
+    return ModelError(f"{name} holds a LoRA adapter (adapter_config.json), which could not be loaded: {e}. "
+                      "Merge it into its base model (peft: PeftModel.from_pretrained(base, dir).merge_and_unload()"
+                      ".save_pretrained(out)) and pass model.name=out")
+
+
 def check_model(cfg: ModelConfig) -> None:
     """The cheap part of loading a model: the directory exists (and is not a run directory)."""
     if cfg.name == EMBEDDED:
@@ -79,7 +88,10 @@ def check_model(cfg: ModelConfig) -> None:
     if holds_run(cfg.name):
         raise ModelError(f"model.name = {cfg.name!r} is a run directory; its trained model is in "
                          f"{Path(cfg.name) / 'model'}")
-    resolve(cfg.name)
+    try:
+        resolve(cfg.name)
+    except ModelError as e:
+        raise _adapter_error(cfg.name, e) from None
 
 
 def prepare_run_dir(path: Path, overwrite: bool) -> None:
@@ -159,10 +171,7 @@ def load_for_eval(cfg: ModelConfig, seed: int):
     try:
         return load_model(cfg, seed=seed)
     except ModelError as e:
-        if (Path(cfg.name) / "adapter_config.json").is_file():
-            raise ModelError(f"{cfg.name} holds a LoRA adapter (adapter_config.json), which could not be loaded "
-                             f"for evaluation: {e}") from None
-        raise
+        raise _adapter_error(cfg.name, e) from None
 
 
 def evaluate_sets(cfg: Config) -> dict[str, tuple[dict, list]]:
