@@ -258,7 +258,8 @@ def test_readme_python_api_runs(tmp_path, monkeypatch):
 def test_top_level_exports_are_lazy():
     code = ("import sys, ttrl; assert 'torch' not in sys.modules; "
             "from ttrl import Config, load_config, train, evaluate, evaluate_sets, write_report; "
-            "import ttrl.runs, ttrl.evaluation; assert train is ttrl.runs.train and evaluate is ttrl.evaluation.evaluate")
+            "import ttrl.runs, ttrl.evaluation; "
+            "assert train is ttrl.runs.train and evaluate is ttrl.evaluation.evaluate")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr

@@ -27,7 +27,8 @@ def test_no_gold_means_no_accuracy_keys():
 
 def test_evaluate_grades_greedy_on_the_labelled_prompts(tiny):
     model, tok = tiny
-    problems = [Problem("a", "What is 1 + 1?", "2"), Problem("b", "What is 2 + 2?"), Problem("c", "What is 3 + 3?", "6")]
+    problems = [Problem("a", "What is 1 + 1?", "2"), Problem("b", "What is 2 + 2?"),
+                Problem("c", "What is 3 + 3?", "6")]
     cfg = EvalConfig(n_samples=2, max_new_tokens=3, greedy=True)
     summary, results = evaluate(model, tok, problems, cfg, "{problem}")
     assert summary["n_prompts"] == 3 and summary["n_labelled"] == 2

@@ -144,7 +144,8 @@ def _duplicate_id(pid: str, id_field: str, this: tuple[str, bool], first: tuple[
     if named:
         why = f"{first_at} has no '{id_field}' field and is named by its position, {pid!r}"
     else:
-        why = f"this record has no '{id_field}' field and is named by its position, {pid!r}, the '{id_field}' of {first_at}"
+        why = (f"this record has no '{id_field}' field and is named by its position, {pid!r}, "
+               f"the '{id_field}' of {first_at}")
     return f"{at}: duplicate id {pid!r}: {why}; give every record a unique '{id_field}', or none"
 
 
@@ -237,11 +238,13 @@ def load_sets(cfg: Config) -> tuple[list[Problem], dict[str, list[Problem]]]:
     return problems, extra
 
 
-def run_sets(cfg: Config, problems: list[Problem], extra: dict[str, list[Problem]], tok, model) -> dict[str, list[Problem]]:
+def run_sets(cfg: Config, problems: list[Problem], extra: dict[str, list[Problem]], tok,
+             model) -> dict[str, list[Problem]]:
     """The sets a run evaluates, `ttrl train` and `ttrl eval` alike: `adapt` (trained on) and
     `heldout` (split off with train.seed) from data.train, then each data.eval set; prompts that
     leave no room in the context for the longest completion are left out first (data.too_long)."""
-    budget = max((cfg.rollout.max_new_tokens, "rollout.max_new_tokens"), (cfg.eval.max_new_tokens, "eval.max_new_tokens"))
+    budget = max((cfg.rollout.max_new_tokens, "rollout.max_new_tokens"),
+                 (cfg.eval.max_new_tokens, "eval.max_new_tokens"))
     adapt, held = split_holdout(fit_context(problems, tok, model, cfg, *budget), cfg.data.holdout, cfg.train.seed)
     sets = {"adapt": adapt, "heldout": held}
     for name, probs in extra.items():
