@@ -244,6 +244,7 @@ def test_console_table_says_how_many_prompts_were_graded():
 
 # --- the Python API, as the README shows it ---------------------------------------------------------
 
+@pytest.mark.slow  # ~20 s idle, ~50 s on a busy machine: a whole tiny run, its report and a second evaluation
 def test_readme_python_api_runs(tmp_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Python API", 1)[1]
