@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from ttrl.config import Config, ConfigError, config_from_dict, load_config
+from ttrl.config import SEED_LIMIT, Config, ConfigError, config_from_dict, load_config
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -74,7 +74,60 @@ def test_checkpoint_and_fault_settings_have_safe_defaults():
     ({"eval": {"stop": [""]}}, "eval.stop"),
     ({"data": {"stop": ["x"]}}, "moved: set rollout.stop and eval.stop"),
     ({"model": {1: 2, "x": 3}}, "model.1"),
+    ({"train": {"seed": -1}}, "train.seed"),
+    ({"train": {"seed": 2**33}}, "train.seed"),
+    ({"train": {"stop_window": -3}}, "train.stop_window"),
+    ({"train": {"stop_min_delta": -0.1}}, "train.stop_min_delta"),
+    ({"train": {"entropy_floor": 0}}, "train.entropy_floor"),
 ])
 def test_more_bad_values_name_the_key(raw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config_from_dict(raw)
+
+
+def test_largest_seed_fits_every_stream_derived_from_it():
+    import torch
+
+    from ttrl.trainer import prompt_seed, seed_everything
+
+    seed = SEED_LIMIT - 1
+    load_config(None, [f"train.seed={seed}"])
+    seed_everything(seed)
+    torch.Generator().manual_seed(prompt_seed(seed, 10**6, 10**6) + 1)  # step and prompt index far beyond use
+
+
+def test_m_defaults_to_half_of_n_unless_set():
+    assert Config().reward.n_train_samples == 32  # the paper's N = 64, M = 32
+    assert load_config(None, ["rollout.n_votes=16"]).reward.n_train_samples == 8
+    assert load_config(CONFIGS / "tiny.yaml", ["rollout.n_votes=6"]).reward.n_train_samples == 4  # set in the file
+    assert load_config(None, ["rollout.n_votes=10", "reward.n_train_samples=0"]).reward.n_train_samples == 5
+
+
+def test_text_settings_keep_the_override_as_typed():
+    cfg = load_config(None, ["data.template=Question: {problem}", "model.name=123", "data.train=true",
+                             "data.answer_field='gold'"])
+    assert cfg.data.template == "Question: {problem}" and cfg.model.name == "123" and cfg.data.train == "true"
+    assert cfg.data.answer_field == "gold"  # quotes typed for YAML still work
+    assert load_config(None, ["data.stop=[</a>, </b>]"]).data.stop == ["</a>", "</b>"]  # other types: YAML
+
+
+def test_errors_name_the_override_or_the_file_line_where_the_value_was_set(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "tiny.yaml", ["rollout.n_votes=1e3"])
+    assert str(e.value).startswith("command-line override rollout.n_votes=1e3: ") and "tiny.yaml" not in str(e.value)
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  steps: 3\n  stop_window: -3\n")
+    with pytest.raises(ConfigError, match=r"^.*c\.yaml:3: config key 'train\.stop_window' = -3"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="^command-line override train.stop_window=0: "):
+        load_config(p, ["train.stop_window=0"])
+
+
+def test_a_key_given_twice_in_a_file_is_an_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("rollout:\n  n_votes: 8\n  temperature: 1.0\n  n_votes: 16\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:4: key 'rollout\.n_votes' is given twice \(first at line 2\)"):
+        load_config(p)
+    p.write_text("train: {steps: 2}\ntrain: {epochs: 2}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:2: key 'train' is given twice"):
+        load_config(p)

@@ -105,3 +105,29 @@ def test_drop_too_long_skips_or_fails():
         drop_too_long(problems, [5, 11, 10, 12], budget=10, policy="fail", why="test")
     with pytest.raises(DataError, match="every prompt is longer"):
         drop_too_long(problems, [11] * 4, budget=10, policy="skip", why="test")
+
+
+def test_a_record_without_an_id_that_collides_names_both_records(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"problem": "a"}\n{"id": 0, "problem": "b"}\n')
+    with pytest.raises(DataError) as e:
+        load_file(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:2: duplicate id '0'") and f"{path}:1 has no 'id' field" in msg
+    path.write_text('{"id": "1", "problem": "a"}\n{"problem": "b"}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:2: duplicate id '1': this record has no 'id' field.*p\.jsonl:1"):
+        load_file(path)
+    path.write_text('{"problem": "a"}\n{"id": null, "problem": "b"}\n')
+    assert [p.id for p in load_file(path)] == ["0", "1"]  # null is no id
+
+
+def test_evaluation_sets_must_have_distinct_names(tmp_path):
+    from ttrl.config import load_config
+    from ttrl.data import load_sets
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.jsonl").write_text('{"problem": "q"}\n')
+    cfg = load_config(None, [f"data.eval=[{tmp_path / 'a' / 'x.jsonl'}, {tmp_path / 'b' / 'x.jsonl'}]"])
+    with pytest.raises(DataError, match="two evaluation sets would be named 'x'"):
+        load_sets(cfg)

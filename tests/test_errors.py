@@ -51,6 +51,11 @@ def _cli_error(capsys, *argv) -> str:
     (["algorithm.max_bad_steps=0"], "'algorithm.max_bad_steps' = 0"),
     (["data.too_long=truncate"], "'data.too_long' = 'truncate': must be one of skip, fail"),
     (["model.architecture"], "must look like key.sub=value"),
+    (["train.seed=-1"], "command-line override train.seed=-1: config key 'train.seed' = -1: must be in [0, "),
+    (["train.seed=8589934592"], "'train.seed' = 8589934592"),
+    (["train.stop_window=-3"], "'train.stop_window' = -3: must be >= 1"),
+    (["data.holdout=0.99"], "data.holdout = 0.99 leaves no prompts to adapt on"),
+    (["rollout.n_votes=1e3"], "command-line override rollout.n_votes=1e3: config key 'rollout.n_votes' must be"),
 ])
 def test_bad_config_fails_before_any_model_load(tmp_path, capsys, no_model, overrides, expected):
     err = _cli_error(capsys, "--config", TINY, "--output-dir", str(tmp_path / "run"), *overrides)
@@ -101,7 +106,7 @@ def test_missing_model_and_missing_extras_say_how_to_fix(tmp_path, capsys, monke
 
 def test_prompt_too_long_for_the_context(tmp_path, capsys, tiny):
     from ttrl.data import load_problems
-    from ttrl.trainer import fit_context
+    from ttrl.data import fit_context
 
     model, tok = tiny
     path = tmp_path / "p.jsonl"

@@ -132,7 +132,7 @@ def test_base_model_baseline_equals_a_separate_eval(tmp_path):
     base = json.loads((out / "summary.json").read_text())["evals"]["adapt"][0]
     ev = _run_cli("eval", "--config", TINY, "--json", tmp_path / "eval.json", *common)
     assert ev.returncode == 0, ev.stderr[-2000:]
-    separate = json.loads((tmp_path / "eval.json").read_text())
+    separate = json.loads((tmp_path / "eval.json").read_text())["sets"]["adapt"]
     for key in ("avg@4", "maj@4", "pass@4", "majority_ratio", "mean_length"):
         assert separate[key] == base[key], key
     assert [p["histogram"] for p in separate["problems"][:8]] == [e["histogram"] for e in base["examples"]]

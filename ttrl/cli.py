@@ -1,19 +1,26 @@
-"""`ttrl train | eval | report | compare | demo`: thin argument parsing around config, trainer,
-evaluation and report."""
+"""`ttrl train | eval | config | report | compare | demo`: thin argument parsing around config,
+runs (run directories), evaluation and report."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from ttrl.config import ConfigError, load_config
-from ttrl.report import ENVIRONMENT_FILE, ReportError, environment, write_compare, write_report
+import yaml
 
-CONFIGS_DIR = Path(__file__).parent / "configs"
+from ttrl import __version__
+from ttrl.config import CONFIGS_DIR, ConfigError, config_keys, load_config
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+"""OSErrors that end a command with one `error:` line rather than a traceback: the disk, and a
+path the user gave that cannot be written."""
+UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG)
 
 
 def _quiet_libraries() -> None:
@@ -31,56 +38,43 @@ def _quiet_libraries() -> None:
         pass
 
 
-def prepare_run_dir(path: Path, overwrite: bool) -> None:
-    """Never overwrite an existing run silently."""
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"output directory {path} already holds a run; pass --resume to continue it, "
-                              "--overwrite to replace it, or choose another --output-dir")
-        import shutil
-
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-
-
 def before_after_table(evals: dict, k: int) -> str:
-    """Plain-text table: per eval set, base vs TTRL avg@k and maj@k."""
-    lines = [f"{'set':<10} {'prompts':>7} {'base avg@' + str(k):>12} {'base maj@' + str(k):>12} "
+    """Plain-text table: per eval set, base vs TTRL avg@k and maj@k, over the `graded` prompts
+    (those with a gold answer)."""
+    lines = [f"{'set':<10} {'prompts':>7} {'graded':>7} {'base avg@' + str(k):>12} {'base maj@' + str(k):>12} "
              f"{'TTRL avg@' + str(k):>12} {'TTRL maj@' + str(k):>12} {'change':>8}"]
     for name, rows in evals.items():
         if not rows or f"avg@{k}" not in rows[-1]:
             continue
         first, last = rows[0], rows[-1]
-        lines.append(f"{name:<10} {last['n_prompts']:>7} {first[f'avg@{k}']:>12.3f} {first[f'maj@{k}']:>12.3f} "
+        lines.append(f"{name:<10} {last['n_prompts']:>7} {last.get('n_labelled', last['n_prompts']):>7} "
+                     f"{first[f'avg@{k}']:>12.3f} {first[f'maj@{k}']:>12.3f} "
                      f"{last[f'avg@{k}']:>12.3f} {last[f'maj@{k}']:>12.3f} "
                      f"{last[f'avg@{k}'] - first[f'avg@{k}']:>+8.3f}")
+    if len(lines) == 1:
+        return "no prompt has a gold answer, so no accuracy was computed (the run's metrics are in metrics.jsonl)"
     return "\n".join(lines)
 
 
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides + ([f"data.holdout={args.holdout}"] if args.holdout else []))
     resume = getattr(args, "resume", False)
-    if resume and (args.overwrite or not args.output_dir):
-        raise ConfigError("--resume continues the run in --output-dir: give --output-dir, and not --overwrite")
-    out = Path(args.output_dir or f"runs/ttrl-{time.strftime('%Y%m%d-%H%M%S')}")
-    from ttrl.distributed import is_main_process
-
-    main_process = is_main_process()  # under torchrun / accelerate launch, rank 0 alone writes files
-    if not resume and main_process:
-        prepare_run_dir(out, args.overwrite)
+    if resume and not args.output_dir:
+        raise ConfigError("--resume continues the run in --output-dir: give --output-dir")
     from ttrl.checkpoint import CheckpointError
-    from ttrl.trainer import TrainingStopped, train
+    from ttrl.distributed import is_main_process
+    from ttrl.runs import train
+    from ttrl.trainer import TrainingStopped
 
+    out = Path(args.output_dir or f"runs/ttrl-{time.strftime('%Y%m%d-%H%M%S')}")
     again = shlex.join(["ttrl", "train", "--resume", "--output-dir", str(out)]
                        + (["--config", args.config] if args.config else [])
                        + (["--holdout", str(args.holdout)] if args.holdout else []) + args.overrides)
-    if out.is_dir() and main_process:  # a --resume of a missing directory is left to train() to explain
-        (out / ENVIRONMENT_FILE).write_text(json.dumps(environment(), indent=2))
     t0 = time.time()
     try:
-        summary = train(cfg, out, quiet=args.quiet, resume=resume)
+        summary = train(cfg, out, quiet=args.quiet, resume=resume, overwrite=args.overwrite, report=False)
     except TrainingStopped as e:
-        if main_process:
+        if is_main_process():
             print(f"{e}\nto continue: {again}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
@@ -88,10 +82,17 @@ def cmd_train(args) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not main_process:
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        print(f"error: {_os_error(e, out)}; free some space, then continue: {again}", file=sys.stderr)
+        return 1
+    if not is_main_process():
         return 0
     print(before_after_table(summary["evals"], cfg.eval.n_samples))
     if not getattr(args, "no_report", False):  # `ttrl demo` has no --no-report: it always reports
+        from ttrl.report import write_report
+
         print(f"report: {write_report(out)}")
     print(f"\nrun finished in {time.time() - t0:.0f} s; files in {out}/ (metrics.jsonl, summary.json, model/)")
     return 0
@@ -111,22 +112,55 @@ def interrupted(e: KeyboardInterrupt, out: Path, again: str) -> int:
     return 128 + signal.Signals[name]
 
 
-def cmd_eval(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    from ttrl.data import load_problems
-    from ttrl.evaluation import eval_seed, evaluate
-    from ttrl.models import load_model
+def _eval_target(args) -> tuple[Path | None, list[str]]:
+    """(run directory, overrides) from `ttrl eval`'s free arguments: key=value items are
+    overrides, one other item may name a run directory."""
+    words = [a for a in args.items if "=" not in a]
+    overrides = [a for a in args.items if "=" in a]
+    if len(words) > 1 or (words and not Path(words[0]).is_dir()):
+        raise ConfigError(f"{words[-1]!r} is neither a run directory nor a key=value override")
+    if words and args.config:
+        raise ConfigError("give a run directory or --config, not both (the run directory holds its config)")
+    return (Path(words[0]) if words else None), overrides
 
-    model, tok = load_model(cfg.model, seed=cfg.train.seed)
-    problems = load_problems(cfg.data.train, cfg.data)
-    summary, results = evaluate(model, tok, problems, cfg.eval, cfg.data.template, cfg.model.chat_template,
-                                seed=eval_seed(cfg))
-    summary = {"model": cfg.model.name, "data": cfg.data.train, **summary}
-    for key, value in summary.items():
-        print(f"{key:>16}  {value:.4f}" if isinstance(value, float) else f"{key:>16}  {value}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({**summary, "problems": [r.__dict__ for r in results]}, indent=2))
-    print(json.dumps(summary))
+
+def cmd_eval(args) -> int:
+    from ttrl.runs import check_writable, evaluate_sets, run_config
+
+    run_dir, overrides = _eval_target(args)
+    cfg = run_config(run_dir, overrides) if run_dir else load_config(args.config, overrides)
+    out = Path(args.json) if args.json else None
+    if out is not None:  # before the evaluation, not after it
+        if out.is_dir():
+            raise ConfigError(f"--json {out} is a directory; give a file name, e.g. {out / 'eval.json'}")
+        check_writable(out, "--json")
+    results = evaluate_sets(cfg)
+    sets = {name: summary for name, (summary, _) in results.items()}
+    print(f"model {cfg.model.name}, data.train {cfg.data.train}, k = {cfg.eval.n_samples}")
+    for name, summary in sets.items():
+        graded = (f"{summary['n_labelled']} graded" if summary["n_labelled"]
+                  else "none has a gold answer, so no accuracy")
+        print(f"\n{name}: {summary['n_prompts']} prompts, {graded}")
+        for key, value in summary.items():
+            if key not in ("n_prompts", "n_labelled"):
+                print(f"{key:>16}  {value:.4f}" if isinstance(value, float) else f"{key:>16}  {value}")
+    head = {"model": cfg.model.name, "data": cfg.data.train}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        per_set = {name: {**summary, "problems": [r.__dict__ for r in problems]}
+                   for name, (summary, problems) in results.items()}
+        out.write_text(json.dumps({**head, "sets": per_set}, indent=2))
+    print(json.dumps({**head, "sets": sets}))
+    return 0
+
+
+def cmd_config(args) -> int:
+    if args.keys:
+        for key in config_keys():
+            print(f"{key.key} ({key.type}, default {key.default!r})\n    {key.doc}")
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")
     return 0
 
 
@@ -138,6 +172,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from ttrl.report import ReportError, write_report
+
     try:
         page = write_report(args.run_dir)
     except ReportError as e:
@@ -148,6 +184,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from ttrl.report import ReportError, write_compare
+
     try:
         page = write_compare(args.run_dirs, args.output)
     except ReportError as e:
@@ -157,31 +195,45 @@ def cmd_compare(args) -> int:
     return 0
 
 
+CONFIG_HELP = "YAML config file, or a bundled one by name: demo, tiny (`ttrl config --keys` lists the settings)"
+OVERRIDES_HELP = "key.sub=value settings, anywhere on the line, e.g. rollout.n_votes=16"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttrl", description="Test-Time Reinforcement Learning on unlabeled prompts")
+    parser.add_argument("--version", action="version", version=f"ttrl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="adapt a model on unlabeled prompts with majority-vote rewards")
-    train.add_argument("--config", help="YAML config file (see configs/)")
+    train.add_argument("--config", help=CONFIG_HELP)
     train.add_argument("--output-dir", help="run directory (default runs/ttrl-<time>)")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory (a ttrl run only)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --output-dir from its latest checkpoint (same config and overrides)")
     train.add_argument("--holdout", type=float, default=0.0, help="fraction of prompts held out for evaluation")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--no-report", action="store_true", help="skip writing report.html / report.md at the end")
-    train.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. rollout.n_votes=16")
+    train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="avg@k, maj@k, pass@k and greedy accuracy of a model on a data set")
-    ev.add_argument("--config", help="YAML config file")
+    ev = sub.add_parser("eval", help="avg@k, maj@k, pass@k and greedy accuracy of a model on the sets a run reports",
+                        description="Evaluate RUN_DIR/model on the sets that run reported (adapt, heldout, data.eval), "
+                                    "or the model and data of --config and overrides.")
+    ev.add_argument("--config", help=CONFIG_HELP)
     ev.add_argument("--json", help="also write the results (with per-problem votes) to this file")
-    ev.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. model.name=runs/x/model")
+    ev.add_argument("items", nargs="*", metavar="[RUN_DIR] key=value",
+                    help="a run directory written by `ttrl train`, and/or overrides, e.g. model.name=runs/x/model")
     ev.set_defaults(func=cmd_eval)
+
+    config = sub.add_parser("config", help="print the resolved config as YAML, or list every key (--keys)")
+    config.add_argument("--config", help=CONFIG_HELP)
+    config.add_argument("--keys", action="store_true", help="list every setting with its type, default and meaning")
+    config.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    config.set_defaults(func=cmd_config)
 
     demo = sub.add_parser("demo", help="TTRL on the embedded SmolLM2-135M and arithmetic prompts (CPU, minutes)")
     demo.add_argument("--output-dir", help="run directory (default runs/demo)")
-    demo.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    demo.add_argument("--overwrite", action="store_true", help="replace an existing run directory (a ttrl run only)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.add_argument("overrides", nargs="*", help="key.sub=value settings on top of the demo config")
     demo.set_defaults(func=cmd_demo)
@@ -197,17 +249,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_libraries()
-    from ttrl.data import DataError
-    from ttrl.models import ModelError
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """argparse, with key=value overrides allowed after options too (`train a=1 --output-dir x b=2`):
+    argparse takes the first run of positionals; the later key=value items are appended in order."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    free = "overrides" if hasattr(args, "overrides") else "items" if hasattr(args, "items") else None
+    stray = [a for a in extra if free is None or a.startswith("-") or (free == "overrides" and "=" not in a)]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        setattr(args, free, getattr(args, free) + extra)
+    return args
 
-    try:
-        return args.func(args)
-    except (ConfigError, DataError, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _disk_full(e: BaseException) -> bool:
+    """An OSError for a full disk, or a library's error that says so in the OS's words (safetensors
+    raises its own error type, "... No space left on device (os error 28)")."""
+    if isinstance(e, OSError):
+        return e.errno in DISK_FULL
+    return any(os.strerror(code) in str(e) for code in DISK_FULL)
+
+
+def _os_error(e: Exception, place: Path | None = None) -> str:
+    filename = getattr(e, "filename", None)
+    where = f" ({filename})" if filename else f" (in {place})" if place else ""
+    if _disk_full(e):
+        return f"no space left on the disk while writing{where}"
+    return f"cannot write{where}: {e.strerror}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:  # Ctrl-C at any point, imports included, is one line
+        from ttrl.data import DataError
+        from ttrl.models import ModelError
+
+        _quiet_libraries()
+        try:
+            return args.func(args)
+        except (ConfigError, DataError, ModelError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            if e.errno not in DISK_FULL + UNWRITABLE:
+                raise
+            print(f"error: {_os_error(e)}", file=sys.stderr)
+            return 1 if e.errno in DISK_FULL else 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

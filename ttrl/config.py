@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -14,8 +15,21 @@ from typing import Any
 import yaml
 
 
+CONFIGS_DIR = Path(__file__).parent / "configs"
+"""The bundled configs (`configs/` in the repository is a link to it)."""
+
+SEED_LIMIT = 10_000_000
+"""train.seed must be below this: the per-prompt streams derived from it (trainer.prompt_seed
+multiplies it by ~1e12) must fit the 64 bits of a torch seed."""
+
+
 class ConfigError(ValueError):
-    """A bad setting: the message names the key and what to do."""
+    """A bad setting: the message names the key and what to do. `key` is the dotted key at fault
+    (when one is), so the caller can say where it was set."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -105,8 +119,9 @@ class RolloutConfig(SamplingConfig):
 
 @dataclass
 class RewardConfig:
-    n_train_samples: int = 32
-    """M: samples per prompt that are rewarded and trained on, drawn from the N votes."""
+    n_train_samples: int = 0
+    """M: samples per prompt that are rewarded and trained on, drawn from the N votes; 0 = half
+    of rollout.n_votes (official TTRL scripts: 32 of 64)."""
     kind: str = "majority"
     """majority (TTRL: 1 if equivalent to the pseudo-label), similarity (ROUGE-L to the consensus text),
     semantic_entropy (EMPO), neg_entropy (RENT) or self_certainty (Intuitor); see ttrl/rewards.py."""
@@ -201,6 +216,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        if self.reward.n_train_samples == 0:  # M: half of N unless set
+            self.reward.n_train_samples = max(1, self.rollout.n_votes // 2)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -262,8 +281,14 @@ def validate(cfg: Config) -> Config:
         ("train.steps", cfg.train.steps >= 0, "must be >= 0"),
         ("train.epochs", cfg.train.epochs >= 1, "must be >= 1"),
         ("train.prompts_per_step", cfg.train.prompts_per_step >= 1, "must be >= 1"),
+        ("train.seed", 0 <= cfg.train.seed < SEED_LIMIT,
+         f"must be in [0, {SEED_LIMIT}): the per-prompt random streams derived from it must fit in 64 bits"),
         ("train.save_every", cfg.train.save_every >= 0, "must be >= 0 (0 = only at the end)"),
         ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, "must be >= 1"),
+        ("train.stop_window", cfg.train.stop_window >= 1, "must be >= 1 (steps per window of the plateau rule)"),
+        ("train.stop_min_delta", cfg.train.stop_min_delta >= 0,
+         "must be >= 0: the plateau rule stops when the signal rose by less than this"),
+        ("train.entropy_floor", cfg.train.entropy_floor > 0, "must be > 0: entropy is never below 0"),
         ("data.holdout", 0 <= cfg.data.holdout < 1, "must be in [0, 1)"),
         ("data.limit", cfg.data.limit >= 0, "must be >= 0 (0 = all)"),
         ("data.template", "{problem}" in cfg.data.template, "must contain {problem}"),
@@ -277,17 +302,17 @@ def validate(cfg: Config) -> Config:
     ]
     for key, ok, why in checks:
         if not ok:
-            raise ConfigError(f"config key '{key}' = {_get(cfg, key)!r}: {why}")
+            raise ConfigError(f"config key '{key}' = {_get(cfg, key)!r}: {why}", key)
     for key, allowed in choices().items():
         if _get(cfg, key) not in allowed:
-            raise ConfigError(f"config key '{key}' = {_get(cfg, key)!r}: must be one of {', '.join(allowed)}")
+            raise ConfigError(f"config key '{key}' = {_get(cfg, key)!r}: must be one of {', '.join(allowed)}", key)
     for op in cfg.data.arithmetic.ops:
         if op not in ("+", "-", "*"):
-            raise ConfigError(f"config key 'data.arithmetic.ops' has {op!r}: use +, - or *")
+            raise ConfigError(f"config key 'data.arithmetic.ops' has {op!r}: use +, - or *", "data.arithmetic.ops")
     for key in ("data.eval", "rollout.stop", "eval.stop", "model.lora_target_modules"):
         for item in _get(cfg, key):
             if not isinstance(item, str) or not item:
-                raise ConfigError(f"config key '{key}' has {item!r}: every entry must be a non-empty string")
+                raise ConfigError(f"config key '{key}' has {item!r}: every entry must be a non-empty string", key)
     return cfg
 
 
@@ -301,7 +326,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and gently convert) one value against its dataclass field type."""
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping of settings, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a mapping of settings, got {value!r}", key)
         return _build(tp, value, key + ".")
     if tp is bool:
         if isinstance(value, bool):
@@ -318,7 +343,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if number is not None:
             if not math.isfinite(number):
-                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}", key)
             return number
     elif tp is str:
         if isinstance(value, str):
@@ -330,7 +355,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     else:
         return value
-    raise ConfigError(f"config key '{key}' must be of type {tp.__name__}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"config key '{key}' must be of type {tp.__name__}, got {value!r} ({type(value).__name__})",
+                      key)
 
 
 MOVED = {"data.stop": "rollout.stop and eval.stop (stop strings are sampler settings)"}
@@ -344,18 +370,36 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     if unknown:
         key = prefix + unknown[0]
         if key in MOVED:
-            raise ConfigError(f"config key '{key}' has moved: set {MOVED[key]} instead")
-        raise ConfigError(f"unknown config key '{key}'; known keys here: {', '.join(sorted(names))}")
+            raise ConfigError(f"config key '{key}' has moved: set {MOVED[key]} instead", key)
+        raise ConfigError(f"unknown config key '{key}'; known keys here: {', '.join(sorted(names))}", key)
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
     return cls(**kwargs)
 
 
-def _parse_scalar(text: str) -> Any:
-    """`key=value` overrides use YAML scalars: 1e-5, true, [a, b], 'text'."""
+def field_type(key: str) -> Any:
+    """The declared type of a dotted key (a dataclass for a section), or None if no such key."""
+    tp: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def parse_override(key: str, text: str) -> Any:
+    """The value of `key=text`: a YAML scalar (1e-5, true, [a, b], {n: 2}), except that a text
+    setting keeps the text as typed when YAML would make it something else
+    (`data.template=Question: {problem}` is a string, not a mapping)."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if field_type(key) is str and not isinstance(value, str):
+        return text
+    return value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -363,40 +407,118 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. rollout.n_votes=16)")
         key, text = item.split("=", 1)
+        key = key.strip()
         node = raw
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is not a section")
-        node[parts[-1]] = _parse_scalar(text)
+        node[parts[-1]] = parse_override(key, text)
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """YAML file (optional) + overrides -> validated Config."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: bytes that are not UTF-8 (at byte {e.start}); "
-                              "re-save the file as UTF-8") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
-    raw = apply_overrides(raw, overrides or [])
+def find_config(name: str | Path) -> Path:
+    """A config file by path, or a bundled one by name (`demo`, `demo.yaml`, `configs/demo.yaml`
+    when no such local file exists), so the documented commands work from any directory."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    if path.parent in (Path("."), Path("configs")):
+        for candidate in (CONFIGS_DIR / path.name, CONFIGS_DIR / f"{path.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    what = "is a directory" if path.is_dir() else "not found"
+    bundled = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {name} {what}; give a YAML file or a bundled config: {bundled}")
+
+
+class _KeyLines(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (YAML would keep the last
+    silently) and records the line of every dotted key, for error messages."""
+
+    def __init__(self, stream, path: Path):
+        super().__init__(stream)
+        self.path, self.lines = path, {}
+
+    def walk(self, node, prefix: str = "") -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            name, line = key_node.value, key_node.start_mark.line + 1
+            if name in seen:
+                raise ConfigError(f"{self.path}:{line}: key '{prefix}{name}' is given twice (first at line "
+                                  f"{seen[name]}); YAML would keep only the last, so delete one")
+            seen[name] = line
+            self.lines.setdefault(prefix + name, line)
+            self.walk(value_node, f"{prefix}{name}.")
+
+
+def read_file(path: Path) -> tuple[dict, dict[str, int]]:
+    """(raw settings, line of each dotted key) from a YAML (or JSON) config file."""
     try:
-        cfg = _build(Config, raw)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: bytes that are not UTF-8 (at byte {e.start}); re-save the file as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    if path.suffix.lower() == ".json":  # a run's config.json
+        try:
+            raw = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be an object of sections (model, data, ...)")
+        return raw, {}
+    loader = _KeyLines(text, path)
+    try:
+        node = loader.get_single_node()
+        loader.walk(node)
+        raw = loader.construct_document(node) if node is not None else {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    finally:
+        loader.dispose()
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
+    return raw, loader.lines
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional; a bundled name works too) + overrides -> validated Config. An error
+    names where the bad value was set: the override as typed, or file:line."""
+    overrides = overrides or []
+    raw: dict = {}
+    lines: dict[str, int] = {}
+    if path is not None:
+        path = find_config(path)
+        raw, lines = read_file(path)
+    raw = apply_overrides(raw, overrides)
+    try:
+        return validate(_build(Config, raw))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-    return validate(cfg)
+        raise ConfigError(f"{_where(e.key, path, lines, overrides)}{e}", e.key) from None
+
+
+def _where(key: str | None, path: Path | None, lines: dict[str, int], overrides: list[str]) -> str:
+    """`command-line override k=v: `, `file:line: ` or `file: ` for the message about `key`."""
+    if key is None:
+        return f"{path}: " if path else ""
+    related = lambda k: k == key or key.startswith(k + ".") or k.startswith(key + ".")  # noqa: E731
+    for item in reversed(overrides):  # the last override of a key is the one in force
+        if related(item.split("=", 1)[0].strip()):
+            return f"command-line override {item}: "
+    for k in sorted(lines, key=len, reverse=True):  # the innermost key of the file that holds it
+        if related(k):
+            return f"{path}:{lines[k]}: "
+    return ""
 
 
 def config_from_dict(raw: dict) -> Config:
@@ -404,3 +526,39 @@ def config_from_dict(raw: dict) -> Config:
         raise ConfigError(f"a config must be a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
     return validate(_build(Config, raw))
 
+
+@dataclass
+class KeyDoc:
+    key: str
+    type: str
+    default: Any
+    doc: str
+
+
+def config_keys() -> list[KeyDoc]:
+    """Every setting with its type, default and the docstring written under its field in this
+    file (Python keeps no docstring for a dataclass field at run time, so the source is read)."""
+    import ast
+
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    docs: dict[tuple[str, str], str] = {}
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        for stmt, after in zip(cls.body, cls.body[1:] + [None]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[cls.name, stmt.target.id] = " ".join(after.value.value.split())
+
+    def walk(cls: type, prefix: str) -> list[KeyDoc]:
+        out = []
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                out += walk(tp, f"{prefix}{f.name}.")
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                out.append(KeyDoc(prefix + f.name, tp.__name__, default, docs.get((cls.__name__, f.name), "")))
+        return out
+
+    return walk(Config, "")

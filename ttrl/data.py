@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ttrl.config import ArithmeticConfig, DataConfig
+from ttrl.config import ArithmeticConfig, Config, DataConfig
 
 DATASETS_DIR = Path(__file__).parent / "datasets"
 BUNDLED = ("aime2024", "amc", "math500", "arithmetic")
@@ -118,10 +119,11 @@ def load_file(path: str | Path, prompt_field: str = "problem", answer_field: str
             keys = ", ".join(sorted(map(str, record))) or "none"
             raise DataError(f"{at}: missing or empty prompt field '{prompt_field}' (keys here: {keys}); "
                             "set data.prompt_field to the field holding the question")
-        pid = str(record.get(id_field, len(problems)))
+        named = record.get(id_field) is not None
+        pid = str(record[id_field]) if named else str(len(problems))  # unnamed: its position, from 0
         if pid in seen:
-            raise DataError(f"{at}: duplicate id {pid!r} (first at {seen[pid]}); ids must be unique")
-        seen[pid] = at
+            raise DataError(_duplicate_id(pid, id_field, (at, named), seen[pid]))
+        seen[pid] = (at, named)
         answer = record.get(answer_field)
         answer = None if answer is None else str(answer)
         for name, value in ((prompt_field, prompt), (answer_field, answer), (id_field, pid)):
@@ -132,6 +134,19 @@ def load_file(path: str | Path, prompt_field: str = "problem", answer_field: str
     if not problems:
         raise DataError(f"{path}: no prompts found; the file is empty")
     return problems
+
+
+def _duplicate_id(pid: str, id_field: str, this: tuple[str, bool], first: tuple[str, bool]) -> str:
+    """Say which record got the id how: a record without an id is named by its position."""
+    (at, named), (first_at, first_named) = this, first
+    if named and first_named:
+        return f"{at}: duplicate id {pid!r} (first at {first_at}); ids must be unique"
+    if named:
+        why = f"{first_at} has no '{id_field}' field and is named by its position, {pid!r}"
+    else:
+        why = (f"this record has no '{id_field}' field and is named by its position, {pid!r}, "
+               f"the '{id_field}' of {first_at}")
+    return f"{at}: duplicate id {pid!r}: {why}; give every record a unique '{id_field}', or none"
 
 
 def _encodable(text: str) -> bool:
@@ -158,6 +173,25 @@ def drop_too_long(problems: list[Problem], lengths: list[int], budget: int, poli
         raise DataError(f"every prompt is longer than the {budget} tokens that fit ({why}); "
                         "lower max_new_tokens or use a model with a longer context")
     return kept, [p for i, p in enumerate(problems) if i in over]
+
+
+def fit_context(problems: list[Problem], tok, model, cfg: Config, max_new_tokens: int, key: str) -> list[Problem]:
+    """Leave out (data.too_long=skip, with a warning) or fail on prompts that leave no room for
+    `max_new_tokens` (the setting `key`) in the model's context."""
+    from ttrl.distributed import is_main_process
+    from ttrl.models import encode_problems
+
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not context or not problems:
+        return problems
+    ids = encode_problems(tok, problems, cfg)
+    budget, why = context - max_new_tokens, f"context {context} (max_position_embeddings) - {key} {max_new_tokens}"
+    kept, skipped = drop_too_long(problems, [len(x) for x in ids], budget, cfg.data.too_long, why)
+    if skipped and is_main_process():  # every rank would say the same
+        names = ", ".join(repr(p.id) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        print(f"warning: skipped {len(skipped)} of {len(problems)} prompts longer than {budget} tokens ({why}): "
+              f"{names}; set data.too_long=fail to stop instead", file=sys.stderr)
+    return kept
 
 
 def load_problems(source: str, cfg: DataConfig) -> list[Problem]:
@@ -187,3 +221,32 @@ def split_holdout(problems: list[Problem], fraction: float, seed: int) -> tuple[
 
 def render_prompt(problem: Problem, template: str) -> str:
     return template.replace("{problem}", problem.prompt)
+
+
+def load_sets(cfg: Config) -> tuple[list[Problem], dict[str, list[Problem]]]:
+    """(data.train prompts, {name: prompts} of each data.eval set), read and checked, the held-out
+    split included, before any model loads."""
+    problems = load_problems(cfg.data.train, cfg.data)
+    split_holdout(problems, cfg.data.holdout, cfg.train.seed)  # fails if no prompt is left to adapt on
+    extra: dict[str, list[Problem]] = {}
+    for source in cfg.data.eval:
+        name = Path(source).stem
+        if name in extra or name in ("adapt", "heldout"):
+            raise DataError(f"data.eval: two evaluation sets would be named {name!r} (from the file name); "
+                            "rename one file")
+        extra[name] = load_problems(source, cfg.data)
+    return problems, extra
+
+
+def run_sets(cfg: Config, problems: list[Problem], extra: dict[str, list[Problem]], tok,
+             model) -> dict[str, list[Problem]]:
+    """The sets a run evaluates, `ttrl train` and `ttrl eval` alike: `adapt` (trained on) and
+    `heldout` (split off with train.seed) from data.train, then each data.eval set; prompts that
+    leave no room in the context for the longest completion are left out first (data.too_long)."""
+    budget = max((cfg.rollout.max_new_tokens, "rollout.max_new_tokens"),
+                 (cfg.eval.max_new_tokens, "eval.max_new_tokens"))
+    adapt, held = split_holdout(fit_context(problems, tok, model, cfg, *budget), cfg.data.holdout, cfg.train.seed)
+    sets = {"adapt": adapt, "heldout": held}
+    for name, probs in extra.items():
+        sets[name] = fit_context(probs, tok, model, cfg, cfg.eval.max_new_tokens, "eval.max_new_tokens")
+    return sets

@@ -20,6 +20,10 @@ from ttrl.models import encode_prompts
 from ttrl.rollout import Sampler, Sampling, TorchSampler
 from ttrl.voting import majority_vote
 
+EVAL_SEED_OFFSET = 7919
+"""Evaluation samples are seeded with train.seed + this, in training and in `ttrl eval` alike, so
+a separate evaluation of the base model reproduces a run's step-0 numbers."""
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """P(at least one of k samples drawn without replacement from n, c of them correct, is correct)."""
@@ -60,22 +64,26 @@ def score_group(answers: list[str | None], gold: str | None, pid: str = "") -> P
 
 
 def summarize(results: list[ProblemResult], k: int, greedy: list[bool | None] | None = None) -> dict:
-    """Aggregate metrics over problems; accuracy keys appear only when every problem has gold."""
-    out: dict = {"n_prompts": len(results),
+    """Aggregate metrics over problems. Accuracy (avg@k, maj@k, pass@k, greedy) is over the
+    `n_labelled` problems that have a gold answer, and absent when none has; `greedy` holds one
+    entry per result (None where ungraded)."""
+    labelled = [r for r in results if r.gold is not None]
+    out: dict = {"n_prompts": len(results), "n_labelled": len(labelled),
                  "majority_ratio": sum(r.majority_ratio for r in results) / max(1, len(results))}
-    if results and all(r.gold is not None for r in results):
-        out[f"avg@{k}"] = sum(r.n_correct / r.n_samples for r in results) / len(results)
-        out[f"maj@{k}"] = sum(bool(r.maj_correct) for r in results) / len(results)
-        out[f"pass@{k}"] = sum(pass_at_k(r.n_samples, r.n_correct, k) for r in results) / len(results)
-        if greedy:
-            out["greedy"] = sum(bool(g) for g in greedy) / len(greedy)
+    if labelled:
+        out[f"avg@{k}"] = sum(r.n_correct / r.n_samples for r in labelled) / len(labelled)
+        out[f"maj@{k}"] = sum(bool(r.maj_correct) for r in labelled) / len(labelled)
+        out[f"pass@{k}"] = sum(pass_at_k(r.n_samples, r.n_correct, k) for r in labelled) / len(labelled)
+        graded = [g for g in greedy or [] if g is not None]
+        if graded:
+            out["greedy"] = sum(graded) / len(graded)
     return out
 
 
 def eval_seed(cfg) -> int:
     """The evaluation sampler's seed: fixed by train.seed and apart from the training streams, so the
     evaluations before and after training (and `ttrl eval`) draw the same random numbers."""
-    return cfg.train.seed + 7919
+    return cfg.train.seed + EVAL_SEED_OFFSET
 
 
 def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, template: str,
@@ -98,9 +106,13 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
     results = [score_group([answers[i] for i in rollout.group(p)], prob.answer, prob.id)
                for p, prob in enumerate(mine)]
     greedy = None
-    if cfg.greedy and all(p.answer is not None for p in problems):
-        g = sampler.generate(model, prompt_ids, replace(sampling, n=1, temperature=0.0), [0] * len(mine))
-        greedy = [is_equivalent(a, p.answer) for a, p in zip(sample_answers(g.texts, g.truncated), mine)]
+    if cfg.greedy and any(p.answer is not None for p in problems):  # graded where there is gold
+        labelled = [i for i, p in enumerate(mine) if p.answer is not None]
+        greedy = [None] * len(mine)
+        g = sampler.generate(model, [prompt_ids[i] for i in labelled], replace(sampling, n=1, temperature=0.0),
+                             [0] * len(labelled))
+        for i, a in zip(labelled, sample_answers(g.texts, g.truncated)):
+            greedy[i] = is_equivalent(a, mine[i].answer)
         greedy = dist.gather(greedy)
     results = dist.gather(results)
     summary = summarize(results, k, greedy)

@@ -24,7 +24,7 @@ from ttrl.advantages import compute_advantages
 from ttrl.checkpoint import CHECKPOINTS, CheckpointError, load_checkpoint, save_checkpoint
 from ttrl.config import Config
 from ttrl.control import Control, StopSignals
-from ttrl.data import Problem, drop_too_long, load_problems, split_holdout
+from ttrl.data import Problem, load_sets, run_sets
 from ttrl.distributed import Dist, is_main_process, make_accelerator, zero_loss
 from ttrl.evaluation import eval_seed, evaluate
 from ttrl.groups import Group, diagnostics, reward, vote
@@ -311,22 +311,6 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)  # rich's live progress bar redirects stderr above itself
 
 
-def fit_context(problems: list[Problem], tok, model, cfg: Config, max_new_tokens: int, key: str) -> list[Problem]:
-    """Leave out (data.too_long=skip) or fail on prompts that leave no room for `max_new_tokens`
-    in the model's context."""
-    context = getattr(model.config, "max_position_embeddings", None)
-    if not context or not problems:
-        return problems
-    ids = encode_problems(tok, problems, cfg)
-    budget, why = context - max_new_tokens, f"context {context} (max_position_embeddings) - {key} {max_new_tokens}"
-    kept, skipped = drop_too_long(problems, [len(x) for x in ids], budget, cfg.data.too_long, why)
-    if skipped:
-        names = ", ".join(repr(p.id) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        warn(f"skipped {len(skipped)} of {len(problems)} prompts longer than {budget} tokens ({why}): {names}; "
-             "set data.too_long=fail to stop instead")
-    return kept
-
-
 # --- set-up and resume ----------------------------------------------------------------------------
 
 def resumed_state(run_dir: Path, cfg: Config, model, optimizer, scheduler) -> dict | None:
@@ -380,24 +364,20 @@ class Run:
 def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Run:
     """Data, model, optimizer, sampler and (on resume) the checkpoint's state, in the order that
     makes a resumed run continue bit for bit."""
+    problems, extra = load_sets(cfg)  # bad data fails before anything is written
     dist = Dist(make_accelerator())
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
-    problems = load_problems(cfg.data.train, cfg.data)
-    extra = {Path(name).stem: load_problems(name, cfg.data) for name in cfg.data.eval}
     model, tok = load_model(cfg.model, seed=cfg.train.seed)
     ref_model = None
     if cfg.algorithm.kl_coef > 0:
         ref_model, _ = load_model(type(cfg.model)(**{**cfg.model.__dict__, "lora_rank": 0}), seed=cfg.train.seed)
         ref_model.eval().requires_grad_(False).to(dist.device)
     stop.check()
-    problems = fit_context(problems, tok, model, cfg, cfg.rollout.max_new_tokens, "rollout.max_new_tokens")
-    adapt, held = split_holdout(problems, cfg.data.holdout, cfg.train.seed)
+    eval_sets = run_sets(cfg, problems, extra, tok, model)
+    adapt = eval_sets["adapt"]
     dist.check_batch(min(cfg.train.prompts_per_step, len(adapt)))
-    eval_sets = {"adapt": adapt, "heldout": held}
-    for name, probs in extra.items():
-        eval_sets[name] = fit_context(probs, tok, model, cfg, cfg.eval.max_new_tokens, "eval.max_new_tokens")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.algorithm.lr, weight_decay=cfg.algorithm.weight_decay)
     warm = cfg.algorithm.warmup_steps

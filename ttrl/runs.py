@@ -1,0 +1,191 @@
+"""A run directory: what marks one, the checks made before anything is written, and `train` /
+`evaluate_sets` as `ttrl train` / `ttrl eval` run them, for use from Python too.
+
+Order matters for the user's files: every input is checked (config, data, held-out split, model
+directory, output path) before the directory is touched, and an existing directory is replaced
+only when it holds a ttrl run and `overwrite` was asked for."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ttrl.config import Config, ConfigError, ModelConfig, load_config
+from ttrl.data import load_sets, run_sets
+from ttrl.models import EMBEDDED, ModelError, resolve
+
+def _json_object(path: Path) -> dict:
+    if not path.is_file() or path.stat().st_size > 10_000_000:  # never a device or a huge file
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def holds_run(path: str | Path) -> bool:
+    """True when `path` holds what a ttrl run writes: its metrics, checkpoints, summary, or the
+    config.json / environment.json of ttrl (a model directory's config.json does not count)."""
+    path = Path(path)
+    if (path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir():
+        return True
+    if {"model", "rollout", "reward"} <= _json_object(path / "config.json").keys():
+        return True
+    return "ttrl" in _json_object(path / "environment.json") or "evals" in _json_object(path / "summary.json")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Fail now, not after hours of work, when `path` can never be written."""
+    ancestor = _nearest_existing(path if not path.exists() else path.parent)
+    if not ancestor.is_dir():
+        raise ConfigError(f"{what} {path} is below {ancestor}, which is a file; choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: {ancestor} is not writable (permission denied); choose another path")
+
+
+def check_output_dir(path: Path, overwrite: bool = False, resume: bool = False) -> None:
+    """Everything known about the run directory before any work: a usable path, and a directory
+    that is empty, or holds a run to resume (`resume`) or to replace (`overwrite`)."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --output-dir: give --output-dir, and not --overwrite")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output directory {path} is a file; choose another --output-dir")
+    check_writable(path, "output directory")
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not holds_run(path):
+        raise ConfigError(f"output directory {path} is not empty and holds no ttrl run (no metrics.jsonl, "
+                          "checkpoints/, or config.json of ttrl); ttrl replaces only its own runs, even with "
+                          "--overwrite: choose another --output-dir")
+    if not resume and not overwrite:
+        raise ConfigError(f"output directory {path} already holds a run; pass --resume to continue it, "
+                          "--overwrite to replace it, or choose another --output-dir")
+
+
+def _adapter_error(name: str, e: ModelError) -> ModelError:
+    """A clearer error where `name` is a LoRA adapter directory (a LoRA run's model/)."""
+    if not (Path(name) / "adapter_config.json").is_file():
+        return e
+    return ModelError(f"{name} holds a LoRA adapter (adapter_config.json), which could not be loaded: {e}. "
+                      "Merge it into its base model (peft: PeftModel.from_pretrained(base, dir).merge_and_unload()"
+                      ".save_pretrained(out)) and pass model.name=out")
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """The cheap part of loading a model: the directory exists (and is not a run directory)."""
+    if cfg.name == EMBEDDED:
+        return
+    if holds_run(cfg.name):
+        raise ModelError(f"model.name = {cfg.name!r} is a run directory; its trained model is in "
+                         f"{Path(cfg.name) / 'model'}")
+    try:
+        resolve(cfg.name)
+    except ModelError as e:
+        raise _adapter_error(cfg.name, e) from None
+
+
+def prepare_run_dir(path: Path, overwrite: bool) -> None:
+    """Create the run directory; with `overwrite`, first empty one that holds a run (checked by
+    `check_output_dir`). Emptied, not removed, so that `--output-dir .` works."""
+    if overwrite and path.is_dir() and holds_run(path):
+        for entry in path.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _undo_start(path: Path, created: bool) -> None:
+    """A run that failed before writing its config (the model did not load) leaves nothing behind,
+    so the corrected command needs no --overwrite."""
+    from ttrl.report import ENVIRONMENT_FILE
+
+    if (path / "config.json").exists():
+        return
+    (path / ENVIRONMENT_FILE).unlink(missing_ok=True)
+    if created and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+
+
+def train(cfg: Config, run_dir: str | Path, *, quiet: bool = False, resume: bool = False, overwrite: bool = False,
+          report: bool = True) -> dict:
+    """What `ttrl train` does: check every input, prepare RUN_DIR, record the environment, train
+    (ttrl.trainer.train), then write report.html / report.md. Returns the run's summary."""
+    from ttrl.distributed import is_main_process
+    from ttrl.report import ENVIRONMENT_FILE, environment, write_report
+    from ttrl.trainer import train as train_loop
+
+    run_dir = Path(run_dir)
+    main = is_main_process()  # under torchrun / accelerate launch, rank 0 alone writes files
+    if main:  # (on the other ranks it would race with rank 0's first file)
+        check_output_dir(run_dir, overwrite, resume)
+    load_sets(cfg)
+    check_model(cfg.model)
+    created = not run_dir.exists()
+    if main:
+        prepare_run_dir(run_dir, overwrite and not resume)
+        (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(environment(), indent=2))
+    try:
+        summary = train_loop(cfg, run_dir, quiet=quiet, resume=resume)
+    except BaseException:
+        if main and not resume:
+            _undo_start(run_dir, created)
+        raise
+    if report and main:
+        write_report(run_dir)
+    return summary
+
+
+def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """The config of a run (RUN_DIR/config.json), set to evaluate the model it saved
+    (RUN_DIR/model) unless `overrides` name other model.* settings."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file() or not holds_run(run_dir):
+        raise ConfigError(f"{run_dir} is not a ttrl run directory (no config.json of ttrl); give one written "
+                          "by `ttrl train`, or use --config")
+    overrides = list(overrides or [])
+    cfg = load_config(run_dir / "config.json", overrides)
+    given = {item.split("=", 1)[0].strip() for item in overrides}
+    # The saved model has the run's shape and (LoRA) its adapter already: load it as it is.
+    for key, value in (("name", str(run_dir / "model")), ("architecture", {}), ("lora_rank", 0)):
+        if f"model.{key}" not in given:
+            setattr(cfg.model, key, value)
+    return cfg
+
+
+def load_for_eval(cfg: ModelConfig, seed: int):
+    """(model, tokenizer) to evaluate, with a clear error for a LoRA adapter directory."""
+    from ttrl.models import load_model
+
+    try:
+        return load_model(cfg, seed=seed)
+    except ModelError as e:
+        raise _adapter_error(cfg.name, e) from None
+
+
+def evaluate_sets(cfg: Config) -> dict[str, tuple[dict, list]]:
+    """What `ttrl eval` does: {set name: (summary, per-problem results)} of cfg.model on the sets
+    a run with `cfg` reports (adapt, heldout, each data.eval set), with the trainer's seeds.
+    Data is checked before the model loads."""
+    from ttrl.evaluation import eval_seed, evaluate
+
+    problems, extra = load_sets(cfg)
+    check_model(cfg.model)
+    model, tok = load_for_eval(cfg.model, cfg.train.seed)
+    out = {}
+    for name, probs in run_sets(cfg, problems, extra, tok, model).items():
+        if probs:
+            out[name] = evaluate(model, tok, probs, cfg.eval, cfg.data.template, cfg.model.chat_template,
+                                 seed=eval_seed(cfg))
+    return out
