@@ -108,7 +108,7 @@ def test_text_settings_keep_the_override_as_typed():
                              "data.answer_field='gold'"])
     assert cfg.data.template == "Question: {problem}" and cfg.model.name == "123" and cfg.data.train == "true"
     assert cfg.data.answer_field == "gold"  # quotes typed for YAML still work
-    assert load_config(None, ["data.stop=[</a>, </b>]"]).data.stop == ["</a>", "</b>"]  # other types: YAML
+    assert load_config(None, ["rollout.stop=[</a>, </b>]"]).rollout.stop == ["</a>", "</b>"]  # other types: YAML
 
 
 def test_errors_name_the_override_or_the_file_line_where_the_value_was_set(tmp_path):

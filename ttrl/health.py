@@ -40,7 +40,7 @@ def no_signal_warnings(rows: Sequence[Mapping]) -> list[str]:
                    "answer in data.template)")
         else:
             fix = ("most of them ended without an answer the grader can find: check that data.template asks "
-                   "for a final answer it extracts (e.g. \\boxed{}) and that data.stop does not end answers early")
+                   "for a final answer it extracts (e.g. \\boxed{}) and that rollout.stop does not end answers early")
         out.append(f"No signal: {no_answer:.0%} of the training samples had no answer (train/no_answer, "
                    f"mean over {len(rows)} step{'s' * (len(rows) != 1)}), so they neither voted nor earned a "
                    f"reward; {fix}.")
