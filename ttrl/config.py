@@ -558,7 +558,8 @@ def config_keys() -> list[KeyDoc]:
                 out += walk(tp, f"{prefix}{f.name}.")
             else:
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                out.append(KeyDoc(prefix + f.name, tp.__name__, default, docs.get((cls.__name__, f.name), "")))
+                doc = next((docs[c.__name__, f.name] for c in cls.__mro__ if (c.__name__, f.name) in docs), "")
+                out.append(KeyDoc(prefix + f.name, tp.__name__, default, doc))  # inherited fields: the base's doc
         return out
 
     return walk(Config, "")
