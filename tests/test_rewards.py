@@ -98,3 +98,25 @@ def test_similarity_consensus_tie_is_order_invariant_regression():
     base = similarity_rewards(texts, range(len(texts)))
     permuted = similarity_rewards([texts[i] for i in order], range(len(texts)))
     assert [permuted[order.index(i)] for i in range(len(texts))] == base
+
+
+def test_format_control_rewards_any_answer_ignoring_the_vote():
+    from ttrl.rewards import label_free_rewards
+    from ttrl.voting import majority_vote
+
+    vote = majority_vote(["4", "4", "5", None, "7"])
+    assert label_free_rewards("format", vote, ["a"] * 5, [0.0] * 5, [0.0] * 5, [0, 2, 3, 4]) == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_random_control_is_a_seeded_coin_per_sample():
+    from ttrl.rewards import label_free_rewards, random_rewards
+    from ttrl.voting import majority_vote
+
+    vote = majority_vote(["1"] * 64)
+    r = label_free_rewards("random", vote, ["x"] * 64, [0.0] * 64, [0.0] * 64, list(range(64)), seed=3, random_p=0.25)
+    assert set(r) <= {0.0, 1.0} and 8 <= sum(r) <= 26  # ~16 of 64; P(outside) < 1e-3
+    assert r == label_free_rewards("random", vote, ["y"] * 64, [1.0] * 64, [0.0] * 64, list(range(64)), seed=3,
+                                   random_p=0.25)  # depends on the seed only
+    assert random_rewards(64, [5, 9], 0.25, 3) == [r[5], r[9]]  # a sample's coin whichever are rewarded
+    assert r != random_rewards(64, list(range(64)), 0.25, 4)
+    assert random_rewards(8, range(8), 0.0, 1) == [0.0] * 8 and random_rewards(8, range(8), 1.0, 1) == [1.0] * 8

@@ -124,7 +124,11 @@ class RewardConfig:
     of rollout.n_votes (official TTRL scripts: 32 of 64)."""
     kind: str = "majority"
     """majority (TTRL: 1 if equivalent to the pseudo-label), similarity (ROUGE-L to the consensus text),
-    semantic_entropy (EMPO), neg_entropy (RENT) or self_certainty (Intuitor); see ttrl/rewards.py."""
+    semantic_entropy (EMPO), neg_entropy (RENT) or self_certainty (Intuitor); the controls format
+    (1 for any answer) and random (a coin) measure what a reward that ignores the vote gives; see
+    ttrl/rewards.py and docs/method.md."""
+    random_p: float = 0.5
+    """Probability of reward 1 under the random control (reward.kind=random)."""
     min_majority_ratio: float = 0.0
     """Prompts whose majority ratio is below this are skipped for training."""
 
@@ -143,8 +147,11 @@ class AlgorithmConfig:
     """AdamW decoupled weight decay."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global L2 norm before each optimizer step."""
-    warmup_steps: int = 0
-    """Steps over which the learning rate rises linearly from lr / warmup_steps to lr (0 = none)."""
+    lr_schedule: str = "constant"
+    """constant, or cosine: a half cosine from lr to 0 at the last step (official TTRL scripts)."""
+    warmup_ratio: float = 0.0
+    """Share of the run's steps over which the learning rate rises linearly from 0 (official
+    TTRL scripts: 0.03); as verl, the first warm-up step trains at lr 0."""
     ppo_epochs: int = 1
     """Optimisation passes over each rollout batch."""
     mini_batch_prompts: int = 0
@@ -226,6 +233,7 @@ class Config:
 
 CHOICES = {
     "rollout.backend": ("torch", "vllm"),
+    "algorithm.lr_schedule": ("constant", "cosine"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.too_long": ("skip", "fail"),
 }
@@ -274,7 +282,8 @@ def validate(cfg: Config) -> Config:
          "must be >= 0 (0 = one optimizer step per rollout batch)"),
         ("algorithm.weight_decay", cfg.algorithm.weight_decay >= 0, "must be >= 0"),
         ("algorithm.max_grad_norm", cfg.algorithm.max_grad_norm > 0, "must be > 0"),
-        ("algorithm.warmup_steps", cfg.algorithm.warmup_steps >= 0, "must be >= 0"),
+        ("algorithm.warmup_ratio", 0 <= cfg.algorithm.warmup_ratio < 1, "must be in [0, 1)"),
+        ("reward.random_p", 0 <= cfg.reward.random_p <= 1, "must be in [0, 1]"),
         ("algorithm.max_bad_steps", cfg.algorithm.max_bad_steps >= 1, "must be >= 1"),
         ("eval.n_samples", cfg.eval.n_samples >= 1, "must be >= 1"),
         ("eval.every", cfg.eval.every >= 0, "must be >= 0"),
@@ -359,7 +368,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                       key)
 
 
-MOVED = {"data.stop": "rollout.stop and eval.stop (stop strings are sampler settings)"}
+MOVED = {"data.stop": "rollout.stop and eval.stop (stop strings are sampler settings)",
+         "algorithm.warmup_steps": "algorithm.warmup_ratio (a share of the run's steps, as verl)"}
 """Keys of earlier versions, and where their setting lives now."""
 
 

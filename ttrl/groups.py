@@ -50,7 +50,8 @@ def reward(groups: list[Group], rollout: Rollout, cfg: RewardConfig, seeds: list
         chosen = torch.randperm(rollout.n, generator=pick)[: cfg.n_train_samples].tolist()
         rewards = label_free_rewards(cfg.kind, g.vote, [rollout.texts[i] for i in idx],
                                      [float(rollout.entropy[i].mean()) for i in idx],
-                                     [float(rollout.certainty[i].mean()) for i in idx], chosen)
+                                     [float(rollout.certainty[i].mean()) for i in idx], chosen,
+                                     seed=seeds[p] + 2, random_p=cfg.random_p)
         out.append(replace(g, train_idx=chosen, rewards=list(rewards),
                            skipped=g.vote.majority_ratio < cfg.min_majority_ratio))
     return out

@@ -30,11 +30,16 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return loss, stats
 
 
+KL_CLAMP = 10.0
+"""verl's `low_var_kl` clamps each token's k3 to [-10, 10]: one token far off the reference must
+not dominate the loss (k3 >= 0, so only the upper bound acts)."""
+
+
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1 >= 0,
-    unbiased and low-variance for samples drawn from the policy (Schulman, 2020)."""
+    unbiased and low-variance for samples drawn from the policy (Schulman, 2020), clamped as verl."""
     d = ref_logp - logp
-    return d.exp() - d - 1
+    return (d.exp() - d - 1).clamp(max=KL_CLAMP)
 
 
 def masked_sum_over(x: torch.Tensor, mask: torch.Tensor, n_tokens: float) -> torch.Tensor:

@@ -7,6 +7,7 @@ consensus text (the medoid of the group).
 
 from __future__ import annotations
 
+import random
 import re
 from typing import TYPE_CHECKING, Sequence
 
@@ -87,20 +88,38 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return len(a) - v.bit_count()
 
 
-KINDS = ("majority", "similarity", "semantic_entropy", "neg_entropy", "self_certainty")
+KINDS = ("majority", "similarity", "semantic_entropy", "neg_entropy", "self_certainty", "format", "random")
 """Label-free rewards selectable by `reward.kind`, all computed from one prompt's samples:
 - majority: TTRL, 1 if in the majority vote's equivalence class;
 - similarity: ROUGE-L F1 to the consensus text, for open-ended outputs;
 - semantic_entropy: EMPO, the frequency of the sample's answer class (its share of the N
   votes), so minimising semantic entropy over answers;
 - neg_entropy: RENT, minus the sample's mean token entropy;
-- self_certainty: Intuitor, the sample's mean KL(uniform || next-token distribution)."""
+- self_certainty: Intuitor, the sample's mean KL(uniform || next-token distribution);
+- format (a CONTROL, never a method): 1 if the sample has an answer at all, whatever it is;
+- random (a CONTROL): 1 with probability `random_p`, a seeded coin per sample.
+The controls tell a gain from the vote apart from one any reward would give (a format effect,
+or GRPO's response to noise: Spurious Rewards, arXiv 2506.10947); see docs/method.md."""
+
+
+def format_rewards(vote: Vote, indices: Sequence[int]) -> list[float]:
+    """Control: 1.0 for a sample with an extracted answer (one that voted), else 0.0."""
+    return [1.0 if vote.cluster_of[i] >= 0 else 0.0 for i in indices]
+
+
+def random_rewards(n: int, indices: Sequence[int], p: float, seed: int) -> list[float]:
+    """Control: a coin of probability `p` per sample, from `seed`; sample i's coin does not depend
+    on which samples are rewarded (all n are drawn)."""
+    rng = random.Random(seed)
+    coins = [rng.random() < p for _ in range(n)]
+    return [1.0 if coins[i] else 0.0 for i in indices]
 
 
 def label_free_rewards(kind: str, vote: Vote, texts: Sequence[str], entropy: Sequence[float],
-                       certainty: Sequence[float], indices: Sequence[int]) -> list[float]:
+                       certainty: Sequence[float], indices: Sequence[int], seed: int = 0,
+                       random_p: float = 0.5) -> list[float]:
     """Rewards of the samples at `indices` of one group; entropy and certainty are per-sample
-    means over tokens."""
+    means over tokens; `seed` and `random_p` serve the random control only."""
     if kind == "majority":
         return majority_rewards(vote, indices)
     if kind == "similarity":
@@ -112,4 +131,8 @@ def label_free_rewards(kind: str, vote: Vote, texts: Sequence[str], entropy: Seq
         return [-float(entropy[i]) for i in indices]
     if kind == "self_certainty":
         return [float(certainty[i]) for i in indices]
+    if kind == "format":
+        return format_rewards(vote, indices)
+    if kind == "random":
+        return random_rewards(len(texts), indices, random_p, seed)
     raise ValueError(f"unknown reward kind {kind!r}; use one of {', '.join(KINDS)}")

@@ -32,6 +32,7 @@ from ttrl.losses import kl_k3, policy_loss
 from ttrl.metrics import MetricsWriter, library_bars, progress_bar, read_metrics, truncate_metrics
 from ttrl.models import encode_problems, load_model
 from ttrl.rollout import NonFiniteError, Rollout, Sampler, Sampling, TorchSampler, score
+from ttrl.schedule import make_scheduler
 
 
 def seed_everything(seed: int) -> None:
@@ -200,9 +201,10 @@ def update(policy: Policy, rollout: Rollout, groups: list[Group], advantages: li
             if policy.good is not None and not dist.all_true(finite_after_step(policy, rollout, groups, mine, cfg)):
                 policy.good.restore()  # weights that blew up without a non-finite loss (a huge learning rate)
                 skipped += 1
+    lr = policy.scheduler.get_last_lr()[0]  # the rate this step trained at
     policy.scheduler.step()
     totals = dict(zip(totals, dist.sum(list(totals.values()))))  # each rank summed its share of the tokens
-    return {**totals, "optim/grad_norm": grad_norm, "optim/lr": policy.scheduler.get_last_lr()[0],
+    return {**totals, "optim/grad_norm": grad_norm, "optim/lr": lr,
             "optim/skipped_updates": skipped, "optim/steps": n_mini * algo.ppo_epochs - skipped,
             "train/updated": sum(a is not None for a in advantages)}
 
@@ -380,8 +382,8 @@ def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Run:
     dist.check_batch(min(cfg.train.prompts_per_step, len(adapt)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.algorithm.lr, weight_decay=cfg.algorithm.weight_decay)
-    warm = cfg.algorithm.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    steps = total_steps(cfg, len(adapt))
+    scheduler = make_scheduler(optimizer, cfg.algorithm.lr_schedule, cfg.algorithm.warmup_ratio, steps)
     # The scheduler stays ours (accelerate's would step once per process); `wrapped` is the
     # engine's wrapper (DDP, ...): forward/backward through it, sample from `model`.
     wrapped, optimizer = dist.prepare(model, optimizer)
@@ -392,7 +394,6 @@ def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Run:
         sampler = VLLMSampler(cfg, model, tok, dist)
     else:
         sampler = TorchSampler(tok, dist.generation)
-    steps = total_steps(cfg, len(adapt))
     # Resume: weights, optimizer, RNGs and eval history from the checkpoint (every rank loads it);
     # metrics rows logged after it (and a torn last line) are dropped, so the file reads as if
     # never interrupted.
