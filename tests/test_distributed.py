@@ -92,8 +92,8 @@ SKIP = {(0, 0), (0, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)}
 SEEDS = {T.prompt_seed(0, s, T.batch_order(8, 4, s, 0)[k]) for s, k in SKIP}
 real = T.vote_and_reward
 
-def vote_and_reward(rollout, cfg, seeds):
-    groups = real(rollout, cfg, seeds)
+def vote_and_reward(rollout, cfg, seeds, choices=None):
+    groups = real(rollout, cfg, seeds, choices)
     for g, seed in zip(groups, seeds):
         g.skipped = seed in SEEDS
     return groups

@@ -44,6 +44,9 @@ class ArithmeticConfig:
     """Operands are drawn uniformly from [low, high]."""
     ops: list = field(default_factory=lambda: ["+"])
     seed: int = 0
+    choices: int = 0
+    """0 = open answers; 2..26 = multiple choice: the result among this many shuffled options
+    (the others near it), the gold a letter. Render them with `{choices}` in data.template."""
 
 
 @dataclass
@@ -58,10 +61,14 @@ class DataConfig:
     answer_field: str = "answer"
     """Gold answers: read for diagnostics and evaluation only, never for training."""
     id_field: str = "id"
+    choices_field: str = "choices"
+    """Multiple-choice options: a list of 2..26 texts, A, B, ... in order; a record without the
+    field is an open question. Its gold may be a letter or an option's text. "" = never read."""
     limit: int = 0
     """Use only the first `limit` prompts (0 = all)."""
     template: str = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
-    """How a problem becomes the user message; `{problem}` is replaced."""
+    """How a problem becomes the user message; `{problem}` is replaced, and `{choices}` by a
+    multiple-choice problem's options as "A) ..." lines (after the problem if there is no `{choices}`)."""
     stop: list = field(default_factory=list)
     """Strings that end an answer besides end-of-sequence (e.g. "</answer>" for a template that asks
     for one), in training rollouts and evaluation alike; the answer keeps the stop string."""
@@ -210,6 +217,8 @@ def validate(cfg: Config) -> Config:
         ("data.prompt_field", cfg.data.prompt_field != "", "must name the field holding the question"),
         ("data.arithmetic.n", cfg.data.arithmetic.n >= 1, "must be >= 1"),
         ("data.arithmetic.high", cfg.data.arithmetic.high >= cfg.data.arithmetic.low, "must be >= data.arithmetic.low"),
+        ("data.arithmetic.choices", cfg.data.arithmetic.choices == 0 or 2 <= cfg.data.arithmetic.choices <= 26,
+         "must be 0 (open answers) or 2..26 options"),
         ("model.lora_rank", cfg.model.lora_rank >= 0, "must be >= 0 (0 = full fine-tune)"),
         ("model.lora_dropout", 0 <= cfg.model.lora_dropout < 1, "must be in [0, 1)"),
     ]

@@ -44,7 +44,8 @@ class ProblemResult:
 
 
 def score_group(answers: list[str | None], gold: str | None, pid: str = "") -> ProblemResult:
-    """Vote over one prompt's answers and (when gold is known) grade each answer and the vote."""
+    """Vote over one prompt's answers and (when gold is known) grade each answer and the vote.
+    For a multiple-choice problem answers and gold are letters, equal only when identical."""
     vote = majority_vote(answers)
     hist = Counter({vote.representatives[c]: vote.counts[c] for c in range(len(vote.counts))})
     missing = sum(1 for c in vote.cluster_of if c < 0)
@@ -87,13 +88,14 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
     sampling = Sampling(n=k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         max_new_tokens=cfg.max_new_tokens, stop=tuple(stop))
     rollout = generate(model, tokenizer, prompt_ids, sampling, seeds=[seeds[i] for i in share])
-    answers = sample_answers(rollout.texts, rollout.truncated)
+    answers = sample_answers(rollout.texts, rollout.truncated, [p.choices for p in mine for _ in range(k)])
     results = [score_group([answers[i] for i in rollout.group(p)], prob.answer, prob.id)
                for p, prob in enumerate(mine)]
     greedy = None
     if cfg.greedy and all(p.answer is not None for p in problems):
         g = generate(model, tokenizer, prompt_ids, replace(sampling, n=1, temperature=0.0))
-        greedy = [is_equivalent(a, p.answer) for a, p in zip(sample_answers(g.texts, g.truncated), mine)]
+        greedy_answers = sample_answers(g.texts, g.truncated, [p.choices for p in mine])
+        greedy = [is_equivalent(a, p.answer) for a, p in zip(greedy_answers, mine)]
         greedy = dist.gather(greedy)
     results = dist.gather(results)
     summary = summarize(results, k, greedy)

@@ -11,7 +11,8 @@ Decisions (each one tested in tests/test_grading.py):
   ("5\\%" != "0.05"); math-verify accepts both, which would make the relation intransitive.
 - "025" == "25" (AIME), "142.0" == "142" (AMC); decimals match fractions to 6 places
   like math-verify ("0.333333" == "\\frac13", "0.333" != "\\frac13").
-- "x = 5" == "5"; multiple-choice letters "B" == "(B)" == "\\text{(B)}".
+- "x = 5" == "5"; multiple-choice letters "B" == "(B)" == "\\text{(B)}", and two capital
+  letters are equal only when identical (never by sympy).
 - Plain words ("\\text{Evelyn}", "east") compare case-insensitively as strings, never by sympy
   (which would read "east" as the product e*a*s*t).
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 from functools import lru_cache
+from typing import Sequence
 
 import math_verify.grader
 import math_verify.parser
@@ -70,21 +72,30 @@ def extract_answer(text: str) -> str | None:
     """
     if not isinstance(text, str) or not text:
         return None
-    for found in (_last_boxed(text), _answer_phrase(text), _last_number(text)):
+    for found in (last_boxed(text), _answer_phrase(text), _last_number(text)):
         answer = _clean(found) if found is not None else None
         if answer:
             return answer
     return None
 
 
-def sample_answers(texts: list[str], truncated: list[bool]) -> list[str | None]:
+def sample_answers(texts: list[str], truncated: list[bool],
+                   choices: Sequence[Sequence[str] | None] | None = None) -> list[str | None]:
     """Final answers of sampled completions. One cut off by max_new_tokens has none: whatever
     number it ends on is mid-sentence, and counting it lets a policy win the vote by restating
-    the question ("To add 8 + 1," votes 1), which a TTRL run on SmolLM2 learnt within 10 steps."""
-    return [None if cut else extract_answer(t) for t, cut in zip(texts, truncated)]
+    the question ("To add 8 + 1," votes 1), which a TTRL run on SmolLM2 learnt within 10 steps.
+
+    `choices`, per sample: the options of its multiple-choice problem (None: an open answer);
+    the answer of such a sample is the letter of the option it commits to (ttrl.choices)."""
+    from ttrl.choices import extract_choice  # choices builds on this module
+
+    options = choices if choices is not None else [None] * len(texts)
+    return [None if cut else extract_choice(t, opts) if opts else extract_answer(t)
+            for t, cut, opts in zip(texts, truncated, options)]
 
 
-def _last_boxed(text: str) -> str | None:
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete `\\boxed{}`/`\\fbox{}` (None if there is none)."""
     end = len(text)
     for _ in range(MAX_BOX_TRIES):
         starts = [(text.rfind(cmd, 0, end), cmd) for cmd in ("\\boxed", "\\fbox")]
@@ -229,6 +240,8 @@ def _judge(a: str, b: str) -> bool:
         return False
     if na == nb:
         return True
+    if _CAPITAL.fullmatch(na) and _CAPITAL.fullmatch(nb):
+        return False  # choice letters are equal only when identical (sympy might read E as e)
     if ra is not None and rb is not None:
         return ra == rb or ((fa or fb) and round(ra, 6) == round(rb, 6))
     if _is_word(na) or _is_word(nb):
@@ -360,6 +373,7 @@ def _rational(s: str) -> tuple[Fraction | None, bool]:
 
 
 _WORD = re.compile(r"[a-zA-Z]{3,}(?:[ -][a-zA-Z]+)*")
+_CAPITAL = re.compile(r"[A-Z]")
 
 
 def _is_word(s: str) -> bool:

@@ -56,9 +56,12 @@ def prompt_seed(seed: int, step: int, index: int) -> int:
     return (seed * 1_000_003 + step) * 1_000_033 + index
 
 
-def vote_and_reward(rollout: Rollout, cfg: Config, seeds: list[int]) -> list[Group]:
-    """Majority vote over each prompt's N samples; reward M of them drawn at random."""
-    answers = sample_answers(rollout.texts, rollout.truncated)
+def vote_and_reward(rollout: Rollout, cfg: Config, seeds: list[int],
+                    choices: list[tuple[str, ...] | None] | None = None) -> list[Group]:
+    """Majority vote over each prompt's N samples; reward M of them drawn at random. `choices`:
+    per prompt, a multiple-choice problem's options (its samples then vote on letters)."""
+    answers = sample_answers(rollout.texts, rollout.truncated,
+                             [c for c in choices for _ in range(rollout.n)] if choices else None)
     groups = []
     for p in range(len(rollout.prompt_ids)):
         idx = list(rollout.group(p))
@@ -147,7 +150,8 @@ def update(model, ref_model, rollout: Rollout, groups: list[Group], cfg: Config,
 
 
 def sample_and_vote(model, tok, prompt_ids: list[list[int]], seeds: list[int], sampling: Sampling, cfg: Config,
-                    dist: Dist, vllm: VLLMRollout | None = None) -> tuple[Rollout, list[Group], float]:
+                    dist: Dist, vllm: VLLMRollout | None = None,
+                    choices: list[tuple[str, ...] | None] | None = None) -> tuple[Rollout, list[Group], float]:
     """(rollout, groups, rollout seconds) of a step's prompts. Each rank samples and votes on its
     share of the prompts, all N votes of each, then every rank gets the whole step in order."""
     t0 = time.perf_counter()
@@ -159,7 +163,8 @@ def sample_and_vote(model, tok, prompt_ids: list[list[int]], seeds: list[int], s
         with dist.generation(model) as policy:
             local = generate(policy, tok, mine, sampling, seeds=my_seeds)
     seconds = time.perf_counter() - t0
-    parts = dist.gather([(local, vote_and_reward(local, cfg, my_seeds))])
+    my_choices = [choices[k] for k in share] if choices else None
+    parts = dist.gather([(local, vote_and_reward(local, cfg, my_seeds, my_choices))])
     return concat_rollouts([r for r, _ in parts]), [g for _, gs in parts for g in gs], seconds
 
 
@@ -395,7 +400,7 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
                 batch = batch_order(len(adapt), cfg.train.prompts_per_step, step, cfg.train.seed)
                 seeds = [prompt_seed(cfg.train.seed, step, i) for i in batch]
                 rollout, groups, t_roll = sample_and_vote(model, tok, [prompt_ids[i] for i in batch], seeds,
-                                                          sampling, cfg, dist, vllm)
+                                                          sampling, cfg, dist, vllm, [adapt[i].choices for i in batch])
                 stats = update(model, ref_model, rollout, groups, cfg, optimizer, scheduler, pad_id, dist)
                 if vllm:
                     vllm.sync(model)
