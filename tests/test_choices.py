@@ -88,6 +88,15 @@ TABLE += [
     ("8 + 4 = 12, which is (B). (A) is 10, which is less.", NUM, "B"),
     ("Checking: 8 + 4 = 12, so (B). For comparison (C) would be 8 + 6.", NUM, "B"),
     ("The result, 3.5, is not listed; closest is (B).", NUM, "B"),
+    # written by SmolLM2-135M-Instruct on the multiple-choice arithmetic task
+    ('The correct answer is "B" The letter A is "C".', NUM, "B"),
+    ("Choose B, but correct me!", NUM, "B"),
+    ("8 + 4 is an integer.", ["8", "12", "4", "16"], None),  # the question restated, not an answer
+    ("8 + 4 is 16, not 12.", NUM, "D"),
+    ("The correct answer is D), 5.", ["13", "2", "8", "5"], "D"),
+    ("0 + 13 C=10\n#### 10\nThe answer is D.", ["13", "2", "5", "8"], "D"),
+    ("D is the correct answer to answer question \"4 + 8.\"", ["12", "16", "7", "9"], "D"),
+    ("9 is correct.", ["6", "2", "7", "9"], "D"),
 ]
 
 

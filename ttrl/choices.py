@@ -13,7 +13,8 @@ option's text name the same answer: `choice_of` maps either to the letter.
 3. the last letter mention that is not negated ("not (A)", "(A) is wrong", "rule out A") and
    not a line of a restated option list: "(C)", "C)", "**C**", "option C", a letter ending the
    text; one after "so", "thus", "which is", "=" ... ("so (B). (A) is 10") before any other;
-4. the option whose text appears last ("so 8 + 4 = 12." where 12 is an option).
+4. the option whose text appears last, not negated nor an operand ("so 8 + 4 = 12." where 12
+   is an option, but not the 8 or 4 of "8 + 4").
 A lower-case letter counts in parentheses, before ")" or ending a phrase ("answer: c"), but not
 before a word: in "the answer is a prime" the "a" is an article.
 """
@@ -74,8 +75,8 @@ def extract_choice(text: str | None, choices: Sequence[str]) -> str | None:
 
 # ---------------------------------------------------------------- reading one answer span
 
-_WRAPPERS = re.compile(r"^(?:\\(?:text|textbf|mathrm|mathbf|boxed)\s*\{|\\[(\[]|[\s*${:])+")
-_CLOSERS = re.compile(r"(?:\\[)\]]|[\s*$}.])+$")
+_WRAPPERS = re.compile(r"^(?:\\(?:text|textbf|mathrm|mathbf|boxed)\s*\{|\\[(\[]|[\s*${:\"'“”‘’])+")
+_CLOSERS = re.compile(r"(?:\\[)\]]|[\s*$}.\"'“”‘’])+$")
 _LETTER_ALONE = re.compile(r"\(?([A-Za-z])\)?[.:]?")
 # A letter opening an answer: "(C)", "C)", "C." or "C" before a non-letter, "c" only at the end.
 _LETTER_FIRST = re.compile(r"(?:(?i:option|choice|letter)\s*)?(?:\(([A-Za-z])\)|([A-Za-z])\)"
@@ -137,7 +138,7 @@ def _is_math(text: str) -> bool:
 _PHRASE = re.compile(
     r"\banswer\b\**\s*(?:is|would be|must be|should be|will be)?\s*(?::|=)?\**"
     r"|(?:correct|right|best|final)\s+(?:option|choice|letter)\**\s*(?:is|would be|must be)?\s*:?\**"
-    r"|\b(?:I|we)(?:'ll| will)?\s+(?:choose|pick|select|go with)\b|####",
+    r"|\b(?:(?:I|we)(?:'ll| will)?\s+)?(?:choose|pick|select|go with)\b|####",
     re.IGNORECASE,
 )
 _MENTION = re.compile(
@@ -176,8 +177,13 @@ def _restated_lines(tail: str, choices: Sequence[str]) -> list[tuple[int, int]]:
     return spans if len(spans) >= 2 else []
 
 
+_OPERAND_BEFORE = re.compile(r"[-+*/×÷^]\s*$")
+_OPERAND_AFTER = re.compile(r"\s*[-+*/×÷^]")
+
+
 def _last_option_text(tail: str, choices: Sequence[str], skip: list[tuple[int, int]]) -> str | None:
-    """Letter of the option whose text occurs last (outside restated lines); longer text wins a tie."""
+    """Letter of the option whose text occurs last (outside restated lines), not negated ("not 7")
+    nor an operand ("0 + 7 is an integer": the question restated); longer text wins a tie."""
     low = tail.casefold()
     best = None  # (end, length, letter)
     for i, text in enumerate(choices):
@@ -186,7 +192,9 @@ def _last_option_text(tail: str, choices: Sequence[str], skip: list[tuple[int, i
             continue
         pattern = re.compile(r"(?<![\w.])" + r"\s+".join(map(re.escape, key.split())) + r"(?![\w]|\.\d)")
         for m in pattern.finditer(low):
-            if not any(a <= m.start() < b for a, b in skip):
+            if (not any(a <= m.start() < b for a, b in skip) and not _negated(low, m.start(), m.end())
+                    and not _OPERAND_BEFORE.search(low, max(0, m.start() - 3), m.start())
+                    and not _OPERAND_AFTER.match(low, m.end())):
                 candidate = (m.end(), len(key), LETTERS[i])
                 best = max(best, candidate) if best else candidate
     return best[2] if best else None
