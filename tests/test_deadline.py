@@ -25,19 +25,21 @@ def swallowing(progress: list) -> str:
             continue
 
 
+CPU_CLOCKS = hasattr(time, "pthread_getcpuclockid")
+
+
+@pytest.mark.skipif(not CPU_CLOCKS, reason="no per-thread CPU clocks here: the wall clock alone bounds calls")
 @pytest.mark.parametrize("work", [spin, swallowing])
 def test_an_over_budget_call_is_interrupted_and_really_stops(work):
     progress = [0]
-    start = time.perf_counter()
+    cpu, wall = time.thread_time(), time.perf_counter()
     with pytest.raises(DeadlineExceeded):
-        call_within(0.2, 5.0, work, progress)
-    assert 0.19 < time.perf_counter() - start < 1.0
+        call_within(0.2, 30.0, work, progress)
+    assert 0.19 < time.thread_time() - cpu < 0.6  # the budget is this thread's CPU time ...
+    assert time.perf_counter() - wall < 10.0  # ... however loaded the machine
     stopped_at = progress[0]
     time.sleep(0.2)
     assert progress[0] == stopped_at  # nothing keeps running behind our back
-
-
-CPU_CLOCKS = hasattr(time, "pthread_getcpuclockid")
 
 
 @pytest.mark.skipif(not CPU_CLOCKS, reason="no per-thread CPU clocks here: the wall clock alone bounds calls")
@@ -84,4 +86,4 @@ def test_a_nested_call_keeps_the_outer_budget():
     start = time.perf_counter()
     with pytest.raises(DeadlineExceeded):
         call_within(0.2, 0.2, lambda: call_within(60.0, 60.0, spin, [0]))
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 3.0
