@@ -25,7 +25,8 @@ import re
 import string
 from typing import Sequence
 
-from ttrl.grading import TAIL_CHARS, is_equivalent, last_boxed
+# ttrl.grading (which loads sympy) is imported where answers are read, so that loading data
+# stays light and grading can build on this module.
 
 LETTERS = string.ascii_uppercase
 MIN_CHOICES, MAX_CHOICES = 2, len(LETTERS)
@@ -52,6 +53,8 @@ def choice_of(answer: str | None, choices: Sequence[str]) -> str | None:
 
 def extract_choice(text: str | None, choices: Sequence[str]) -> str | None:
     """Letter of the option a completion finally commits to (see module doc); None = no answer."""
+    from ttrl.grading import TAIL_CHARS, last_boxed
+
     if not isinstance(text, str) or not text or not choices:
         return None
     tail = text[-TAIL_CHARS:]
@@ -118,6 +121,8 @@ def _option_named(span: str, choices: Sequence[str]) -> str | None:
         if _norm(text) == key:
             return LETTERS[i]
     if _is_math(span):
+        from ttrl.grading import is_equivalent
+
         for i, text in enumerate(choices):
             if _is_math(text) and is_equivalent(span, text):
                 return LETTERS[i]

@@ -58,8 +58,8 @@ def arithmetic_problems(cfg: ArithmeticConfig) -> list[Problem]:
 
 
 def arithmetic_options(value: int, k: int, rng: random.Random) -> tuple[str, ...]:
-    """`value` and k-1 distinct wrong results near it (off by one or two, the mistakes small
-    models make), shuffled; no negative options for a non-negative result."""
+    """`value` and k-1 distinct wrong results within k+2 of it (the slips small models make),
+    shuffled; no negative options for a non-negative result."""
     near = [value + d for d in range(-k - 2, k + 3) if d and (value + d >= 0 or value < 0)]
     options = [value, *rng.sample(near, k - 1)]
     rng.shuffle(options)

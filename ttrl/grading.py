@@ -41,6 +41,7 @@ import math_verify.parser
 from math_verify import parse, verify
 from sympy import Expr, Float, Max, Rational, nan, oo, zoo
 
+from ttrl.choices import extract_choice
 from ttrl.deadline import DeadlineExceeded, call_within
 
 # We pass timeouts of None on purpose (see above); silence math-verify's one-time warning about it.
@@ -87,8 +88,6 @@ def sample_answers(texts: list[str], truncated: list[bool],
 
     `choices`, per sample: the options of its multiple-choice problem (None: an open answer);
     the answer of such a sample is the letter of the option it commits to (ttrl.choices)."""
-    from ttrl.choices import extract_choice  # choices builds on this module
-
     options = choices if choices is not None else [None] * len(texts)
     return [None if cut else extract_choice(t, opts) if opts else extract_answer(t)
             for t, cut, opts in zip(texts, truncated, options)]
