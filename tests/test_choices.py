@@ -176,7 +176,8 @@ def test_extraction_is_fast_on_hostile_text():
 def test_choices_render_into_the_template_or_after_the_problem():
     p = Problem(id="1", prompt="What is 8 + 4?", answer="B", choices=tuple(NUM))
     assert render_choices(NUM) == "A) 10\nB) 12\nC) 14\nD) 16"
-    assert render_prompt(p, "Q: {problem}\n{choices}\nLetter:") == "Q: What is 8 + 4?\nA) 10\nB) 12\nC) 14\nD) 16\nLetter:"
+    assert render_prompt(p, "Q: {problem}\n{choices}\nLetter:") == (
+        "Q: What is 8 + 4?\nA) 10\nB) 12\nC) 14\nD) 16\nLetter:")
     assert render_prompt(p, "{problem} Answer with a letter.") == (
         "What is 8 + 4?\nA) 10\nB) 12\nC) 14\nD) 16 Answer with a letter.")
     braces = Problem(id="2", prompt="Is {choices} literal?", choices=("yes", "no"))

@@ -177,8 +177,8 @@ _LINE_OPTION = re.compile(r"(?m)^[ \t*-]*\(?([A-Z])[).:][ \t]*(.*?)[ \t]*$")
 def _restated_lines(tail: str, choices: Sequence[str]) -> list[tuple[int, int]]:
     """Spans of lines that restate an option ("B) 12" for option B = 12), when there are at least
     two: a model copying the list is not answering; one such line alone is an answer."""
-    spans = [(m.start(), m.end()) for m in _LINE_OPTION.finditer(tail)
-             if m.group(1) in LETTERS[: len(choices)] and _norm(m.group(2)) == _norm(choices[LETTERS.index(m.group(1))])]
+    own = {LETTERS[i]: _norm(text) for i, text in enumerate(choices)}
+    spans = [(m.start(), m.end()) for m in _LINE_OPTION.finditer(tail) if own.get(m.group(1)) == _norm(m.group(2))]
     return spans if len(spans) >= 2 else []
 
 
