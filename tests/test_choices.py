@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,6 +252,7 @@ def test_arithmetic_choices_are_validated():
 
 # ---------------------------------------------------------------- end to end
 
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 MC_TEMPLATE = "data.template={problem}\n{choices}\nAnswer with the letter of the correct option."
 
 
@@ -258,7 +260,7 @@ def test_training_and_evaluation_on_the_multiple_choice_generator(tmp_path):
     """The tiny random model writes no letters, but the whole path runs and golds are letters."""
     from ttrl.trainer import train
 
-    cfg = load_config("configs/tiny.yaml", ["data.arithmetic.choices=4", "eval.before=false", "train.steps=2",
+    cfg = load_config(TINY, ["data.arithmetic.choices=4", "eval.before=false", "train.steps=2",
                                             MC_TEMPLATE])
     summary = train(cfg, tmp_path / "run", quiet=True)
     rows = [json.loads(line) for line in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
@@ -273,7 +275,7 @@ def test_smollm2_votes_on_letters(tmp_path):
     """The real SmolLM2 answers "B) 12" or "The correct answer is D)": its votes are letters."""
     from ttrl.trainer import train
 
-    cfg = load_config("configs/tiny.yaml", ["model.architecture={}", "data.arithmetic.choices=4",
+    cfg = load_config(TINY, ["model.architecture={}", "data.arithmetic.choices=4",
                                             "data.arithmetic.n=4", "data.holdout=0", "train.steps=1",
                                             "train.prompts_per_step=2", "rollout.max_new_tokens=8",
                                             "eval.before=false", "eval.n_samples=2", "eval.max_new_tokens=8",
