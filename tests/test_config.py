@@ -14,7 +14,7 @@ def test_defaults_follow_official_scripts():
     assert cfg.eval.n_samples == 16 and cfg.eval.temperature == 0.6 and cfg.eval.top_p == 0.95
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "demo.yaml", "demo_mc.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.reward.n_train_samples <= cfg.rollout.n_votes

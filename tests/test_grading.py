@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ttrl.grading import cache_clear, extract_answer, is_equivalent
+from ttrl.grading import JUDGE_WALL_SECONDS, cache_clear, extract_answer, is_equivalent
 from ttrl.voting import majority_vote
 
 DATASETS = Path(__file__).resolve().parents[1] / "ttrl" / "datasets"
@@ -195,3 +195,62 @@ def test_random_latex_never_raises_and_is_fast(left, right):
     assert isinstance(is_equivalent(a, b), bool)
     assert isinstance(is_equivalent("".join(left), "".join(right)), bool)
     assert time.perf_counter() - start < 2.0
+
+
+# Inputs that took sympy 53 s, 4.7 s and 2.9 s (issue 23), and realistic answers sympy needs
+# minutes for although no pre-check flags them (126 s for the first pair).
+SLOW_PAIRS = [("\\binom{1000000}{500000}", "42"), ("\\binom{300000}{150000}", "42"),
+              ("(x+1)^{100}(x-1)^{100}(x+2)^{100}", "0")]
+UNFLAGGED_SLOW = ("\\sin(x)^{40}\\cos(x)^{40}", "\\frac{\\sin(2x)^{40}}{2^{40}}")
+
+
+@pytest.mark.parametrize("a, b", SLOW_PAIRS)
+def test_huge_binomials_and_degrees_never_reach_sympy(a, b):
+    cache_clear()
+    start = time.perf_counter()
+    assert not is_equivalent(a, b) and not is_equivalent(b, a)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_a_judgement_past_its_budget_is_interrupted_and_counts_as_not_equivalent():
+    cache_clear()
+    start = time.perf_counter()
+    assert not is_equivalent(*UNFLAGGED_SLOW)  # they are equal; sympy would say so after 2 minutes
+    assert time.perf_counter() - start < JUDGE_WALL_SECONDS + 0.5
+
+
+def test_small_binomials_and_moderate_polynomials_are_still_judged():
+    cache_clear()
+    assert is_equivalent("\\binom{10}{3}", "120") and is_equivalent("\\dbinom{6}{2}", "15")
+    assert is_equivalent("(x+1)^{2}(x-1)^{2}", "(x^2-1)^2")
+    assert not is_equivalent("\\binom{10}{3}", "119")
+
+
+def test_the_budget_holds_in_eight_threads_at_once():
+    cache_clear()
+    results = []
+
+    def judge() -> None:
+        start = time.perf_counter()
+        results.append((is_equivalent(*UNFLAGGED_SLOW), time.perf_counter() - start))
+
+    threads = [threading.Thread(target=judge) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert [r for r, _ in results] == [False] * 8
+    assert max(s for _, s in results) < JUDGE_WALL_SECONDS + 2.0  # eight threads share the GIL
+
+
+def test_a_vote_pays_for_a_pathological_answer_at_most_once():
+    cache_clear()
+    slow_a, slow_b = UNFLAGGED_SLOW
+    answers = ["\\frac{1}{2}"] * 30 + ["0.5"] * 10 + [slow_a] * 8 + [slow_b] * 8 + ["3"] * 4 + [None] * 4
+    start = time.perf_counter()
+    vote = majority_vote(answers)
+    assert time.perf_counter() - start < JUDGE_WALL_SECONDS + 1.0
+    assert vote.pseudo_label == "\\frac{1}{2}" and vote.counts[vote.winner] == 40
+    start = time.perf_counter()  # the slow answer is now compared by string: instant
+    assert not is_equivalent(slow_b, "\\sin(2x)^{40}") and not is_equivalent(slow_b, slow_a)
+    assert time.perf_counter() - start < 0.5

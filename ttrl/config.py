@@ -65,6 +65,9 @@ class ArithmeticConfig:
     """Operators to draw from: any of +, - and *."""
     seed: int = 0
     """Seed of the generator (independent of train.seed, so the questions stay put)."""
+    choices: int = 0
+    """0 = open answers; 2..26 = multiple choice: the result among this many shuffled options
+    (the others near it), the gold a letter. Render them with `{choices}` in data.template."""
 
 
 @dataclass
@@ -81,10 +84,14 @@ class DataConfig:
     """Gold answers: read for diagnostics and evaluation only, never for training."""
     id_field: str = "id"
     """Field that names each record in logs and reports (the line number when absent)."""
+    choices_field: str = "choices"
+    """Multiple-choice options: a list of 2..26 texts, A, B, ... in order; a record without the
+    field is an open question. Its gold may be a letter or an option's text. "" = never read."""
     limit: int = 0
     """Use only the first `limit` prompts (0 = all)."""
     template: str = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
-    """How a problem becomes the user message; `{problem}` is replaced."""
+    """How a problem becomes the user message; `{problem}` is replaced, and `{choices}` by a
+    multiple-choice problem's options as "A) ..." lines (after the problem if there is no `{choices}`)."""
     too_long: str = "skip"
     """A prompt that leaves no room for max_new_tokens in the model's context: skip (with a
     counted warning) or fail (stop with an error naming the prompt)."""
@@ -304,6 +311,8 @@ def validate(cfg: Config) -> Config:
         ("data.prompt_field", cfg.data.prompt_field != "", "must name the field holding the question"),
         ("data.arithmetic.n", cfg.data.arithmetic.n >= 1, "must be >= 1"),
         ("data.arithmetic.high", cfg.data.arithmetic.high >= cfg.data.arithmetic.low, "must be >= data.arithmetic.low"),
+        ("data.arithmetic.choices", cfg.data.arithmetic.choices == 0 or 2 <= cfg.data.arithmetic.choices <= 26,
+         "must be 0 (open answers) or 2..26 options"),
         ("model.lora_rank", cfg.model.lora_rank >= 0, "must be >= 0 (0 = full fine-tune)"),
         ("model.lora_dropout", 0 <= cfg.model.lora_dropout < 1, "must be in [0, 1)"),
         ("train.wandb_project", not cfg.train.wandb_project or importlib.util.find_spec("wandb") is not None,

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ttrl.choices import LETTERS, MAX_CHOICES, MIN_CHOICES, choice_of, render_choices
 from ttrl.config import ArithmeticConfig, Config, DataConfig
 
 DATASETS_DIR = Path(__file__).parent / "datasets"
@@ -28,7 +30,9 @@ class Problem:
     prompt: str
     """The problem text, before the chat template and instruction are applied."""
     answer: str | None = None
-    """Gold answer, for evaluation and diagnostics only."""
+    """Gold answer, for evaluation and diagnostics only (a letter for a multiple-choice problem)."""
+    choices: tuple[str, ...] | None = None
+    """Option texts of a multiple-choice problem (A, B, ... in order); None = an open answer."""
     source: str = field(default="", compare=False)
     """Where the problem came from (`file:line`), for error messages."""
 
@@ -42,8 +46,25 @@ def arithmetic_problems(cfg: ArithmeticConfig) -> list[Problem]:
                         f"for operands {cfg.low}..{cfg.high} and ops {cfg.ops}: lower n or widen the range")
     random.Random(cfg.seed).shuffle(combos)
     ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-    return [Problem(id=f"{a}{op}{b}", prompt=f"What is {a} {op} {b}?", answer=str(ops[op](a, b)))
-            for a, op, b in combos[: cfg.n]]
+    problems = []
+    for a, op, b in combos[: cfg.n]:
+        pid, value = f"{a}{op}{b}", ops[op](a, b)
+        problem = Problem(id=pid, prompt=f"What is {a} {op} {b}?", answer=str(value))
+        if cfg.choices:  # options from a stream of their own: the questions are those of choices=0
+            options = arithmetic_options(value, cfg.choices, random.Random(f"{cfg.seed}:{pid}"))
+            problem = Problem(id=pid, prompt=problem.prompt, answer=LETTERS[options.index(str(value))],
+                              choices=options)
+        problems.append(problem)
+    return problems
+
+
+def arithmetic_options(value: int, k: int, rng: random.Random) -> tuple[str, ...]:
+    """`value` and k-1 distinct wrong results within k+2 of it (the slips small models make),
+    shuffled; no negative options for a non-negative result."""
+    near = [value + d for d in range(-k - 2, k + 3) if d and (value + d >= 0 or value < 0)]
+    options = [value, *rng.sample(near, k - 1)]
+    rng.shuffle(options)
+    return tuple(map(str, options))
 
 
 def _read_records(path: Path) -> list[tuple[int, dict]]:
@@ -100,7 +121,7 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
 
 
 def load_file(path: str | Path, prompt_field: str = "problem", answer_field: str = "answer",
-              id_field: str = "id") -> list[Problem]:
+              id_field: str = "id", choices_field: str = "choices") -> list[Problem]:
     path = Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "not found"
@@ -126,11 +147,20 @@ def load_file(path: str | Path, prompt_field: str = "problem", answer_field: str
         seen[pid] = (at, named)
         answer = record.get(answer_field)
         answer = None if answer is None else str(answer)
-        for name, value in ((prompt_field, prompt), (answer_field, answer), (id_field, pid)):
+        choices = _choices(record.get(choices_field) if choices_field else None, at, choices_field)
+        for name, value in ((prompt_field, prompt), (answer_field, answer), (id_field, pid),
+                            *((choices_field, c) for c in choices or ())):
             if value is not None and not _encodable(value):
                 raise DataError(f"{at}: field '{name}' holds an unpaired surrogate escape (\\ud800-\\udfff), "
                                 "which is not text; fix the escape or drop the character")
-        problems.append(Problem(id=pid, prompt=prompt, answer=answer, source=at))
+        if choices and answer is not None:
+            letter = choice_of(answer, choices)
+            if letter is None:
+                raise DataError(f"{at}: gold answer {answer!r} (field '{answer_field}') is none of the "
+                                f"{len(choices)} choices; give a letter A-{LETTERS[len(choices) - 1]} or copy "
+                                f"the text of one option: {', '.join(map(repr, choices))}")
+            answer = letter
+        problems.append(Problem(id=pid, prompt=prompt, answer=answer, choices=choices, source=at))
     if not problems:
         raise DataError(f"{path}: no prompts found; the file is empty")
     return problems
@@ -147,6 +177,22 @@ def _duplicate_id(pid: str, id_field: str, this: tuple[str, bool], first: tuple[
         why = (f"this record has no '{id_field}' field and is named by its position, {pid!r}, "
                f"the '{id_field}' of {first_at}")
     return f"{at}: duplicate id {pid!r}: {why}; give every record a unique '{id_field}', or none"
+def _choices(value, at: str, name: str) -> tuple[str, ...] | None:
+    """A record's options: None when absent, else a checked tuple of 2..26 distinct texts."""
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not MIN_CHOICES <= len(value) <= MAX_CHOICES
+            or not all(isinstance(c, str) and c.strip() for c in value)):
+        got = f"a list of {len(value)}" if isinstance(value, list) else f"a {type(value).__name__}"
+        raise DataError(f"{at}: field '{name}' must be a list of {MIN_CHOICES} to {MAX_CHOICES} non-empty option "
+                        f"texts (JSON strings, numbers quoted), got {got}: {str(value)[:80]}; fix the record, or "
+                        "set data.choices_field to the field holding the options ('' to read none)")
+    keys = [" ".join(c.casefold().split()) for c in value]
+    twice = next((i for i, k in enumerate(keys) if k in keys[:i]), None)
+    if twice is not None:
+        raise DataError(f"{at}: options {LETTERS[keys.index(keys[twice])]} and {LETTERS[twice]} are both "
+                        f"{value[twice]!r}; each option must differ, or a text could not name one letter")
+    return tuple(value)
 
 
 def _encodable(text: str) -> bool:
@@ -201,7 +247,7 @@ def load_problems(source: str, cfg: DataConfig) -> list[Problem]:
     elif source in BUNDLED:
         problems = load_file(DATASETS_DIR / f"{source}.jsonl")
     else:
-        problems = load_file(source, cfg.prompt_field, cfg.answer_field, cfg.id_field)
+        problems = load_file(source, cfg.prompt_field, cfg.answer_field, cfg.id_field, cfg.choices_field)
     return problems[: cfg.limit] if cfg.limit else problems
 
 
@@ -219,8 +265,18 @@ def split_holdout(problems: list[Problem], fraction: float, seed: int) -> tuple[
             [p for i, p in enumerate(problems) if i in held])
 
 
+_PLACEHOLDER = re.compile(r"\{(problem|choices)\}")
+
+
 def render_prompt(problem: Problem, template: str) -> str:
-    return template.replace("{problem}", problem.prompt)
+    """The user message: `{problem}` and `{choices}` ("A) ..." lines) filled in one pass, so a
+    brace in a problem is never read as a placeholder. Without `{choices}` in the template, a
+    multiple-choice problem's options follow its text on new lines."""
+    options = render_choices(problem.choices) if problem.choices else ""
+    text = problem.prompt
+    if options and "{choices}" not in template:
+        text, options = f"{text}\n{options}", ""
+    return _PLACEHOLDER.sub(lambda m: text if m.group(1) == "problem" else options, template)
 
 
 def load_sets(cfg: Config) -> tuple[list[Problem], dict[str, list[Problem]]]:

@@ -48,7 +48,8 @@ class ProblemResult:
 
 
 def score_group(answers: list[str | None], gold: str | None, pid: str = "") -> ProblemResult:
-    """Vote over one prompt's answers and (when gold is known) grade each answer and the vote."""
+    """Vote over one prompt's answers and (when gold is known) grade each answer and the vote.
+    For a multiple-choice problem answers and gold are letters, equal only when identical."""
     vote = majority_vote(answers)
     hist = Counter({vote.representatives[c]: vote.counts[c] for c in range(len(vote.counts))})
     missing = sum(1 for c in vote.cluster_of if c < 0)
@@ -102,7 +103,7 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
     seeds = torch.randint(0, 2**62, (len(problems),), generator=torch.Generator().manual_seed(seed)).tolist()
     sampling = Sampling.of(cfg, n=k)
     rollout = sampler.generate(model, prompt_ids, sampling, [seeds[i] for i in share])
-    answers = sample_answers(rollout.texts, rollout.truncated)
+    answers = sample_answers(rollout.texts, rollout.truncated, [p.choices for p in mine for _ in range(k)])
     results = [score_group([answers[i] for i in rollout.group(p)], prob.answer, prob.id)
                for p, prob in enumerate(mine)]
     greedy = None
@@ -111,7 +112,8 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
         greedy = [None] * len(mine)
         g = sampler.generate(model, [prompt_ids[i] for i in labelled], replace(sampling, n=1, temperature=0.0),
                              [0] * len(labelled))
-        for i, a in zip(labelled, sample_answers(g.texts, g.truncated)):
+        greedy_answers = sample_answers(g.texts, g.truncated, [mine[i].choices for i in labelled])
+        for i, a in zip(labelled, greedy_answers):
             greedy[i] = is_equivalent(a, mine[i].answer)
         greedy = dist.gather(greedy)
     results = dist.gather(results)

@@ -11,14 +11,22 @@ Decisions (each one tested in tests/test_grading.py):
   ("5\\%" != "0.05"); math-verify accepts both, which would make the relation intransitive.
 - "025" == "25" (AIME), "142.0" == "142" (AMC); decimals match fractions to 6 places
   like math-verify ("0.333333" == "\\frac13", "0.333" != "\\frac13").
-- "x = 5" == "5"; multiple-choice letters "B" == "(B)" == "\\text{(B)}".
+- "x = 5" == "5"; multiple-choice letters "B" == "(B)" == "\\text{(B)}", and two capital
+  letters are equal only when identical (never by sympy).
 - Plain words ("\\text{Evelyn}", "east") compare case-insensitively as strings, never by sympy
   (which would read "east" as the product e*a*s*t).
 
-Time is bounded without signals (math-verify's `signal.alarm` fails outside the main thread):
-answers that are long (over 1000 characters: also never cached), deeply nested, or hold
-power towers, big exponents or factorials, integrals or limits are compared by normalised
-string only and never reach sympy.
+Time is bounded, in any thread (math-verify's `signal.alarm` fails outside the main one):
+- Extraction scans only the end of a completion, with a bounded number of tries: linear time.
+- Answers sympy may not finish are compared by normalised string only and never reach it: long
+  (over 1000 characters: also never cached), deeply nested, power towers, big exponents,
+  factorials or binomials (`\\binom{10^6}{5 \\cdot 10^5}` takes sympy minutes), polynomials of
+  total degree over 100 (`(x+1)^{100}(x-1)^{100}(x+2)^{100}`), integrals, limits, sums.
+- Every judgement that does reach sympy has a hard budget: JUDGE_CPU_SECONDS of the thread's
+  CPU time (so machine load does not change verdicts) or JUDGE_WALL_SECONDS of wall time;
+  ttrl.deadline interrupts it, in any thread. **A judgement that runs out of time counts as
+  "not equivalent"**, is cached like any other, and its longer answer is compared by string
+  only from then on, so one pathological sample costs a vote at most one budget, never a hang.
 """
 
 from __future__ import annotations
@@ -26,11 +34,15 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 from functools import lru_cache
+from typing import Sequence
 
 import math_verify.grader
 import math_verify.parser
 from math_verify import parse, verify
 from sympy import Expr, Float, Max, Rational, nan, oo, zoo
+
+from ttrl.choices import extract_choice
+from ttrl.deadline import DeadlineExceeded, call_within
 
 # We pass timeouts of None on purpose (see above); silence math-verify's one-time warning about it.
 math_verify.grader.TIMEOUT_WARNING_SHOWN = math_verify.parser.TIMEOUT_WARNING_SHOWN = True
@@ -39,7 +51,11 @@ MAX_CACHED_CHARS = 1000  # longer answers are compared as normalised strings, un
 MAX_SYMBOLIC_CHARS = 400  # longer normalised answers never reach sympy
 MAX_BRACE_DEPTH = 12
 MAX_EXPONENT = 1000  # 2^{1001}, 10^{10^{10}}, 2000! and the like never reach sympy
-MAX_SYMBOLIC_EXPONENT = 100  # (x+1)^{101}: simplify may take seconds
+MAX_SYMBOLIC_EXPONENT = 100  # (x+1)^{101} or x^{60}(x+1)^{60} (total degree): simplify may take seconds
+MAX_BINOMIAL = 10_000  # \binom{20000}{10000} takes sympy 30 ms, \binom{300000}{150000} 7 s
+JUDGE_CPU_SECONDS = 1.0  # hard budget of one sympy judgement (typical: 2-100 ms) in CPU time ...
+JUDGE_WALL_SECONDS = 3.0  # ... and in wall time (a thread starved of CPU returns too)
+MAX_TOO_SLOW = 4096  # answers remembered as too slow for sympy (forgotten all at once beyond)
 TAIL_CHARS = 4000  # "the answer is" is looked for only in the end of a completion
 NUMBER_TAIL_CHARS = 500
 MAX_BOX_TRIES = 4  # unbalanced \boxed{ candidates tried from the end, keeps extraction linear
@@ -57,21 +73,28 @@ def extract_answer(text: str) -> str | None:
     """
     if not isinstance(text, str) or not text:
         return None
-    for found in (_last_boxed(text), _answer_phrase(text), _last_number(text)):
+    for found in (last_boxed(text), _answer_phrase(text), _last_number(text)):
         answer = _clean(found) if found is not None else None
         if answer:
             return answer
     return None
 
 
-def sample_answers(texts: list[str], truncated: list[bool]) -> list[str | None]:
+def sample_answers(texts: list[str], truncated: list[bool],
+                   choices: Sequence[Sequence[str] | None] | None = None) -> list[str | None]:
     """Final answers of sampled completions. One cut off by max_new_tokens has none: whatever
     number it ends on is mid-sentence, and counting it lets a policy win the vote by restating
-    the question ("To add 8 + 1," votes 1), which a TTRL run on SmolLM2 learnt within 10 steps."""
-    return [None if cut else extract_answer(t) for t, cut in zip(texts, truncated)]
+    the question ("To add 8 + 1," votes 1), which a TTRL run on SmolLM2 learnt within 10 steps.
+
+    `choices`, per sample: the options of its multiple-choice problem (None: an open answer);
+    the answer of such a sample is the letter of the option it commits to (ttrl.choices)."""
+    options = choices if choices is not None else [None] * len(texts)
+    return [None if cut else extract_choice(t, opts) if opts else extract_answer(t)
+            for t, cut, opts in zip(texts, truncated, options)]
 
 
-def _last_boxed(text: str) -> str | None:
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete `\\boxed{}`/`\\fbox{}` (None if there is none)."""
     end = len(text)
     for _ in range(MAX_BOX_TRIES):
         starts = [(text.rfind(cmd, 0, end), cmd) for cmd in ("\\boxed", "\\fbox")]
@@ -190,12 +213,21 @@ def cache_clear() -> None:
     """Forget every cached judgement (benchmarks time a cold cache with this)."""
     for cached in (_equivalent_pair, _canonical, _parsed):
         cached.cache_clear()
+    _TOO_SLOW.clear()
+
+
+_TOO_SLOW: set[str] = set()  # normalised answers that ran a judgement out of time
 
 
 @lru_cache(maxsize=1 << 15)
 def _equivalent_pair(a: str, b: str) -> bool:
     try:
         return _judge(a, b)
+    except DeadlineExceeded:  # blame the longer answer: the shorter is usually a plain number
+        if len(_TOO_SLOW) >= MAX_TOO_SLOW:
+            _TOO_SLOW.clear()
+        _TOO_SLOW.add(max(_canonical(a)[0], _canonical(b)[0], key=len))
+        return False
     except Exception:  # sympy and latex2sympy raise anything; a grader must not
         return False
 
@@ -207,6 +239,8 @@ def _judge(a: str, b: str) -> bool:
         return False
     if na == nb:
         return True
+    if _CAPITAL.fullmatch(na) and _CAPITAL.fullmatch(nb):
+        return False  # choice letters are equal only when identical (sympy might read E as e)
     if ra is not None and rb is not None:
         return ra == rb or ((fa or fb) and round(ra, 6) == round(rb, 6))
     if _is_word(na) or _is_word(nb):
@@ -215,6 +249,11 @@ def _judge(a: str, b: str) -> bool:
         return False  # a number is never a tuple, set, interval or matrix
     if _is_risky(na) or _is_risky(nb):
         return False  # equal normalised strings were caught above
+    return call_within(JUDGE_CPU_SECONDS, JUDGE_WALL_SECONDS, _symbolic_equal, na, nb)
+
+
+def _symbolic_equal(na: str, nb: str) -> bool:
+    """math-verify on two normalised answers, after a cheap numeric disproof."""
     pa, pb = _parsed(na), _parsed(nb)
     if _numerically_different(pa, pb):
         return False
@@ -333,6 +372,7 @@ def _rational(s: str) -> tuple[Fraction | None, bool]:
 
 
 _WORD = re.compile(r"[a-zA-Z]{3,}(?:[ -][a-zA-Z]+)*")
+_CAPITAL = re.compile(r"[A-Z]")
 
 
 def _is_word(s: str) -> bool:
@@ -363,14 +403,19 @@ _RISKY_COMMANDS = ("\\int", "\\oint", "\\iint", "\\lim", "\\sum", "\\prod")
 _EXPONENT = re.compile(r"(?:\^|\*\*)\s*(\{[^{}]*\}?|-?\d+|.)")
 _FACTORIAL = re.compile(r"([)}]|\d+)!")
 _LONG_DIGITS = re.compile(r"\d{101}")
+_BINOMIAL = re.compile(r"\\[dt]?binom|\\choose")
+_GROWS = re.compile(r"[\^!*]|\\cdot|\\times")
 
 
 def _is_risky(s: str) -> bool:
-    """True for answers sympy might not finish: too long, too deep, towers, huge powers."""
-    if len(s) > MAX_SYMBOLIC_CHARS or _LONG_DIGITS.search(s):
+    """True for answers sympy might not finish: too long, too deep, towers, huge powers or
+    binomials, high total degree, or one that already ran a judgement out of time."""
+    if len(s) > MAX_SYMBOLIC_CHARS or _LONG_DIGITS.search(s) or s in _TOO_SLOW:
         return True
     if any(cmd in s for cmd in _RISKY_COMMANDS):
         return True
+    if _BINOMIAL.search(s) and (_GROWS.search(s) or any(int(d) > MAX_BINOMIAL for d in re.findall(r"\d+", s))):
+        return True  # sympy computes \binom{n}{k} exactly while parsing
     depth = 0
     for c in s:
         depth += (c in "{([") - (c in "})]")
@@ -378,6 +423,7 @@ def _is_risky(s: str) -> bool:
             return True
     has_variables = re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", s))
     limit = MAX_SYMBOLIC_EXPONENT if has_variables else MAX_EXPONENT
+    degree = 0  # with variables: the sum of all exponents bounds the degree simplify expands to
     for m in _EXPONENT.finditer(s):
         if s[m.end() : m.end() + 1] == "^" or s[m.end() : m.end() + 2] == "**":
             return True  # 2^2^2^2: latex2sympy reads it as a tower
@@ -389,7 +435,8 @@ def _is_risky(s: str) -> bool:
         if len(digits) > 4:
             return True
         power = int(digits or 1) * _largest_exponent(_group_before(s, m.start()))
-        if power > limit:  # x^{101} or (10^{1000})^{1000}
+        degree += power if has_variables else 0
+        if power > limit or degree > limit:  # x^{101}, (10^{1000})^{1000} or (x+1)^{60}(x-1)^{60}
             return True
     for m in _FACTORIAL.finditer(s):  # (10^5)! or 2000!
         if not m.group(1).isdigit() or int(m.group(1)) > MAX_EXPONENT:

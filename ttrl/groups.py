@@ -30,9 +30,11 @@ class Group:
     """Left out of the update (majority ratio below reward.min_majority_ratio)."""
 
 
-def vote(rollout: Rollout) -> list[Group]:
-    """Stage 3: each prompt's N answers elect its pseudo-label by majority vote."""
-    answers = sample_answers(rollout.texts, rollout.truncated)
+def vote(rollout: Rollout, choices: list[tuple[str, ...] | None] | None = None) -> list[Group]:
+    """Stage 3: each prompt's N answers elect its pseudo-label by majority vote. `choices`: per
+    prompt, a multiple-choice problem's options (its samples then vote on letters)."""
+    answers = sample_answers(rollout.texts, rollout.truncated,
+                             [c for c in choices for _ in range(rollout.n)] if choices else None)
     groups = []
     for p in range(len(rollout.prompt_ids)):
         mine = [answers[i] for i in rollout.group(p)]

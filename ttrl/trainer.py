@@ -466,7 +466,7 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
                             row = {"step": done, "train/nonfinite_logits": 1, "optim/skipped_updates": 1}
                         else:
                             mine = dist.share(len(batch))
-                            groups = vote(rollout)                                                     # 3 votes
+                            groups = vote(rollout, [r.adapt[batch[k]].choices for k in mine])          # 3 votes
                             groups = reward(groups, rollout, cfg.reward, [seeds[k] for k in mine])     # 4 rewards
                             rollout, groups = gather_step(rollout, groups, dist)
                             advantages = estimate_advantages(cfg.algorithm.advantage, groups)          # 5 advantages

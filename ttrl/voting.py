@@ -6,7 +6,10 @@ most frequent first (ties by `sort_key`), each joins the first class whose repre
 is equivalent to, and so a class's representative is its most frequent string form. The
 winner is the largest class; ties go to the class whose representative has the smallest
 `sort_key`. Samples without an answer (None or blank) count in the denominator of the
-majority ratio but never form or win a class.
+majority ratio but never form or win a class. The default equivalence, `grading.is_equivalent`,
+is bounded in time: a judgement past its budget counts as "not equivalent", so one pathological
+sample delays a vote by at most that budget (once) and never hangs it. Multiple-choice answers
+are letters, equal only when identical.
 """
 
 from __future__ import annotations
