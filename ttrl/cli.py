@@ -106,8 +106,8 @@ def interrupted(e: KeyboardInterrupt, out: Path, again: str) -> int:
 
     name = e.args[0] if e.args and e.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"
     saved = list_checkpoints(out)
-    kept = (f"checkpoint {saved[-1]} is kept. to continue: {again}" if saved
-            else "no checkpoint had been saved yet, so there is nothing to resume")
+    kept = (f"the last checkpoint ({saved[-1]}) is kept. to continue: {again}" if saved
+            else f"no checkpoint was saved yet. to start again: {again}")
     print(f"\ninterrupted by {name}; {kept}", file=sys.stderr)
     return 128 + signal.Signals[name]
 
