@@ -76,3 +76,8 @@ def test_checkpoint_and_fault_settings_have_safe_defaults():
 def test_more_bad_values_name_the_key(raw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config_from_dict(raw)
+
+
+def test_architecture_keys_are_setting_names():
+    with pytest.raises(ConfigError, match="'model.architecture' has 1"):
+        config_from_dict({"model": {"architecture": {1: 2}}})

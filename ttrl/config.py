@@ -222,6 +222,10 @@ def validate(cfg: Config) -> Config:
     for op in cfg.data.arithmetic.ops:
         if op not in ("+", "-", "*"):
             raise ConfigError(f"config key 'data.arithmetic.ops' has {op!r}: use +, - or *")
+    for key in cfg.model.architecture:
+        if not isinstance(key, str):
+            raise ConfigError(f"config key 'model.architecture' has {key!r}: keys must be setting names "
+                              "(e.g. num_hidden_layers)")
     for key in ("data.eval", "data.stop", "model.lora_target_modules"):
         for item in _get(cfg, key):
             if not isinstance(item, str) or (key == "data.stop" and not item):
