@@ -81,3 +81,18 @@ def test_more_bad_values_name_the_key(raw, key):
 def test_architecture_keys_are_setting_names():
     with pytest.raises(ConfigError, match="'model.architecture' has 1"):
         config_from_dict({"model": {"architecture": {1: 2}}})
+
+
+@pytest.mark.parametrize("override, ok", [("algorithm.gradient_checkpointing=auto", True),
+                                          ("algorithm.gradient_checkpointing=false", True),
+                                          ("algorithm.gradient_checkpointing=1", False),
+                                          ("algorithm.gradient_checkpointing=sometimes", False),
+                                          ("algorithm.logprob_chunk_mb=-1", False),
+                                          ("rollout.memory_fraction=0", False),
+                                          ("rollout.max_batch_rows=0", False)])
+def test_memory_settings(override, ok):
+    if ok:
+        load_config(None, [override])
+    else:
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            load_config(None, [override])

@@ -82,6 +82,12 @@ class RolloutConfig:
     max_new_tokens: int = 3072
     backend: str = "torch"
     """torch (built in, CPU and CUDA) or vllm (optional extra, GPU)."""
+    max_batch_rows: int = 512
+    """At most this many samples decode at once (whole prompts, all N samples of each); a step's
+    other prompts are sampled in turn. Samples do not depend on it."""
+    memory_fraction: float = 0.9
+    """On CUDA: the share of free device memory the rollout's KV caches and per-step buffers may
+    fill; fewer prompts decode at once when they would not fit (ttrl.rollout.decode_rows)."""
 
 
 @dataclass
@@ -110,6 +116,13 @@ class AlgorithmConfig:
     """Optimisation passes over each rollout batch."""
     micro_batch_size: int = 16
     """Sequences per forward/backward pass (gradient accumulation beyond it)."""
+    gradient_checkpointing: bool | str = "auto"
+    """Recompute each layer's activations in the backward pass instead of keeping them: memory for
+    long answers at about a third more update time. auto = on with CUDA, off on CPU."""
+    logprob_chunk_mb: float = 64
+    """Log-probs are computed from at most this many MB of float32 logits at a time, each chunk
+    recomputed in the backward, so update memory grows with tokens x hidden size rather than tokens x
+    vocabulary (32 x 3,072 tokens x Qwen's 151,936 would be 60 GB at once). 0 = all at once."""
     max_bad_steps: int = 3
     """Stop (with a checkpoint of the last good weights) after this many steps in a row whose
     update was skipped for a NaN/inf loss or gradient."""
@@ -193,6 +206,11 @@ def validate(cfg: Config) -> Config:
         ("algorithm.max_grad_norm", cfg.algorithm.max_grad_norm > 0, "must be > 0"),
         ("algorithm.warmup_steps", cfg.algorithm.warmup_steps >= 0, "must be >= 0"),
         ("algorithm.max_bad_steps", cfg.algorithm.max_bad_steps >= 1, "must be >= 1"),
+        ("algorithm.gradient_checkpointing", isinstance(cfg.algorithm.gradient_checkpointing, bool)
+         or cfg.algorithm.gradient_checkpointing == "auto", "must be true, false or auto (on with CUDA)"),
+        ("algorithm.logprob_chunk_mb", cfg.algorithm.logprob_chunk_mb >= 0, "must be >= 0 (0 = all logits at once)"),
+        ("rollout.max_batch_rows", cfg.rollout.max_batch_rows >= 1, "must be >= 1"),
+        ("rollout.memory_fraction", 0 < cfg.rollout.memory_fraction <= 1, "must be in (0, 1]"),
         ("eval.n_samples", cfg.eval.n_samples >= 1, "must be >= 1"),
         ("eval.temperature", cfg.eval.temperature > 0, "must be > 0 (greedy is reported separately by eval.greedy)"),
         ("eval.top_p", 0 < cfg.eval.top_p <= 1, "must be in (0, 1]"),

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -231,6 +232,55 @@ def add_lora(model, cfg: ModelConfig):
         return get_peft_model(model, lora)
     except ValueError as e:
         raise ModelError(f"model.lora_target_modules = {list(cfg.lora_target_modules)}: {_first_line(e)}") from None
+
+
+def set_gradient_checkpointing(model, setting: bool | str, device: str | torch.device) -> bool:
+    """Activation checkpointing of every layer (`algorithm.gradient_checkpointing`; "auto" = on
+    with CUDA, where activations of long answers dominate memory; off on CPU, where recomputing
+    costs a third more update time for memory the small demo does not need). Returns whether on."""
+    on = setting is True or (setting == "auto" and torch.device(device).type == "cuda")
+    if on:  # non-reentrant: works with frozen inputs (LoRA) and keyword arguments
+        kwargs = {"use_reentrant": False}
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return on
+
+
+@contextmanager
+def merged_lora(model):
+    """Sample from a LoRA model at the full model's speed: each adapted layer runs one matmul with
+    W + B A instead of W x plus the adapter's two small ones. The merged weights are new tensors
+    swapped in for the duration; the base weights are never written, because merging in place and
+    subtracting afterwards is not bit-exact, and a resumed run must match an uninterrupted one bit
+    for bit. Costs one extra copy of the adapted layers' weights while sampling. No LoRA: a no-op."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        yield model
+        return
+    swapped = []
+    try:
+        with torch.no_grad():
+            for m in model.modules():
+                if not isinstance(m, LoraLayer) or m.disable_adapters or m.merged:
+                    continue
+                names = [a for a in m.active_adapters if a in m.lora_A or a in m.lora_embedding_A]
+                if not names or any(m.use_dora.get(a) or m.lora_bias.get(a) for a in names):
+                    continue  # DoRA / LoRA biases merge differently: those layers run unmerged
+                base = m.get_base_layer()
+                weight = base.weight.data
+                merged = weight + sum(m.get_delta_weight(a) for a in names).to(weight.dtype)
+                swapped.append((m, base, weight, m._disable_adapters))
+                base.weight.data = merged
+                m._disable_adapters = True  # forward = the base layer alone, now holding W + B A
+        yield model
+    finally:
+        for m, base, weight, disabled in swapped:
+            base.weight.data = weight
+            m._disable_adapters = disabled
 
 
 def encode_prompts(tokenizer, texts: list[str], chat_template: bool = True) -> list[list[int]]:

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ttrl.models import merged_lora
 
 
 @dataclass
@@ -27,9 +30,15 @@ class Sampling:
     top_k: int = 0
     max_new_tokens: int = 256
     max_batch_rows: int = 512
-    """At most this many sequences decode at once; more prompts are processed in chunks."""
+    """At most this many sequences decode at once; more prompts are processed in chunks (each
+    holds whole prompts, all n samples of each)."""
+    memory_fraction: float = 0.9
+    """On CUDA, chunks are also sized so their KV caches and per-step buffers fit in this share of
+    the device's free memory (`decode_rows`); on CPU only max_batch_rows applies."""
     stop: tuple[str, ...] = ()
     """A sample ends once its text contains one of these (its tokens and text keep the stop string)."""
+    ignore_eos: bool = False
+    """Never end at end-of-sequence: every sample runs to max_new_tokens (benchmarks of random models)."""
 
 
 @dataclass
@@ -262,6 +271,39 @@ def _generate_chunk(model, tokenizer, prompts: list[list[int]], s: Sampling, eos
     return tokens, logprobs, entropy, certainty, lengths, ended
 
 
+STEP_COPIES = 8
+"""float32 [rows, vocab] tensors a decode step holds at once (logits, log-probs, probabilities,
+CDF, masks): the per-row memory besides the KV cache."""
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """KV-cache bytes per token and row: layers x kv heads x head_dim x (K and V) x dtype bytes."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return config.num_hidden_layers * kv * head_dim * 2 * torch.finfo(dtype).bits // 8
+
+
+def decode_rows(budget_bytes: int, kv_per_token: int, tokens: int, vocab: int, n: int, cap: int) -> int:
+    """Rows that may decode at once: a multiple of n (whole prompts), at most `cap`, each row holding
+    a KV cache of `tokens` (prompt + max_new_tokens) and STEP_COPIES float32 vocabulary rows, all
+    within `budget_bytes`; never fewer than one prompt's n (a prompt is not split)."""
+    per_row = kv_per_token * tokens + STEP_COPIES * vocab * 4
+    return max(n, min(cap, budget_bytes // per_row) // n * n)
+
+
+def _batch_rows(model, prompt_ids: list[list[int]], s: Sampling) -> int:
+    """s.max_batch_rows, lowered on CUDA to what the free memory holds (`decode_rows`)."""
+    param = next(model.parameters())
+    if param.device.type != "cuda":
+        return max(s.n, s.max_batch_rows // s.n * s.n)
+    free, _ = torch.cuda.mem_get_info(param.device)
+    free += torch.cuda.memory_reserved(param.device) - torch.cuda.memory_allocated(param.device)  # torch's cache
+    tokens = max(len(p) for p in prompt_ids) + s.max_new_tokens
+    return decode_rows(int(free * s.memory_fraction), kv_bytes_per_token(model.config, param.dtype), tokens,
+                       model.config.vocab_size, s.n, s.max_batch_rows)
+
+
 def eos_ids(model, tokenizer) -> set[int]:
     ids = {tokenizer.eos_token_id}
     gen = getattr(model, "generation_config", None)
@@ -281,36 +323,45 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], s: Sampling,
         seeds = torch.randint(0, 2**62, (len(prompt_ids),), generator=generator).tolist()
     was_training = model.training
     model.eval()
-    eos = eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
-    per_chunk = max(1, s.max_batch_rows // s.n)
+    all_eos = eos_ids(model, tokenizer)
+    eos = set() if s.ignore_eos else all_eos
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(all_eos))
     completion_ids, lps, ents, certs, truncated = [], [], [], [], []
-    for start in range(0, len(prompt_ids), per_chunk):
-        chunk = slice(start, start + per_chunk)
-        tokens, logprobs, entropy, certainty, lengths, ended = _generate_chunk(model, tokenizer, prompt_ids[chunk], s, eos,
-                                                                        pad_id, seeds[chunk])
-        for r in range(tokens.shape[0]):
-            n = int(lengths[r])
-            seq = tokens[r, :n].tolist()
-            completion_ids.append(seq)
-            lps.append(logprobs[r, :n].clone())
-            ents.append(entropy[r, :n].clone())
-            certs.append(certainty[r, :n].clone())
-            truncated.append(not bool(ended[r]))
+    with merged_lora(model):
+        per_chunk = _batch_rows(model, prompt_ids, s) // s.n if prompt_ids else 1
+        for start in range(0, len(prompt_ids), per_chunk):
+            chunk = slice(start, start + per_chunk)
+            tokens, logprobs, entropy, certainty, lengths, ended = _generate_chunk(
+                model, tokenizer, prompt_ids[chunk], s, eos, pad_id, seeds[chunk])
+            for r in range(tokens.shape[0]):
+                n = int(lengths[r])
+                completion_ids.append(tokens[r, :n].tolist())
+                lps.append(logprobs[r, :n].clone())
+                ents.append(entropy[r, :n].clone())
+                certs.append(certainty[r, :n].clone())
+                truncated.append(not bool(ended[r]))
     model.train(was_training)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(n=s.n, prompt_ids=[list(p) for p in prompt_ids], completion_ids=completion_ids,
                    logprobs=lps, entropy=ents, certainty=certs, texts=texts, truncated=truncated)
 
 
+LOGPROB_CHUNK_MB = 64
+"""Default `algorithm.logprob_chunk_mb`: float32 logits scored at once (64 MB = 441 positions of
+Qwen2.5's 151,936-token vocabulary, 1,365 of SmolLM2's 49,152)."""
+
+
 def score(model, prompts: list[list[int]], completions: list[list[int]], temperature: float,
-          pad_id: int, group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+          pad_id: int, group_size: int = 1, chunk_mb: float = LOGPROB_CHUNK_MB) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced log-probs of `completions` (with grad when enabled).
 
-    `prompts` has one entry per group of `group_size` consecutive completions: each prompt is
-    run once and its KV cache (with its autograd graph) is expanded to the group, which gives the
-    same gradient as repeating the prompt, at a fraction of the cost when prompts are long.
-    Returns (logprobs [B, Tc], mask [B, Tc]); the LM head runs over completion positions only.
+    `prompts` has one entry per group of `group_size` consecutive completions (a subset of a
+    prompt's samples is a group too). Each prompt is run once and its KV cache (with its autograd
+    graph) is expanded to the group: the same gradient as repeating the prompt, at a fraction of the
+    cost. Under activation checkpointing (training) the layers keep no cache, so each row runs its
+    prompt and completion as one sequence instead. The LM head runs over the completion tokens only,
+    `chunk_mb` of float32 logits at a time (`token_logprobs`).
+    Returns (logprobs [B, Tc], 0 past each completion's end; mask [B, Tc]).
     """
     from transformers import DynamicCache
 
@@ -319,20 +370,77 @@ def score(model, prompts: list[list[int]], completions: list[list[int]], tempera
     device = next(model.parameters()).device
     p_ids, p_mask = _pad(prompts, pad_id, device, left=True)
     c_ids, c_mask = _pad(completions, pad_id, device, left=False)
-    cache = DynamicCache()
-    cache_kw = {_cache_kwarg(model): cache}
-    p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
-    last = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1,
-                 **cache_kw).logits[:, -1:]
-    if group_size > 1:
-        cache.batch_repeat_interleave(group_size)
-        last = last.repeat_interleave(group_size, 0)
-        p_mask = p_mask.repeat_interleave(group_size, 0)
-    mask = torch.cat([p_mask, c_mask], 1)
-    c_pos = p_mask.sum(-1, keepdim=True) + torch.arange(c_ids.shape[1], device=device)
-    # Completion token t is predicted at position t-1: the prompt's last logit, then the completion's own.
-    logits = model(input_ids=c_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=c_pos[:, :-1],
-                   use_cache=True, **cache_kw).logits if c_ids.shape[1] > 1 else last[:, :0]
-    logits = torch.cat([last, logits], 1)
-    logp = tempered_logprobs(logits, temperature).gather(-1, c_ids[..., None]).squeeze(-1)
-    return logp, c_mask.float()
+    run = dict(logits_to_keep=1, output_hidden_states=True)  # the head runs below, in chunks
+    # Completion token t is predicted at position t-1: the prompt's last position, then the completion's own.
+    if model.training and torch.is_grad_enabled() and _checkpointing(model):
+        ids = torch.cat([p_ids.repeat_interleave(group_size, 0), c_ids[:, :-1]], 1)
+        mask = torch.cat([p_mask.repeat_interleave(group_size, 0), c_mask[:, :-1]], 1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=False, **run)
+        hidden = out.hidden_states[-1][:, p_ids.shape[1] - 1:]
+    else:
+        cache = DynamicCache()
+        cache_kw = {_cache_kwarg(model): cache}
+        p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, **cache_kw, **run)
+        hidden = out.hidden_states[-1][:, -1:]
+        if group_size > 1:
+            cache.batch_repeat_interleave(group_size)
+            hidden = hidden.repeat_interleave(group_size, 0)
+            p_mask = p_mask.repeat_interleave(group_size, 0)
+        if c_ids.shape[1] > 1:
+            mask = torch.cat([p_mask, c_mask], 1)
+            c_pos = p_mask.sum(-1, keepdim=True) + torch.arange(c_ids.shape[1], device=device)
+            out = model(input_ids=c_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=c_pos[:, :-1],
+                        use_cache=True, **cache_kw, **run)
+            hidden = torch.cat([hidden, out.hidden_states[-1]], 1)
+    head = _plain(model).get_output_embeddings()
+    _check_head(model, head, hidden[:, -1:], out.logits[:, -1:])
+    return token_logprobs(head, hidden, c_ids, c_mask, temperature, chunk_mb), c_mask.float()
+
+
+def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float,
+                   chunk_mb: float = LOGPROB_CHUNK_MB) -> torch.Tensor:
+    """[B, T] log-probs of `targets` under tempered_logprobs(head(hidden)) where mask is 1, else 0.
+
+    Only the masked positions are scored, at most `chunk_mb` MB of float32 logits at a time
+    (0 = all at once). With several chunks each runs under activation checkpointing, so no
+    [positions, vocab] tensor outlives its chunk: the backward recomputes each chunk's logits.
+    Memory then grows with tokens x hidden size, not tokens x vocabulary.
+    """
+    keep = mask.bool()
+    h, t = hidden[keep], targets[keep]
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+    per = len(t) if chunk_mb <= 0 else max(1, int(chunk_mb * 2**20) // (4 * vocab))
+    if per >= len(t):  # one chunk: recomputing it would cost time and save nothing
+        lp = _chunk_logprobs(head, h, t, temperature)
+    else:
+        lp = torch.cat([checkpoint(_chunk_logprobs, head, h[i:i + per], t[i:i + per], temperature,
+                                   use_reentrant=False) for i in range(0, len(t), per)])
+    out = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device)
+    out[keep] = lp
+    return out
+
+
+def _chunk_logprobs(head, h: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    return tempered_logprobs(head(h), temperature).gather(-1, t[:, None]).squeeze(-1)
+
+
+def _plain(model):
+    """The transformers model inside the DDP / peft wrappers (its modules are the ones that ran)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _checkpointing(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in _plain(model).modules())
+
+
+def _check_head(model, head, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+    """Scoring applies the LM head to hidden states itself; a model that changes logits after its
+    head (soft-capping, scaling) would be scored wrongly, so its own last logits must match."""
+    with torch.no_grad():
+        ours = head(hidden[:1]).float()
+        if not torch.allclose(ours, logits[:1].float(), rtol=1e-2, atol=1e-2 * float(ours.abs().max()) + 1e-3):
+            raise NotImplementedError(f"{type(_plain(model)).__name__}: this model post-processes its logits "
+                                      "after the LM head (e.g. soft-capping), which ttrl's scoring does not support")

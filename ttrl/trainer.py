@@ -25,7 +25,7 @@ from ttrl.evaluation import evaluate
 from ttrl.grading import is_equivalent, sample_answers
 from ttrl.losses import kl_k3, policy_loss
 from ttrl.metrics import MetricsWriter, progress_bar, read_metrics, truncate_metrics
-from ttrl.models import encode_prompts, load_model
+from ttrl.models import encode_prompts, load_model, set_gradient_checkpointing
 from ttrl.rewards import label_free_rewards
 from ttrl.rollout import Rollout, Sampling, generate, score
 from ttrl.stopping import stop_reason
@@ -330,10 +330,12 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
     problems = load_problems(cfg.data.train, cfg.data)
     extra = {Path(name).stem: load_problems(name, cfg.data) for name in cfg.data.eval}
 
-    model, tok = load_model(cfg.model, seed=cfg.train.seed)
+    model, tok = load_model(cfg.model, seed=cfg.train.seed, device=dist.device)
+    set_gradient_checkpointing(model, cfg.algorithm.gradient_checkpointing, dist.device)
     ref_model = None
     if cfg.algorithm.kl_coef > 0:
-        ref_model, _ = load_model(type(cfg.model)(**{**cfg.model.__dict__, "lora_rank": 0}), seed=cfg.train.seed)
+        ref_model, _ = load_model(type(cfg.model)(**{**cfg.model.__dict__, "lora_rank": 0}), seed=cfg.train.seed,
+                                  device=dist.device)
         ref_model.eval().requires_grad_(False).to(dist.device)
     pad_id = tok.pad_token_id
     problems = fit_context(problems, tok, model, cfg, cfg.rollout.max_new_tokens, "rollout.max_new_tokens")
@@ -353,7 +355,8 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
     policy = dist.unwrap(model)
     vllm = VLLMRollout(cfg, policy, tok, dist) if cfg.rollout.backend == "vllm" else None
     sampling = Sampling(n=cfg.rollout.n_votes, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                        top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens, stop=tuple(cfg.data.stop))
+                        top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens, stop=tuple(cfg.data.stop),
+                        max_batch_rows=cfg.rollout.max_batch_rows, memory_fraction=cfg.rollout.memory_fraction)
     steps = total_steps(cfg, len(adapt))
 
     # Resume: weights, optimizer, RNGs and eval history from the checkpoint (every rank loads it);
