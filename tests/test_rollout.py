@@ -323,3 +323,16 @@ def test_lora_samples_from_merged_weights_and_leaves_the_base_untouched():
         h.remove()
     for i, c in enumerate(r.completion_ids):
         assert torch.allclose(lp[i, : len(c)], r.logprobs[i], atol=1e-4), i
+
+
+def test_the_head_runs_under_the_models_mixed_precision():
+    """accelerate's bf16 wraps the model's forward in autocast; scoring applies the LM head again
+    outside that forward, and must do so in the same precision as the forward's own head call."""
+    model, tok = _fresh_tiny()
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)  # what accelerate does
+    dtypes = []
+    model.get_output_embeddings().register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    with torch.no_grad():
+        score(model, encode_prompts(tok, PROMPTS[:1]), [[5, 6, 7, 8]] * 2, 1.0, tok.pad_token_id, group_size=2,
+              chunk_mb=0.2)
+    assert len(dtypes) > 3 and set(dtypes) == {torch.bfloat16}, dtypes

@@ -363,40 +363,56 @@ def score(model, prompts: list[list[int]], completions: list[list[int]], tempera
     `chunk_mb` of float32 logits at a time (`token_logprobs`).
     Returns (logprobs [B, Tc], 0 past each completion's end; mask [B, Tc]).
     """
-    from transformers import DynamicCache
-
     if len(prompts) * group_size != len(completions):
         raise ValueError(f"{len(prompts)} prompts x group_size {group_size} != {len(completions)} completions")
     device = next(model.parameters()).device
     p_ids, p_mask = _pad(prompts, pad_id, device, left=True)
     c_ids, c_mask = _pad(completions, pad_id, device, left=False)
-    run = dict(logits_to_keep=1, output_hidden_states=True)  # the head runs below, in chunks
-    # Completion token t is predicted at position t-1: the prompt's last position, then the completion's own.
+    head = _plain(model).get_output_embeddings()
+    # The head runs again below, outside the model's forward: under the autocast state (mixed
+    # precision) of the model's own head call, so both give the same logits.
+    autocast = []
+    hook = head.register_forward_hook(lambda m, i, o: autocast.append(
+        (o.device.type, torch.is_autocast_enabled(o.device.type), torch.get_autocast_dtype(o.device.type))))
+    try:
+        hidden, last_logits = _completion_hidden(model, p_ids, p_mask, c_ids, c_mask, group_size)
+    finally:
+        hook.remove()
+    kind, enabled, dtype = autocast[-1]
+    with torch.autocast(kind, dtype=dtype, enabled=enabled):
+        _check_head(model, head, hidden[:, -1:], last_logits)
+        return token_logprobs(head, hidden, c_ids, c_mask, temperature, chunk_mb), c_mask.float()
+
+
+def _completion_hidden(model, p_ids, p_mask, c_ids, c_mask, group_size: int):
+    """(hidden states [B, Tc, H] that predict each completion token, the model's own logits at the
+    last position [B, 1, V]). Completion token t is predicted at position t-1: the prompt's last
+    position, then the completion's own."""
+    from transformers import DynamicCache
+
+    run = dict(logits_to_keep=1, output_hidden_states=True)  # the caller runs the head, in chunks
     if model.training and torch.is_grad_enabled() and _checkpointing(model):
         ids = torch.cat([p_ids.repeat_interleave(group_size, 0), c_ids[:, :-1]], 1)
         mask = torch.cat([p_mask.repeat_interleave(group_size, 0), c_mask[:, :-1]], 1)
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     use_cache=False, **run)
-        hidden = out.hidden_states[-1][:, p_ids.shape[1] - 1:]
-    else:
-        cache = DynamicCache()
-        cache_kw = {_cache_kwarg(model): cache}
-        p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, **cache_kw, **run)
-        hidden = out.hidden_states[-1][:, -1:]
-        if group_size > 1:
-            cache.batch_repeat_interleave(group_size)
-            hidden = hidden.repeat_interleave(group_size, 0)
-            p_mask = p_mask.repeat_interleave(group_size, 0)
-        if c_ids.shape[1] > 1:
-            mask = torch.cat([p_mask, c_mask], 1)
-            c_pos = p_mask.sum(-1, keepdim=True) + torch.arange(c_ids.shape[1], device=device)
-            out = model(input_ids=c_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=c_pos[:, :-1],
-                        use_cache=True, **cache_kw, **run)
-            hidden = torch.cat([hidden, out.hidden_states[-1]], 1)
-    head = _plain(model).get_output_embeddings()
-    _check_head(model, head, hidden[:, -1:], out.logits[:, -1:])
-    return token_logprobs(head, hidden, c_ids, c_mask, temperature, chunk_mb), c_mask.float()
+        return out.hidden_states[-1][:, p_ids.shape[1] - 1:], out.logits[:, -1:]
+    cache = DynamicCache()
+    cache_kw = {_cache_kwarg(model): cache}
+    p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, **cache_kw, **run)
+    hidden, last = out.hidden_states[-1][:, -1:], out.logits[:, -1:]
+    if group_size > 1:
+        cache.batch_repeat_interleave(group_size)
+        hidden, last = hidden.repeat_interleave(group_size, 0), last.repeat_interleave(group_size, 0)
+        p_mask = p_mask.repeat_interleave(group_size, 0)
+    if c_ids.shape[1] == 1:
+        return hidden, last
+    mask = torch.cat([p_mask, c_mask], 1)
+    c_pos = p_mask.sum(-1, keepdim=True) + torch.arange(c_ids.shape[1], device=c_ids.device)
+    out = model(input_ids=c_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=c_pos[:, :-1],
+                use_cache=True, **cache_kw, **run)
+    return torch.cat([hidden, out.hidden_states[-1]], 1), out.logits[:, -1:]
 
 
 def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float,
