@@ -1,6 +1,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ttrl.models import encode_prompts, set_gradient_checkpointing
@@ -260,8 +261,8 @@ def test_no_full_vocabulary_tensor_is_kept_for_the_backward(tiny):
         return max(sizes)
 
     per_chunk = int(2**20) // (4 * vocab)  # positions in 1 MB of float32 logits
-    assert largest_logits_saved(0) == 160
-    assert largest_logits_saved(1) <= per_chunk < 160
+    assert largest_logits_saved(0) == 160 - 4  # each row's first token: from its prompt's last logits
+    assert largest_logits_saved(1) <= per_chunk < 156
 
 
 def test_a_group_split_over_micro_batches_scores_as_the_whole_group(tiny):
@@ -326,13 +327,38 @@ def test_lora_samples_from_merged_weights_and_leaves_the_base_untouched():
 
 
 def test_the_head_runs_under_the_models_mixed_precision():
-    """accelerate's bf16 wraps the model's forward in autocast; scoring applies the LM head again
-    outside that forward, and must do so in the same precision as the forward's own head call."""
+    """accelerate's bf16 wraps the model's forward in autocast: every chunk of logits scoring
+    computes must come from that forward's head call, in its precision (not float32 outside it)."""
     model, tok = _fresh_tiny()
     model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)  # what accelerate does
-    dtypes = []
-    model.get_output_embeddings().register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    head, dtypes = model.get_output_embeddings(), []
+    plain_forward = head.forward
+
+    def recording(h):
+        out = plain_forward(h)
+        dtypes.append(out.dtype)
+        return out
+    head.forward = recording
     with torch.no_grad():
         score(model, encode_prompts(tok, PROMPTS[:1]), [[5, 6, 7, 8]] * 2, 1.0, tok.pad_token_id, group_size=2,
               chunk_mb=0.2)
     assert len(dtypes) > 3 and set(dtypes) == {torch.bfloat16}, dtypes
+    assert head.forward is recording  # put back as it was
+
+
+def test_a_model_that_changes_its_logits_after_the_head_is_refused():
+    """Gemma-2 soft-caps its logits after the LM head; scoring computes log-probs inside the head,
+    so it must refuse such a model rather than score it wrongly."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    shape = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16)
+    torch.manual_seed(0)
+    capped = AutoModelForCausalLM.from_config(Gemma2Config(**shape, final_logit_softcapping=30.0))
+    plain = AutoModelForCausalLM.from_config(Gemma2Config(**shape, final_logit_softcapping=None))
+    with torch.no_grad():
+        lp, mask = score(plain, [[1, 2, 3]], [[4, 5, 6]], 1.0, 0)
+        ref = tempered_logprobs(plain(input_ids=torch.tensor([[1, 2, 3, 4, 5]])).logits[0, 2:], 1.0)
+        assert torch.allclose(lp[0], ref.gather(-1, torch.tensor([[4], [5], [6]])).squeeze(-1), atol=1e-5)
+        with pytest.raises(NotImplementedError, match="changes its logits after the LM head"):
+            score(capped, [[1, 2, 3]], [[4, 5, 6]], 1.0, 0)

@@ -11,6 +11,7 @@ was tried and dropped: benchmarks/README.md (rollout.py).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -359,80 +360,100 @@ def score(model, prompts: list[list[int]], completions: list[list[int]], tempera
     prompt's samples is a group too). Each prompt is run once and its KV cache (with its autograd
     graph) is expanded to the group: the same gradient as repeating the prompt, at a fraction of the
     cost. Under activation checkpointing (training) the layers keep no cache, so each row runs its
-    prompt and completion as one sequence instead. The LM head runs over the completion tokens only,
-    `chunk_mb` of float32 logits at a time (`token_logprobs`).
+    prompt and completion as one sequence instead. Inside the model's forward (so DDP, FSDP and
+    mixed precision see it as usual) the LM head computes the completion tokens' log-probs directly,
+    at most `chunk_mb` MB of float32 logits at a time (`token_logprobs`).
     Returns (logprobs [B, Tc], 0 past each completion's end; mask [B, Tc]).
     """
+    from transformers import DynamicCache
+
     if len(prompts) * group_size != len(completions):
         raise ValueError(f"{len(prompts)} prompts x group_size {group_size} != {len(completions)} completions")
     device = next(model.parameters()).device
     p_ids, p_mask = _pad(prompts, pad_id, device, left=True)
     c_ids, c_mask = _pad(completions, pad_id, device, left=False)
-    head = _plain(model).get_output_embeddings()
-    # The head runs again below, outside the model's forward: under the autocast state (mixed
-    # precision) of the model's own head call, so both give the same logits.
-    autocast = []
-    hook = head.register_forward_hook(lambda m, i, o: autocast.append(
-        (o.device.type, torch.is_autocast_enabled(o.device.type), torch.get_autocast_dtype(o.device.type))))
-    try:
-        hidden, last_logits = _completion_hidden(model, p_ids, p_mask, c_ids, c_mask, group_size)
-    finally:
-        hook.remove()
-    kind, enabled, dtype = autocast[-1]
-    with torch.autocast(kind, dtype=dtype, enabled=enabled):
-        _check_head(model, head, hidden[:, -1:], last_logits)
-        return token_logprobs(head, hidden, c_ids, c_mask, temperature, chunk_mb), c_mask.float()
-
-
-def _completion_hidden(model, p_ids, p_mask, c_ids, c_mask, group_size: int):
-    """(hidden states [B, Tc, H] that predict each completion token, the model's own logits at the
-    last position [B, 1, V]). Completion token t is predicted at position t-1: the prompt's last
-    position, then the completion's own."""
-    from transformers import DynamicCache
-
-    run = dict(logits_to_keep=1, output_hidden_states=True)  # the caller runs the head, in chunks
+    plain = _plain(model)
+    head = plain.get_output_embeddings()
+    per_chunk = chunk_positions(chunk_mb, plain.config.vocab_size)
+    # Completion token t is predicted at position t-1: the prompt's last position, then the completion's own.
     if model.training and torch.is_grad_enabled() and _checkpointing(model):
         ids = torch.cat([p_ids.repeat_interleave(group_size, 0), c_ids[:, :-1]], 1)
         mask = torch.cat([p_mask.repeat_interleave(group_size, 0), c_mask[:, :-1]], 1)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    use_cache=False, **run)
-        return out.hidden_states[-1][:, p_ids.shape[1] - 1:], out.logits[:, -1:]
+        with _head_scores(head, c_ids, c_mask, temperature, per_chunk) as scored:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                        use_cache=False, logits_to_keep=c_ids.shape[1])
+        return scored(out.logits), c_mask.float()
     cache = DynamicCache()
     cache_kw = {_cache_kwarg(model): cache}
     p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, **cache_kw, **run)
-    hidden, last = out.hidden_states[-1][:, -1:], out.logits[:, -1:]
+    last = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1,
+                 **cache_kw).logits[:, -1]  # [prompts, vocab]: one position each
     if group_size > 1:
         cache.batch_repeat_interleave(group_size)
-        hidden, last = hidden.repeat_interleave(group_size, 0), last.repeat_interleave(group_size, 0)
+        last = last.repeat_interleave(group_size, 0)
         p_mask = p_mask.repeat_interleave(group_size, 0)
+    first = tempered_logprobs(last, temperature).gather(-1, c_ids[:, :1]).squeeze(-1) * c_mask[:, 0]
     if c_ids.shape[1] == 1:
-        return hidden, last
+        return first[:, None], c_mask.float()
     mask = torch.cat([p_mask, c_mask], 1)
-    c_pos = p_mask.sum(-1, keepdim=True) + torch.arange(c_ids.shape[1], device=c_ids.device)
-    out = model(input_ids=c_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=c_pos[:, :-1],
-                use_cache=True, **cache_kw, **run)
-    return torch.cat([hidden, out.hidden_states[-1]], 1), out.logits[:, -1:]
+    c_pos = p_mask.sum(-1, keepdim=True) + torch.arange(c_ids.shape[1], device=device)
+    with _head_scores(head, c_ids[:, 1:], c_mask[:, 1:], temperature, per_chunk) as scored:
+        out = model(input_ids=c_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=c_pos[:, :-1],
+                    use_cache=True, **cache_kw)
+    return torch.cat([first[:, None], scored(out.logits)], 1), c_mask.float()
+
+
+def chunk_positions(chunk_mb: float, vocab: int) -> int:
+    """Positions whose float32 logits fit in `chunk_mb` MB (at least 1); 0 = no chunking."""
+    return 0 if chunk_mb <= 0 else max(1, int(chunk_mb * 2**20) // (4 * vocab))
+
+
+@contextmanager
+def _head_scores(head, targets: torch.Tensor, mask: torch.Tensor, temperature: float, per_chunk: int):
+    """While inside: the LM head, when the model's forward calls it, returns the log-probs [B, T] of
+    `targets` instead of logits [B, T, vocab]. Yields a function that checks the forward returned
+    them untouched (a model that post-processes its logits, e.g. soft-capping, would be scored
+    wrongly) and gives them back."""
+    forward, own = head.forward, head.__dict__.get("forward")
+    returned = []
+
+    def scores(hidden):
+        returned.append(token_logprobs(forward, hidden, targets, mask, temperature, per_chunk))
+        return returned[-1]
+
+    def checked(logits):
+        if not returned or not (logits is returned[-1] or torch.equal(logits, returned[-1])):
+            raise NotImplementedError(f"{type(head).__name__}: this model changes its logits after the LM head "
+                                      "(e.g. soft-capping), which ttrl's scoring does not support")
+        return logits
+
+    head.forward = scores
+    try:
+        yield checked
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float,
-                   chunk_mb: float = LOGPROB_CHUNK_MB) -> torch.Tensor:
-    """[B, T] log-probs of `targets` under tempered_logprobs(head(hidden)) where mask is 1, else 0.
+                   per_chunk: int = 0) -> torch.Tensor:
+    """[B, T] log-probs of `targets` under tempered_logprobs(head(hidden)) where mask is 1, else 0;
+    `head` maps [n, H] hidden states to [n, vocab] logits.
 
-    Only the masked positions are scored, at most `chunk_mb` MB of float32 logits at a time
-    (0 = all at once). With several chunks each runs under activation checkpointing, so no
-    [positions, vocab] tensor outlives its chunk: the backward recomputes each chunk's logits.
-    Memory then grows with tokens x hidden size, not tokens x vocabulary.
+    Only the masked positions are scored, `per_chunk` at a time (0 = all at once). With several
+    chunks each runs under activation checkpointing, so no [positions, vocab] tensor outlives its
+    chunk: the backward recomputes each chunk's logits. Memory then grows with tokens x hidden
+    size, not tokens x vocabulary.
     """
     keep = mask.bool()
     h, t = hidden[keep], targets[keep]
-    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
-    per = len(t) if chunk_mb <= 0 else max(1, int(chunk_mb * 2**20) // (4 * vocab))
-    if per >= len(t):  # one chunk: recomputing it would cost time and save nothing
+    if not per_chunk or per_chunk >= len(t):  # one chunk: recomputing it would cost time and save nothing
         lp = _chunk_logprobs(head, h, t, temperature)
     else:
-        lp = torch.cat([checkpoint(_chunk_logprobs, head, h[i:i + per], t[i:i + per], temperature,
-                                   use_reentrant=False) for i in range(0, len(t), per)])
+        lp = torch.cat([checkpoint(_chunk_logprobs, head, h[i:i + per_chunk], t[i:i + per_chunk], temperature,
+                                   use_reentrant=False) for i in range(0, len(t), per_chunk)])
     out = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device)
     out[keep] = lp
     return out
@@ -443,20 +464,10 @@ def _chunk_logprobs(head, h: torch.Tensor, t: torch.Tensor, temperature: float) 
 
 
 def _plain(model):
-    """The transformers model inside the DDP / peft wrappers (its modules are the ones that ran)."""
+    """The transformers model inside the DDP / peft wrappers."""
     model = getattr(model, "module", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _checkpointing(model) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in _plain(model).modules())
-
-
-def _check_head(model, head, hidden: torch.Tensor, logits: torch.Tensor) -> None:
-    """Scoring applies the LM head to hidden states itself; a model that changes logits after its
-    head (soft-capping, scaling) would be scored wrongly, so its own last logits must match."""
-    with torch.no_grad():
-        ours = head(hidden[:1]).float()
-        if not torch.allclose(ours, logits[:1].float(), rtol=1e-2, atol=1e-2 * float(ours.abs().max()) + 1e-3):
-            raise NotImplementedError(f"{type(_plain(model)).__name__}: this model post-processes its logits "
-                                      "after the LM head (e.g. soft-capping), which ttrl's scoring does not support")
