@@ -87,6 +87,7 @@ def run_step(args, queue):
             def build():
                 model, tok = load_model(cfg, seed=0, device=args.device)
                 figures["gradient_checkpointing"] = set_gradient_checkpointing(model, args.checkpointing, args.device)
+                generate(model, tok, [[1, 2, 3]], Sampling(n=2, max_new_tokens=4))  # warm-up: kernels, allocator
                 return model, tok
             built = _phase("build", args.device, figures, build)
         if built is None:
@@ -98,6 +99,12 @@ def run_step(args, queue):
                                    "\\boxed{}." for p in problems])
         s = Sampling(n=args.votes, temperature=1.0, max_new_tokens=args.new_tokens, ignore_eos=True,
                      max_batch_rows=args.max_batch_rows, memory_fraction=args.memory_fraction)
+        if args.budget_gb and torch.device(args.device).type == "cuda":
+            # As on a card of budget_gb: the sampler may fill what is left of it after the weights,
+            # less 2 GB for the prefill's activations (the update frees the KV caches first).
+            room = args.budget_gb * 2**30 - torch.cuda.memory_allocated() - 2 * 2**30
+            s.memory_fraction = max(0.01, min(1.0, room / torch.cuda.mem_get_info()[0]))
+            figures["rollout_memory_fraction"] = round(s.memory_fraction, 3)
         rollout = _phase("rollout", args.device, figures,
                          lambda: generate(model, tok, ids, s, seeds=list(range(len(ids)))))
         if rollout is None:
@@ -147,6 +154,8 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=8, help="samples per forward/backward in the update")
     ap.add_argument("--max-batch-rows", type=int, default=512, help="rollout.max_batch_rows")
     ap.add_argument("--memory-fraction", type=float, default=0.9, help="rollout.memory_fraction")
+    ap.add_argument("--budget-gb", type=float, default=0,
+                    help="size the rollout as on a card of this many GB (e.g. 40 for the 1.5B target); 0 = all free")
     ap.add_argument("--logprob-chunk-mb", type=float, default=64, help="algorithm.logprob_chunk_mb")
     ap.add_argument("--checkpointing", default="auto", type=lambda v: {"true": True, "false": False}.get(v, v),
                     help="algorithm.gradient_checkpointing: true, false or auto")
