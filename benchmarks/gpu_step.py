@@ -52,8 +52,8 @@ def _phase(name, device, figures, fn):
         out = fn()
         _sync(device)
     except Exception as e:  # torch.OutOfMemoryError included: report it, keep the JSON line
-        figures[name] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400] if str(e).strip() else ''}",
-                         "seconds": round(time.perf_counter() - t0, 2)}
+        first = (str(e).strip().splitlines() or [""])[0][:400]
+        figures[name] = {"error": f"{type(e).__name__}: {first}", "seconds": round(time.perf_counter() - t0, 2)}
         traceback.print_exc()
         if cuda:
             torch.cuda.empty_cache()

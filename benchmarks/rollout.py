@@ -126,7 +126,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--arch", default="smollm2", choices=["smollm2", "qwen1.5b", "qwen7b", "tiny"],
-                    help="smollm2: the embedded pretrained model; the others: random weights of that shape (_shapes.py)")
+                    help="smollm2: the embedded pretrained model; others: random weights of that shape (_shapes.py)")
     args = ap.parse_args()
 
     ours = in_child(run_ours, args)

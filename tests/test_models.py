@@ -174,7 +174,7 @@ def test_a_run_directory_as_model_name_points_to_its_model(tmp_path, saved_model
 
 @pytest.mark.parametrize("cfg, expected", [
     (ModelConfig(architecture={**SMALL, "num_hidden_layers": -1}), "num_hidden_layers = -1: must be a whole number"),
-    (ModelConfig(architecture={**SMALL, "hidden_size": 65}), "hidden_size 65 is not divisible by num_attention_heads 4"),
+    (ModelConfig(architecture={**SMALL, "hidden_size": 65}), "hidden_size 65 is not divisible by num_attention_heads"),
     (ModelConfig(architecture={**SMALL, "num_key_value_heads": 3}), "not a multiple of num_key_value_heads 3"),
     (ModelConfig(architecture={**SMALL, "hidden_sise": 64}), "model.architecture.hidden_sise: LlamaConfig has no"),
     (ModelConfig(architecture=SMALL, lora_rank=2, lora_target_modules=["q_proj", "qproj"]), "'qproj' match no module"),

@@ -170,8 +170,8 @@ def _fresh_tiny(lora_rank=0):
     from ttrl.models import load_model
     from conftest import TINY_ARCH
 
-    return load_model(ModelConfig(architecture=TINY_ARCH, lora_rank=lora_rank, lora_target_modules=["q_proj", "v_proj"]),
-                      seed=0)
+    cfg = ModelConfig(architecture=TINY_ARCH, lora_rank=lora_rank, lora_target_modules=["q_proj", "v_proj"])
+    return load_model(cfg, seed=0)
 
 
 def _reference_logprobs(model, prompts, completions, group, temperature, pad_id):
@@ -231,7 +231,9 @@ def test_checkpointing_with_lora_matches_without():
     model.train()
     prompts, pad = encode_prompts(tok, PROMPTS[:2]), tok.pad_token_id
     completions = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]]
-    run = lambda: _as_rows(score(model, prompts, completions, 1.0, pad, group_size=2, chunk_mb=0.2)[0], completions)  # noqa: E731
+
+    def run():
+        return _as_rows(score(model, prompts, completions, 1.0, pad, group_size=2, chunk_mb=0.2)[0], completions)
     plain = _loss_and_grads(model, run)
     assert set_gradient_checkpointing(model, True, "cpu")
     checkpointed = _loss_and_grads(model, run)

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,11 +78,13 @@ def resolve(name: str) -> Path:
     if name == EMBEDDED:
         return embedded_model_dir()
     path = Path(name).expanduser()
-    hint = f"; did you mean {path / 'model'}? (a run directory keeps its trained model there)" \
-        if (path / "model" / "config.json").is_file() else ""
+    hint = ""
+    if (path / "model" / "config.json").is_file():
+        hint = f"; did you mean {path / 'model'}? (a run directory keeps its trained model there)"
     if not (path / "config.json").is_file():
-        raise ModelError(f"model.name = {name!r} is neither '{EMBEDDED}' nor a local Hugging Face model "
-                         f"directory (with config.json){hint or '; download the model first, this tool never fetches from a hub'}")
+        raise ModelError(f"model.name = {name!r} is neither '{EMBEDDED}' nor a local Hugging Face model directory "
+                         "(with config.json)" + (hint or "; download the model first, this tool never fetches "
+                                                 "from a hub"))
     try:
         raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -256,11 +259,11 @@ def merged_lora(model):
     swapped in for the duration; the base weights are never written, because merging in place and
     subtracting afterwards is not bit-exact, and a resumed run must match an uninterrupted one bit
     for bit. Costs one extra copy of the adapted layers' weights while sampling. No LoRA: a no-op."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
+    if "peft" not in sys.modules:  # no LoRA layer can exist (and importing peft costs a second)
         yield model
         return
+    from peft.tuners.lora import LoraLayer
+
     swapped = []
     try:
         with torch.no_grad():
@@ -268,7 +271,7 @@ def merged_lora(model):
                 if not isinstance(m, LoraLayer) or m.disable_adapters or m.merged:
                     continue
                 names = [a for a in m.active_adapters if a in m.lora_A or a in m.lora_embedding_A]
-                if not names or any(m.use_dora.get(a) or m.lora_bias.get(a) for a in names):
+                if not names or any(m.use_dora.get(a) or getattr(m, "lora_bias", {}).get(a) for a in names):
                     continue  # DoRA / LoRA biases merge differently: those layers run unmerged
                 base = m.get_base_layer()
                 weight = base.weight.data
