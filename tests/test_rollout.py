@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ttrl.models import encode_prompts, set_gradient_checkpointing
+from ttrl.models import ModelError, encode_prompts, set_gradient_checkpointing
 from ttrl.rollout import Sampling, decode_rows, generate, kv_bytes_per_token, score, tempered_logprobs
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -362,5 +362,5 @@ def test_a_model_that_changes_its_logits_after_the_head_is_refused():
         lp, mask = score(plain, [[1, 2, 3]], [[4, 5, 6]], 1.0, 0)
         ref = tempered_logprobs(plain(input_ids=torch.tensor([[1, 2, 3, 4, 5]])).logits[0, 2:], 1.0)
         assert torch.allclose(lp[0], ref.gather(-1, torch.tensor([[4], [5], [6]])).squeeze(-1), atol=1e-5)
-        with pytest.raises(NotImplementedError, match="changes its logits after the LM head"):
+        with pytest.raises(ModelError, match="changes its logits after the LM head"):
             score(capped, [[1, 2, 3]], [[4, 5, 6]], 1.0, 0)

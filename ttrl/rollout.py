@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ttrl.models import merged_lora
+from ttrl.models import ModelError, merged_lora
 
 
 @dataclass
@@ -423,8 +423,8 @@ def _head_scores(head, targets: torch.Tensor, mask: torch.Tensor, temperature: f
 
     def checked(logits):
         if not returned or not (logits is returned[-1] or torch.equal(logits, returned[-1])):
-            raise NotImplementedError(f"{type(head).__name__}: this model changes its logits after the LM head "
-                                      "(e.g. soft-capping), which ttrl's scoring does not support")
+            raise ModelError("this model changes its logits after the LM head (e.g. Gemma-2's soft-capping), "
+                             "which ttrl's scoring (log-probs computed inside the head) does not support yet")
         return logits
 
     head.forward = scores
