@@ -3,6 +3,7 @@ measured side by side in one run (each in a fresh process, so peak RSS is its ow
 
     .venv/bin/python benchmarks/rollout.py                 # SmolLM2-135M, 8 prompts x 16 samples x 64 tokens
     .venv/bin/python benchmarks/rollout.py --device cuda --arch qwen1.5b   # GPU, random Qwen2.5-1.5B-shaped model
+    .venv/bin/python benchmarks/rollout.py --arch tiny --prompts 2 --samples 2 --new-tokens 4   # smoke run
 
 Last line: one JSON object with the figures.
 """
@@ -13,14 +14,11 @@ import argparse
 import json
 import platform
 import resource
+import tempfile
 import time
 
 from _child import in_child
-
-
-QWEN_15B = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-            "num_key_value_heads": 2, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
-            "tie_word_embeddings": True}
+from _shapes import model_dir
 
 
 def _setup(args):
@@ -31,9 +29,10 @@ def _setup(args):
     from ttrl.models import encode_prompts, load_model
 
     torch.manual_seed(0)
-    arch = QWEN_15B if args.arch == "qwen1.5b" else {}
     dtype = "bfloat16" if args.device == "cuda" else "float32"
-    model, tok = load_model(ModelConfig(architecture=arch, dtype=dtype), device=args.device)
+    with tempfile.TemporaryDirectory() as root:
+        name, arch = model_dir(args.arch, root) if args.arch != "smollm2" else ("smollm2-135m", {})
+        model, tok = load_model(ModelConfig(name=name, architecture=arch, dtype=dtype), device=args.device)
     problems = arithmetic_problems(ArithmeticConfig(n=args.prompts, seed=1))
     ids = encode_prompts(tok, [f"{p.prompt} Answer with just the number." for p in problems])
     return model, tok, ids
@@ -126,7 +125,8 @@ def main():
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--arch", default="smollm2", choices=["smollm2", "qwen1.5b"])
+    ap.add_argument("--arch", default="smollm2", choices=["smollm2", "qwen1.5b", "qwen7b", "tiny"],
+                    help="smollm2: the embedded pretrained model; others: random weights of that shape (_shapes.py)")
     args = ap.parse_args()
 
     ours = in_child(run_ours, args)

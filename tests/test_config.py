@@ -131,3 +131,21 @@ def test_a_key_given_twice_in_a_file_is_an_error(tmp_path):
     p.write_text("train: {steps: 2}\ntrain: {epochs: 2}\n")
     with pytest.raises(ConfigError, match=r"c\.yaml:2: key 'train' is given twice"):
         load_config(p)
+def test_architecture_keys_are_setting_names():
+    with pytest.raises(ConfigError, match="'model.architecture' has 1"):
+        config_from_dict({"model": {"architecture": {1: 2}}})
+
+
+@pytest.mark.parametrize("override, ok", [("algorithm.gradient_checkpointing=auto", True),
+                                          ("algorithm.gradient_checkpointing=false", True),
+                                          ("algorithm.gradient_checkpointing=1", False),
+                                          ("algorithm.gradient_checkpointing=sometimes", False),
+                                          ("algorithm.logprob_chunk_mb=-1", False),
+                                          ("rollout.memory_fraction=0", False),
+                                          ("rollout.max_batch_rows=0", False)])
+def test_memory_settings(override, ok):
+    if ok:
+        load_config(None, [override])
+    else:
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            load_config(None, [override])

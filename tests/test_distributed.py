@@ -143,8 +143,8 @@ with _fsdp_full_params(model) as gathered:
 assert got.completion_ids == generate(whole, tok, prompts, s, seeds=seeds).completion_ids
 # Rank 0 trains on one prompt, rank 1 has nothing: its zero loss joins the reduce-scatter.
 pad = tok.pad_token_id
-if rank == 0:
-    logp, mask = score(model, [prompts[0]], got.completion_ids[:3], 1.0, pad, group_size=3)
+if rank == 0:  # log-probs from one-position chunks of logits, recomputed in the backward
+    logp, mask = score(model, [prompts[0]], got.completion_ids[:3], 1.0, pad, group_size=3, chunk_mb=0.2)
     loss = (logp * mask).sum()
 else:
     loss = zero_loss(model, pad, 1.0)

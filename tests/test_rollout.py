@@ -1,7 +1,13 @@
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
-from ttrl.models import encode_prompts
-from ttrl.rollout import Sampling, generate, score, tempered_logprobs
+from ttrl.models import ModelError, encode_prompts, set_gradient_checkpointing
+from ttrl.rollout import Sampling, decode_rows, generate, kv_bytes_per_token, score, tempered_logprobs
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 PROMPTS = ["What is 2 + 3?", "Hi", "Please add seven and eight and say the result in words, then digits."]
 
@@ -172,3 +178,205 @@ def test_groups_of_different_sizes_score_as_separate_calls(tiny):
     model.zero_grad()
     assert torch.allclose(logps[0], logps[1], atol=1e-5)
     assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-5
+# --- memory-lean scoring: chunked log-probs, activation checkpointing, groups split over micro-batches ---
+
+def _fresh_tiny(lora_rank=0):
+    """A model of its own (these tests switch checkpointing on or train an adapter)."""
+    from ttrl.config import ModelConfig
+    from ttrl.models import load_model
+    from conftest import TINY_ARCH
+
+    cfg = ModelConfig(architecture=TINY_ARCH, lora_rank=lora_rank, lora_target_modules=["q_proj", "v_proj"])
+    return load_model(cfg, seed=0)
+
+
+def _reference_logprobs(model, prompts, completions, group, temperature, pad_id):
+    """Today's definition spelled out: each row's prompt + completion in one forward, full logits."""
+    rows = [prompts[i // group] + c for i, c in enumerate(completions)]
+    out = []
+    for p, c, row in zip([prompts[i // group] for i in range(len(completions))], completions, rows):
+        logits = model(input_ids=torch.tensor([row])).logits[0, len(p) - 1: len(row) - 1]
+        out.append(tempered_logprobs(logits, temperature).gather(-1, torch.tensor(c)[:, None]).squeeze(-1))
+    return out
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def _loss_and_grads(model, fn):
+    model.zero_grad()
+    lps = fn()
+    loss = sum((lp * torch.linspace(-1, 1, len(lp))).sum() for lp in lps)  # advantage-like weights
+    loss.backward()
+    return [lp.detach() for lp in lps], float(loss.detach()), _grads(model)
+
+
+def _as_rows(lp, completions):
+    return [lp[i, : len(c)] for i, c in enumerate(completions)]
+
+
+def test_chunked_logprobs_and_checkpointing_give_todays_values_and_gradients():
+    model, tok = _fresh_tiny()
+    model.train()
+    prompts = encode_prompts(tok, PROMPTS[:2])
+    g = torch.Generator().manual_seed(0)
+    completions = [torch.randint(0, 49152, (int(n),), generator=g).tolist() for n in (7, 3, 1, 9, 5, 2)]
+    pad = tok.pad_token_id
+    ref = _loss_and_grads(model, lambda: _reference_logprobs(model, prompts, completions, 3, 0.8, pad))
+    runs = {}
+    for chunk_mb in (0, 0.2):  # 0.2 MB = one position per chunk
+        runs[f"chunk {chunk_mb}"] = _loss_and_grads(model, lambda: _as_rows(
+            score(model, prompts, completions, 0.8, pad, group_size=3, chunk_mb=chunk_mb)[0], completions))
+    assert set_gradient_checkpointing(model, True, "cpu")
+    runs["checkpointed"] = _loss_and_grads(model, lambda: _as_rows(
+        score(model, prompts, completions, 0.8, pad, group_size=3, chunk_mb=0.2)[0], completions))
+    for name, (lps, loss, grads) in runs.items():
+        for a, b in zip(lps, ref[0]):
+            assert torch.allclose(a, b, atol=1e-5), name
+        assert abs(loss - ref[1]) < 1e-4 * max(1.0, abs(ref[1])), name
+        assert float((grads - ref[2]).norm() / ref[2].norm()) < 1e-5, name
+
+
+def test_checkpointing_with_lora_matches_without():
+    model, tok = _fresh_tiny(lora_rank=4)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    model.train()
+    prompts, pad = encode_prompts(tok, PROMPTS[:2]), tok.pad_token_id
+    completions = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]]
+
+    def run():
+        return _as_rows(score(model, prompts, completions, 1.0, pad, group_size=2, chunk_mb=0.2)[0], completions)
+    plain = _loss_and_grads(model, run)
+    assert set_gradient_checkpointing(model, True, "cpu")
+    checkpointed = _loss_and_grads(model, run)
+    assert plain[2].numel() == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain[0], checkpointed[0]))
+    assert float((plain[2] - checkpointed[2]).norm() / plain[2].norm()) < 1e-5
+
+
+def test_no_full_vocabulary_tensor_is_kept_for_the_backward(tiny):
+    """Saved-for-backward tensors of one scoring pass: with chunks, none holds more than one chunk's
+    logits; without, the whole [positions, vocab] float32 tensor is kept."""
+    model, tok = tiny
+    prompts, pad = encode_prompts(tok, PROMPTS[:1]), tok.pad_token_id
+    completions = [list(range(100 + 40 * i, 140 + 40 * i)) for i in range(4)]  # 160 positions
+    vocab = model.config.vocab_size
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def largest_logits_saved(chunk_mb):
+        sizes = [0]
+
+        def pack(t):
+            if t.shape and t.shape[-1] == vocab and t.untyped_storage().data_ptr() not in weights:
+                sizes.append(t.numel() // vocab)
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            score(model, prompts, completions, 1.0, pad, group_size=4, chunk_mb=chunk_mb)
+        return max(sizes)
+
+    per_chunk = int(2**20) // (4 * vocab)  # positions in 1 MB of float32 logits
+    assert largest_logits_saved(0) == 160 - 4  # each row's first token: from its prompt's last logits
+    assert largest_logits_saved(1) <= per_chunk < 156
+
+
+def test_a_group_split_over_micro_batches_scores_as_the_whole_group(tiny):
+    model, tok = tiny
+    prompts, pad = encode_prompts(tok, PROMPTS[:2]), tok.pad_token_id
+    completions = [[5, 6, 7, 8, 9], [9, 10], [11, 12, 13], [14], [15, 16, 17, 18, 19, 20], [21, 22]]
+    with torch.no_grad():
+        whole = _as_rows(score(model, prompts, completions, 1.0, pad, group_size=3)[0], completions)
+        parts = []
+        for p, rows in ((0, [0, 1]), (0, [2]), (1, [3, 4, 5])):  # prompt 0's group in two micro-batches
+            sub = [completions[i] for i in rows]
+            parts += _as_rows(score(model, [prompts[p]], sub, 1.0, pad, group_size=len(sub))[0], sub)
+    for a, b in zip(whole, parts):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+# --- rollouts within a memory budget; LoRA rollouts on merged weights ---
+
+def test_decode_rows_by_hand():
+    # Qwen2.5-7B in bf16: 28 layers x 4 kv heads x head_dim 128 x (K, V) x 2 bytes = 57,344 bytes a token.
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, num_hidden_layers=28)
+    assert kv_bytes_per_token(config, torch.bfloat16) == 57_344
+    # 200-token prompts + 3,072 new = 3,272 tokens: 187,629,568 bytes of cache a row, plus 8 float32 copies of
+    # the 152,064-entry vocabulary (4,866,048): 192,495,616 a row. 60 GiB hold 334 rows: 5 prompts of 64.
+    assert decode_rows(60 * 2**30, 57_344, 3_272, 152_064, n=64, cap=512) == 320
+    assert decode_rows(60 * 2**30, 57_344, 3_272, 152_064, n=64, cap=256) == 256  # the cap still rules
+    assert decode_rows(10 * 2**30, 57_344, 3_272, 152_064, n=64, cap=512) == 64  # never less than one prompt
+
+
+def test_ignore_eos_runs_every_sample_to_the_limit(tiny):
+    eos = list(range(0, 49152, 10))  # a tenth of the vocabulary ends a sample
+    stopped = _rollout(tiny, Sampling(n=4, temperature=1.0, max_new_tokens=12), eos=eos)
+    assert min(len(c) for c in stopped.completion_ids) < 12
+    full = _rollout(tiny, Sampling(n=4, temperature=1.0, max_new_tokens=12, ignore_eos=True), eos=eos)
+    assert {len(c) for c in full.completion_ids} == {12} and all(full.truncated)
+
+
+def test_lora_samples_from_merged_weights_and_leaves_the_base_untouched():
+    model, tok = _fresh_tiny(lora_rank=4)
+    with torch.no_grad():  # a trained adapter: B is zero at initialisation
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(2))
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapter_calls = []
+    hooks = [m.register_forward_hook(lambda *a: adapter_calls.append(1))
+             for n, m in model.named_modules() if n.endswith("lora_A.default")]
+    r = generate(model, tok, encode_prompts(tok, PROMPTS), Sampling(n=4, temperature=1.0, max_new_tokens=10),
+                 seeds=[1, 2, 3])
+    assert not adapter_calls  # the rollout ran the merged matmuls only
+    for n, p in model.named_parameters():
+        assert torch.equal(p, base[n]), n  # bit for bit: exact resume depends on it
+    with torch.no_grad():  # the trained (unmerged) policy, teacher-forced
+        lp, _ = score(model, r.prompt_ids, r.completion_ids, 1.0, tok.pad_token_id, group_size=4)
+    assert adapter_calls  # scoring runs the adapter
+    for h in hooks:
+        h.remove()
+    for i, c in enumerate(r.completion_ids):
+        assert torch.allclose(lp[i, : len(c)], r.logprobs[i], atol=1e-4), i
+
+
+def test_the_head_runs_under_the_models_mixed_precision():
+    """accelerate's bf16 wraps the model's forward in autocast: every chunk of logits scoring
+    computes must come from that forward's head call, in its precision (not float32 outside it)."""
+    model, tok = _fresh_tiny()
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)  # what accelerate does
+    head, dtypes = model.get_output_embeddings(), []
+    plain_forward = head.forward
+
+    def recording(h):
+        out = plain_forward(h)
+        dtypes.append(out.dtype)
+        return out
+    head.forward = recording
+    with torch.no_grad():
+        score(model, encode_prompts(tok, PROMPTS[:1]), [[5, 6, 7, 8]] * 2, 1.0, tok.pad_token_id, group_size=2,
+              chunk_mb=0.2)
+    assert len(dtypes) > 3 and set(dtypes) == {torch.bfloat16}, dtypes
+    assert head.forward is recording  # put back as it was
+
+
+def test_a_model_that_changes_its_logits_after_the_head_is_refused():
+    """Gemma-2 soft-caps its logits after the LM head; scoring computes log-probs inside the head,
+    so it must refuse such a model rather than score it wrongly."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    shape = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16)
+    torch.manual_seed(0)
+    capped = AutoModelForCausalLM.from_config(Gemma2Config(**shape, final_logit_softcapping=30.0))
+    plain = AutoModelForCausalLM.from_config(Gemma2Config(**shape, final_logit_softcapping=None))
+    with torch.no_grad():
+        lp, mask = score(plain, [[1, 2, 3]], [[4, 5, 6]], 1.0, 0)
+        ref = tempered_logprobs(plain(input_ids=torch.tensor([[1, 2, 3, 4, 5]])).logits[0, 2:], 1.0)
+        assert torch.allclose(lp[0], ref.gather(-1, torch.tensor([[4], [5], [6]])).squeeze(-1), atol=1e-5)
+        with pytest.raises(ModelError, match="changes its logits after the LM head"):
+            score(capped, [[1, 2, 3]], [[4, 5, 6]], 1.0, 0)

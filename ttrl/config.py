@@ -114,6 +114,12 @@ class SamplingConfig:
     stop: list = field(default_factory=list)
     """Strings that end an answer besides end-of-sequence (e.g. "</answer>" for a template that asks
     for one); the answer keeps the stop string. Set it in rollout: and eval: alike."""
+    max_batch_rows: int = 512
+    """At most this many samples decode at once (whole prompts, all samples of each); the other
+    prompts are sampled in turn. Samples do not depend on it."""
+    memory_fraction: float = 0.9
+    """On CUDA: the share of free device memory the KV caches and per-step buffers may fill; fewer
+    prompts decode at once when they would not fit (ttrl.rollout.decode_rows)."""
 
 
 @dataclass
@@ -170,6 +176,13 @@ class AlgorithmConfig:
     micro_batch_tokens: int = 0
     """At most this many prompt + answer tokens per forward/backward pass (0 = no token bound): on a
     GPU, bounds the update's memory for long answers."""
+    gradient_checkpointing: bool | str = "auto"
+    """Recompute each layer's activations in the backward pass instead of keeping them: memory for
+    long answers at about a third more update time. auto = on with CUDA, off on CPU."""
+    logprob_chunk_mb: float = 64
+    """Log-probs are computed from at most this many MB of float32 logits at a time, each chunk
+    recomputed in the backward, so update memory grows with tokens x hidden size rather than tokens x
+    vocabulary (32 x 3,072 tokens x Qwen's 151,936 would be 60 GB at once). 0 = all at once."""
     max_bad_steps: int = 3
     """Stop (with a checkpoint of the last good weights) after this many steps in a row whose
     update was skipped for a NaN/inf loss or gradient."""
@@ -267,7 +280,9 @@ def _sampler_checks(cfg: Config) -> list[tuple[str, bool, str]]:
                   "must be > 0 for sampling (greedy accuracy is reported by eval.greedy)"),
                  (f"{name}.top_p", 0 < s.top_p <= 1, "must be in (0, 1]"),
                  (f"{name}.top_k", s.top_k >= 0, "must be >= 0 (0 = off)"),
-                 (f"{name}.max_new_tokens", s.max_new_tokens >= 1, "must be >= 1")]
+                 (f"{name}.max_new_tokens", s.max_new_tokens >= 1, "must be >= 1"),
+                 (f"{name}.max_batch_rows", s.max_batch_rows >= 1, "must be >= 1"),
+                 (f"{name}.memory_fraction", 0 < s.memory_fraction <= 1, "must be in (0, 1]")]
     return rows
 
 
@@ -292,6 +307,9 @@ def validate(cfg: Config) -> Config:
         ("algorithm.warmup_ratio", 0 <= cfg.algorithm.warmup_ratio < 1, "must be in [0, 1)"),
         ("reward.random_p", 0 <= cfg.reward.random_p <= 1, "must be in [0, 1]"),
         ("algorithm.max_bad_steps", cfg.algorithm.max_bad_steps >= 1, "must be >= 1"),
+        ("algorithm.gradient_checkpointing", isinstance(cfg.algorithm.gradient_checkpointing, bool)
+         or cfg.algorithm.gradient_checkpointing == "auto", "must be true, false or auto (on with CUDA)"),
+        ("algorithm.logprob_chunk_mb", cfg.algorithm.logprob_chunk_mb >= 0, "must be >= 0 (0 = all logits at once)"),
         ("eval.n_samples", cfg.eval.n_samples >= 1, "must be >= 1"),
         ("eval.every", cfg.eval.every >= 0, "must be >= 0"),
         ("train.steps", cfg.train.steps >= 0, "must be >= 0"),
@@ -327,6 +345,10 @@ def validate(cfg: Config) -> Config:
     for op in cfg.data.arithmetic.ops:
         if op not in ("+", "-", "*"):
             raise ConfigError(f"config key 'data.arithmetic.ops' has {op!r}: use +, - or *", "data.arithmetic.ops")
+    for key in cfg.model.architecture:
+        if not isinstance(key, str):
+            raise ConfigError(f"config key 'model.architecture' has {key!r}: keys must be setting names "
+                              "(e.g. num_hidden_layers)", "model.architecture")
     for key in ("data.eval", "rollout.stop", "eval.stop", "model.lora_target_modules"):
         for item in _get(cfg, key):
             if not isinstance(item, str) or not item:

@@ -4,10 +4,14 @@ to a float32 safetensors cache so later loads take about a second)."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import json
 import os
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -70,47 +74,154 @@ def embedded_model_dir() -> Path:
 
 
 def resolve(name: str) -> Path:
+    """The directory of model `name`, checked to hold a Hugging Face config (not, e.g., a run directory)."""
     if name == EMBEDDED:
         return embedded_model_dir()
     path = Path(name).expanduser()
+    hint = ""
+    if (path / "model" / "config.json").is_file():
+        hint = f"; did you mean {path / 'model'}? (a run directory keeps its trained model there)"
     if not (path / "config.json").is_file():
-        raise ModelError(f"model.name = {name!r} is neither '{EMBEDDED}' nor a local Hugging Face model "
-                         "directory (with config.json); download the model first, this tool never fetches from a hub")
+        raise ModelError(f"model.name = {name!r} is neither '{EMBEDDED}' nor a local Hugging Face model directory "
+                         "(with config.json)" + (hint or "; download the model first, this tool never fetches "
+                                                 "from a hub"))
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"model.name = {name!r}: {path / 'config.json'} is not valid JSON ({e}); "
+                         "restore the model's config.json") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ModelError(f"model.name = {name!r}: {path / 'config.json'} is not a Hugging Face model config "
+                         f"(no model_type){hint}")
     return path
 
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve(name))
+    path = resolve(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers and tokenizers raise many types for a broken directory
+        raise ModelError(f"model.name = {name!r}: no usable tokenizer in {path} ({type(e).__name__}: "
+                         f"{_first_line(e)}); it needs the model's tokenizer files (tokenizer.json, "
+                         "tokenizer_config.json)") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
 
 
-def load_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu"):
-    """(model, tokenizer). `cfg.architecture` set -> random weights of that shape, seeded."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim")
+
+
+def model_config(cfg: ModelConfig):
+    """The transformers config of `cfg.name` with `cfg.architecture` applied.
+
+    The config is rebuilt from its settings plus the overrides, leaving out every setting the
+    model's file holds at the value its class would derive anyway (head_dim = hidden / heads,
+    layer_types per layer, ...), so those follow the override instead of keeping the old shape.
+    `rope_theta` is accepted and moved into `rope_parameters` (transformers 5 keeps it there).
+    """
+    from transformers import AutoConfig
 
     path = resolve(cfg.name)
-    dtype = getattr(torch, cfg.dtype)
-    tok = load_tokenizer(cfg.name)
-    if cfg.architecture:
+    try:
         config = AutoConfig.from_pretrained(path)
-        for key, value in cfg.architecture.items():
-            if not hasattr(config, key):
-                raise ModelError(f"model.architecture.{key}: {type(config).__name__} has no such setting")
-            setattr(config, key, value)
-        with torch.random.fork_rng():
+    except Exception as e:
+        raise ModelError(f"model.name = {cfg.name!r}: transformers cannot read {path / 'config.json'} "
+                         f"({type(e).__name__}: {_first_line(e)}); check model_type or upgrade transformers") from None
+    if not cfg.architecture:
+        return config
+    overrides = dict(cfg.architecture)
+    if "rope_theta" in overrides and hasattr(config, "rope_parameters"):
+        overrides["rope_parameters"] = {**(config.rope_parameters or {}), "rope_theta": overrides.pop("rope_theta")}
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ModelError(f"model.architecture.{key}: {type(config).__name__} has no such setting")
+        if key in SIZES and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ModelError(f"model.architecture.{key} = {value!r}: must be a whole number >= 1")
+    settings = config.to_dict()
+    merged = {**settings, **overrides}
+    hidden, heads, kv = (merged.get(k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    if heads and hidden % heads and "head_dim" not in overrides:
+        raise ModelError(f"model.architecture: hidden_size {hidden} is not divisible by num_attention_heads "
+                         f"{heads}; pick sizes that divide (or set head_dim)")
+    if heads and kv and heads % kv:
+        raise ModelError(f"model.architecture: num_attention_heads {heads} is not a multiple of "
+                         f"num_key_value_heads {kv}")
+    kind = type(config)
+    derived = [k for k in settings if k not in overrides and k not in ("model_type", "architectures")
+               and _derives(kind, settings, k)]
+    try:
+        new = kind(**{**{k: v for k, v in settings.items() if k not in derived}, **overrides})
+    except Exception as e:
+        raise ModelError(f"model.architecture = {cfg.architecture}: not a valid {kind.__name__} "
+                         f"({' '.join(str(e).split())[:300]})") from None
+    return new
+
+
+def _derives(kind, settings: dict, key: str) -> bool:
+    """Whether config class `kind` computes `settings[key]` by itself from the other settings."""
+    try:
+        return getattr(kind(**{k: v for k, v in settings.items() if k != key}), key, None) == settings[key]
+    except Exception:
+        return False
+
+
+def load_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu"):
+    """(model, tokenizer) on `device`. `cfg.architecture` set -> random weights of that shape,
+    initialised on `device` itself (seeded: the same seed and device give the same weights);
+    otherwise the pretrained weights, loaded straight onto `device` (no full CPU copy first).
+    Every check (config, shape, LoRA targets, tokenizer) runs before any weight is touched."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(cfg)
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.lora_rank > 0:
+        check_lora_targets(config, cfg)
+    tok = load_tokenizer(cfg.name)
+    device = torch.device(device)
+    if cfg.architecture:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model.to(device)
+        path = resolve(cfg.name)
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, device_map=device,
+                                                               output_loading_info=True)
+        except Exception as e:
+            raise ModelError(f"model.name = {cfg.name!r}: cannot load the weights in {path} ({type(e).__name__}: "
+                             f"{_first_line(e)}); the directory needs complete model.safetensors (or "
+                             "pytorch_model.bin) files") from None
+        if info["missing_keys"]:
+            missing = sorted(info["missing_keys"])
+            raise ModelError(f"model.name = {cfg.name!r}: the weights in {path} lack {len(missing)} tensors "
+                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                             "re-export or re-download the model")
     if cfg.lora_rank > 0:
         model = add_lora(model, cfg)
     return model, tok
+
+
+def check_lora_targets(config, cfg: ModelConfig) -> None:
+    """Every name in model.lora_target_modules must match a module of the model (checked on a
+    weightless copy, so a typo costs no model load)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        names = [n for n, _ in AutoModelForCausalLM.from_config(copy.deepcopy(config)).named_modules()]
+    unmatched = [t for t in cfg.lora_target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n.rsplit(".", 1)[-1].endswith("proj")})
+        raise ModelError(f"model.lora_target_modules: {', '.join(map(repr, unmatched))} match no module of "
+                         f"{cfg.name}; its projections are {', '.join(leaves) or 'unnamed'}")
 
 
 def add_lora(model, cfg: ModelConfig):
@@ -120,7 +231,59 @@ def add_lora(model, cfg: ModelConfig):
         raise ModelError("model.lora_rank > 0 needs peft: pip install 'ttrl[lora]'") from None
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        raise ModelError(f"model.lora_target_modules = {list(cfg.lora_target_modules)}: {_first_line(e)}") from None
+
+
+def set_gradient_checkpointing(model, setting: bool | str, device: str | torch.device) -> bool:
+    """Activation checkpointing of every layer (`algorithm.gradient_checkpointing`; "auto" = on
+    with CUDA, where activations of long answers dominate memory; off on CPU, where recomputing
+    costs a third more update time for memory the small demo does not need). Returns whether on."""
+    on = setting is True or (setting == "auto" and torch.device(device).type == "cuda")
+    if on:  # non-reentrant: works with frozen inputs (LoRA) and keyword arguments
+        kwargs = {"use_reentrant": False}
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return on
+
+
+@contextmanager
+def merged_lora(model):
+    """Sample from a LoRA model at the full model's speed: each adapted layer runs one matmul with
+    W + B A instead of W x plus the adapter's two small ones. The merged weights are new tensors
+    swapped in for the duration; the base weights are never written, because merging in place and
+    subtracting afterwards is not bit-exact, and a resumed run must match an uninterrupted one bit
+    for bit. Costs one extra copy of the adapted layers' weights while sampling. No LoRA: a no-op."""
+    if "peft" not in sys.modules:  # no LoRA layer can exist (and importing peft costs a second)
+        yield model
+        return
+    from peft.tuners.lora import LoraLayer
+
+    swapped = []
+    try:
+        with torch.no_grad():
+            for m in model.modules():
+                if not isinstance(m, LoraLayer) or m.disable_adapters or m.merged:
+                    continue
+                names = [a for a in m.active_adapters if a in m.lora_A or a in m.lora_embedding_A]
+                if not names or any(m.use_dora.get(a) or getattr(m, "lora_bias", {}).get(a) for a in names):
+                    continue  # DoRA / LoRA biases merge differently: those layers run unmerged
+                base = m.get_base_layer()
+                weight = base.weight.data
+                merged = weight + sum(m.get_delta_weight(a) for a in names).to(weight.dtype)
+                swapped.append((m, base, weight, m._disable_adapters))
+                base.weight.data = merged
+                m._disable_adapters = True  # forward = the base layer alone, now holding W + B A
+        yield model
+    finally:
+        for m, base, weight, disabled in swapped:
+            base.weight.data = weight
+            m._disable_adapters = disabled
 
 
 def encode_prompts(tokenizer, texts: list[str], chat_template: bool = True) -> list[list[int]]:

@@ -11,12 +11,15 @@ was tried and dropped: benchmarks/README.md (rollout.py).
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ttrl.models import ModelError, merged_lora
 
 from ttrl.config import SamplingConfig
 
@@ -27,8 +30,8 @@ class Sampling(SamplingConfig):
     definition in ttrl.config) and how many samples each prompt gets."""
     n: int = 1
     """Samples per prompt."""
-    max_batch_rows: int = 512
-    """At most this many sequences decode at once; more prompts are processed in chunks."""
+    ignore_eos: bool = False
+    """Never end at end-of-sequence: every sample runs to max_new_tokens (benchmarks of random models)."""
 
     @classmethod
     def of(cls, settings: SamplingConfig, n: int, **kwargs) -> Sampling:
@@ -308,6 +311,39 @@ def _generate_chunk(model, tokenizer, prompts: list[list[int]], s: Sampling, eos
     return tokens, logprobs, entropy, certainty, lengths, ended
 
 
+STEP_COPIES = 8
+"""float32 [rows, vocab] tensors a decode step holds at once (logits, log-probs, probabilities,
+CDF, masks): the per-row memory besides the KV cache."""
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """KV-cache bytes per token and row: layers x kv heads x head_dim x (K and V) x dtype bytes."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return config.num_hidden_layers * kv * head_dim * 2 * torch.finfo(dtype).bits // 8
+
+
+def decode_rows(budget_bytes: int, kv_per_token: int, tokens: int, vocab: int, n: int, cap: int) -> int:
+    """Rows that may decode at once: a multiple of n (whole prompts), at most `cap`, each row holding
+    a KV cache of `tokens` (prompt + max_new_tokens) and STEP_COPIES float32 vocabulary rows, all
+    within `budget_bytes`; never fewer than one prompt's n (a prompt is not split)."""
+    per_row = kv_per_token * tokens + STEP_COPIES * vocab * 4
+    return max(n, min(cap, budget_bytes // per_row) // n * n)
+
+
+def _batch_rows(model, prompt_ids: list[list[int]], s: Sampling) -> int:
+    """s.max_batch_rows, lowered on CUDA to what the free memory holds (`decode_rows`)."""
+    param = next(model.parameters())
+    if param.device.type != "cuda":
+        return max(s.n, s.max_batch_rows // s.n * s.n)
+    free, _ = torch.cuda.mem_get_info(param.device)
+    free += torch.cuda.memory_reserved(param.device) - torch.cuda.memory_allocated(param.device)  # torch's cache
+    tokens = max(len(p) for p in prompt_ids) + s.max_new_tokens
+    return decode_rows(int(free * s.memory_fraction), kv_bytes_per_token(model.config, param.dtype), tokens,
+                       model.config.vocab_size, s.n, s.max_batch_rows)
+
+
 def eos_ids(model, tokenizer) -> set[int]:
     ids = {tokenizer.eos_token_id}
     gen = getattr(model, "generation_config", None)
@@ -327,37 +363,47 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], s: Sampling,
         seeds = torch.randint(0, 2**62, (len(prompt_ids),), generator=generator).tolist()
     was_training = model.training
     model.eval()
-    eos = eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
-    per_chunk = max(1, s.max_batch_rows // s.n)
+    all_eos = eos_ids(model, tokenizer)
+    eos = set() if s.ignore_eos else all_eos
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(all_eos))
     completion_ids, lps, ents, certs, truncated = [], [], [], [], []
-    for start in range(0, len(prompt_ids), per_chunk):
-        chunk = slice(start, start + per_chunk)
-        tokens, logprobs, entropy, certainty, lengths, ended = _generate_chunk(model, tokenizer, prompt_ids[chunk], s, eos,
-                                                                        pad_id, seeds[chunk])
-        for r in range(tokens.shape[0]):
-            n = int(lengths[r])
-            seq = tokens[r, :n].tolist()
-            completion_ids.append(seq)
-            lps.append(logprobs[r, :n].clone())
-            ents.append(entropy[r, :n].clone())
-            certs.append(certainty[r, :n].clone())
-            truncated.append(not bool(ended[r]))
+    with merged_lora(model):
+        per_chunk = _batch_rows(model, prompt_ids, s) // s.n if prompt_ids else 1
+        for start in range(0, len(prompt_ids), per_chunk):
+            chunk = slice(start, start + per_chunk)
+            tokens, logprobs, entropy, certainty, lengths, ended = _generate_chunk(
+                model, tokenizer, prompt_ids[chunk], s, eos, pad_id, seeds[chunk])
+            for r in range(tokens.shape[0]):
+                n = int(lengths[r])
+                completion_ids.append(tokens[r, :n].tolist())
+                lps.append(logprobs[r, :n].clone())
+                ents.append(entropy[r, :n].clone())
+                certs.append(certainty[r, :n].clone())
+                truncated.append(not bool(ended[r]))
     model.train(was_training)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(n=s.n, prompt_ids=[list(p) for p in prompt_ids], completion_ids=completion_ids,
                    logprobs=lps, entropy=ents, certainty=certs, texts=texts, truncated=truncated)
 
 
+LOGPROB_CHUNK_MB = 64
+"""Default `algorithm.logprob_chunk_mb`: float32 logits scored at once (64 MB = 441 positions of
+Qwen2.5's 151,936-token vocabulary, 1,365 of SmolLM2's 49,152)."""
+
+
 def score(model, prompts: list[list[int]], completions: list[list[int]], temperature: float,
-          pad_id: int, group_size: int | list[int] = 1) -> tuple[torch.Tensor, torch.Tensor]:
+          pad_id: int, group_size: int | list[int] = 1,
+          chunk_mb: float = LOGPROB_CHUNK_MB) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced log-probs of `completions` (with grad when enabled).
 
     `prompts` has one entry per group of consecutive completions, `group_size` of them (one size
-    for all, or one per prompt): each prompt is run once and its KV cache (with its autograd graph)
-    is expanded to the group, which gives the same gradient as repeating the prompt, at a fraction
-    of the cost when prompts are long. Returns (logprobs [B, Tc], mask [B, Tc]); the LM head runs
-    over completion positions only.
+    for all, or one per prompt; a subset of a prompt's samples is a group too). Each prompt is run once and its KV cache (with its autograd
+    graph) is expanded to the group: the same gradient as repeating the prompt, at a fraction of the
+    cost. Under activation checkpointing (training) the layers keep no cache, so each row runs its
+    prompt and completion as one sequence instead. Inside the model's forward (so DDP, FSDP and
+    mixed precision see it as usual) the LM head computes the completion tokens' log-probs directly,
+    at most `chunk_mb` MB of float32 logits at a time (`token_logprobs`).
+    Returns (logprobs [B, Tc], 0 past each completion's end; mask [B, Tc]).
     """
     from transformers import DynamicCache
 
@@ -367,24 +413,104 @@ def score(model, prompts: list[list[int]], completions: list[list[int]], tempera
     device = next(model.parameters()).device
     p_ids, p_mask = _pad(prompts, pad_id, device, left=True)
     c_ids, c_mask = _pad(completions, pad_id, device, left=False)
+    plain = _plain(model)
+    head = plain.get_output_embeddings()
+    per_chunk = chunk_positions(chunk_mb, plain.config.vocab_size)
+    rows = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+    # Completion token t is predicted at position t-1: the prompt's last position, then the completion's own.
+    if model.training and torch.is_grad_enabled() and _checkpointing(model):
+        ids = torch.cat([p_ids[rows], c_ids[:, :-1]], 1)
+        mask = torch.cat([p_mask[rows], c_mask[:, :-1]], 1)
+        with _head_scores(head, c_ids, c_mask, temperature, per_chunk) as scored:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                        use_cache=False, logits_to_keep=c_ids.shape[1])
+        return scored(out.logits), c_mask.float()
     cache = DynamicCache()
     cache_kw = {_cache_kwarg(model): cache}
     p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
     last = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1,
-                 **cache_kw).logits[:, -1:]
+                 **cache_kw).logits[:, -1]  # [prompts, vocab]: one position each
     if len(set(sizes)) == 1 and sizes[0] > 1:
         cache.batch_repeat_interleave(sizes[0])
-        last = last.repeat_interleave(sizes[0], 0)
-        p_mask = p_mask.repeat_interleave(sizes[0], 0)
-    elif len(set(sizes)) > 1:
-        rows = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+    elif len(set(sizes)) > 1:  # groups of different sizes (a group split over micro-batches)
         cache.batch_select_indices(rows)
-        last, p_mask = last[rows], p_mask[rows]
+    last, p_mask = last[rows], p_mask[rows]
+    first = tempered_logprobs(last, temperature).gather(-1, c_ids[:, :1]).squeeze(-1) * c_mask[:, 0]
+    if c_ids.shape[1] == 1:
+        return first[:, None], c_mask.float()
     mask = torch.cat([p_mask, c_mask], 1)
     c_pos = p_mask.sum(-1, keepdim=True) + torch.arange(c_ids.shape[1], device=device)
-    # Completion token t is predicted at position t-1: the prompt's last logit, then the completion's own.
-    logits = model(input_ids=c_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=c_pos[:, :-1],
-                   use_cache=True, **cache_kw).logits if c_ids.shape[1] > 1 else last[:, :0]
-    logits = torch.cat([last, logits], 1)
-    logp = tempered_logprobs(logits, temperature).gather(-1, c_ids[..., None]).squeeze(-1)
-    return logp, c_mask.float()
+    with _head_scores(head, c_ids[:, 1:], c_mask[:, 1:], temperature, per_chunk) as scored:
+        out = model(input_ids=c_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=c_pos[:, :-1],
+                    use_cache=True, **cache_kw)
+    return torch.cat([first[:, None], scored(out.logits)], 1), c_mask.float()
+
+
+def chunk_positions(chunk_mb: float, vocab: int) -> int:
+    """Positions whose float32 logits fit in `chunk_mb` MB (at least 1); 0 = no chunking."""
+    return 0 if chunk_mb <= 0 else max(1, int(chunk_mb * 2**20) // (4 * vocab))
+
+
+@contextmanager
+def _head_scores(head, targets: torch.Tensor, mask: torch.Tensor, temperature: float, per_chunk: int):
+    """While inside: the LM head, when the model's forward calls it, returns the log-probs [B, T] of
+    `targets` instead of logits [B, T, vocab]. Yields a function that checks the forward returned
+    them untouched (a model that post-processes its logits, e.g. soft-capping, would be scored
+    wrongly) and gives them back."""
+    forward, own = head.forward, head.__dict__.get("forward")
+    returned = []
+
+    def scores(hidden):
+        returned.append(token_logprobs(forward, hidden, targets, mask, temperature, per_chunk))
+        return returned[-1]
+
+    def checked(logits):
+        if not returned or not (logits is returned[-1] or torch.equal(logits, returned[-1])):
+            raise ModelError("this model changes its logits after the LM head (e.g. Gemma-2's soft-capping), "
+                             "which ttrl's scoring (log-probs computed inside the head) does not support yet")
+        return logits
+
+    head.forward = scores
+    try:
+        yield checked
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
+def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float,
+                   per_chunk: int = 0) -> torch.Tensor:
+    """[B, T] log-probs of `targets` under tempered_logprobs(head(hidden)) where mask is 1, else 0;
+    `head` maps [n, H] hidden states to [n, vocab] logits.
+
+    Only the masked positions are scored, `per_chunk` at a time (0 = all at once). With several
+    chunks each runs under activation checkpointing, so no [positions, vocab] tensor outlives its
+    chunk: the backward recomputes each chunk's logits. Memory then grows with tokens x hidden
+    size, not tokens x vocabulary.
+    """
+    keep = mask.bool()
+    h, t = hidden[keep], targets[keep]
+    if not per_chunk or per_chunk >= len(t):  # one chunk: recomputing it would cost time and save nothing
+        lp = _chunk_logprobs(head, h, t, temperature)
+    else:
+        lp = torch.cat([checkpoint(_chunk_logprobs, head, h[i:i + per_chunk], t[i:i + per_chunk], temperature,
+                                   use_reentrant=False) for i in range(0, len(t), per_chunk)])
+    out = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device)
+    out[keep] = lp
+    return out
+
+
+def _chunk_logprobs(head, h: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    return tempered_logprobs(head(h), temperature).gather(-1, t[:, None]).squeeze(-1)
+
+
+def _plain(model):
+    """The transformers model inside the DDP / peft wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _checkpointing(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in _plain(model).modules())

@@ -30,7 +30,7 @@ from ttrl.evaluation import eval_seed, evaluate
 from ttrl.groups import Group, diagnostics, reward, vote
 from ttrl.losses import kl_k3, policy_loss
 from ttrl.metrics import MetricsWriter, library_bars, progress_bar, read_metrics, truncate_metrics
-from ttrl.models import encode_problems, load_model
+from ttrl.models import encode_problems, load_model, set_gradient_checkpointing
 from ttrl.rollout import NonFiniteError, Rollout, Sampler, Sampling, TorchSampler, score
 from ttrl.schedule import make_scheduler
 
@@ -140,7 +140,7 @@ def finite_after_step(policy: Policy, rollout: Rollout, groups: list[Group], mic
     i = piece.prompt * rollout.n + groups[piece.prompt].train_idx[piece.samples[0]]
     with torch.no_grad():
         logp, _ = score(policy.model, [rollout.prompt_ids[piece.prompt]], [rollout.completion_ids[i]],
-                        cfg.rollout.temperature, policy.pad_id)
+                        cfg.rollout.temperature, policy.pad_id, chunk_mb=cfg.algorithm.logprob_chunk_mb)
     return bool(logp.isfinite().all())
 
 
@@ -218,7 +218,8 @@ def micro_batch_loss(policy: Policy, rollout: Rollout, groups: list[Group], adva
     prompts = [rollout.prompt_ids[piece.prompt] for piece in pieces]
     sizes = [len(piece.samples) for piece in pieces]
     temperature = cfg.rollout.temperature
-    logp, mask = score(policy.model, prompts, completions, temperature, policy.pad_id, group_size=sizes)
+    chunk = cfg.algorithm.logprob_chunk_mb
+    logp, mask = score(policy.model, prompts, completions, temperature, policy.pad_id, group_size=sizes, chunk_mb=chunk)
     old = torch.nn.utils.rnn.pad_sequence([rollout.logprobs[i] for i in samples], batch_first=True)
     adv = torch.cat([advantages[piece.prompt][list(piece.samples)] for piece in pieces])
     loss, stats = policy_loss(logp, old[:, : logp.shape[1]].to(logp.device), adv.to(logp.device), mask,
@@ -227,7 +228,8 @@ def micro_batch_loss(policy: Policy, rollout: Rollout, groups: list[Group], adva
              "loss/approx_kl": stats["approx_kl"]}
     if policy.ref_model is not None:
         with torch.no_grad(), dist.autocast():
-            ref_logp, _ = score(policy.ref_model, prompts, completions, temperature, policy.pad_id, group_size=sizes)
+            ref_logp, _ = score(policy.ref_model, prompts, completions, temperature, policy.pad_id, group_size=sizes,
+                                chunk_mb=chunk)
         kl = (kl_k3(logp, ref_logp) * mask).sum() / n_tokens
         loss = loss + cfg.algorithm.kl_coef * kl
         terms["loss/kl"] = float(kl.detach())
@@ -324,7 +326,8 @@ def resumed_state(run_dir: Path, cfg: Config, model, optimizer, scheduler) -> di
         return None
     old, new = _flatten(state["config"]), _flatten(cfg.to_dict())
     free = ("train.steps", "train.save_every", "train.keep_checkpoints", "algorithm.max_bad_steps",
-            "train.wandb_project")
+            "train.wandb_project", "rollout.max_batch_rows", "rollout.memory_fraction", "eval.max_batch_rows",
+            "eval.memory_fraction")
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in free]
     if any(k.startswith("model.") for k in changed):
         raise CheckpointError(f"cannot resume {run_dir}: the checkpoint was trained with other model settings "
@@ -371,10 +374,12 @@ def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Run:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
-    model, tok = load_model(cfg.model, seed=cfg.train.seed)
+    model, tok = load_model(cfg.model, seed=cfg.train.seed, device=dist.device)
+    set_gradient_checkpointing(model, cfg.algorithm.gradient_checkpointing, dist.device)
     ref_model = None
     if cfg.algorithm.kl_coef > 0:
-        ref_model, _ = load_model(type(cfg.model)(**{**cfg.model.__dict__, "lora_rank": 0}), seed=cfg.train.seed)
+        ref_model, _ = load_model(type(cfg.model)(**{**cfg.model.__dict__, "lora_rank": 0}), seed=cfg.train.seed,
+                                  device=dist.device)
         ref_model.eval().requires_grad_(False).to(dist.device)
     stop.check()
     eval_sets = run_sets(cfg, problems, extra, tok, model)

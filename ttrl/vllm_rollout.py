@@ -59,7 +59,7 @@ class VLLMSampler:
         model = self.dist.unwrap(model)
         params = [self._vllm.SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
                                             top_k=s.top_k if s.top_k else -1, max_tokens=s.max_new_tokens,
-                                            stop=list(s.stop), include_stop_str_in_output=True,
+                                            stop=list(s.stop), include_stop_str_in_output=True, ignore_eos=s.ignore_eos,
                                             seed=seed % 2**63) for seed in seeds]
         prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)

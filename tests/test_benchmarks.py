@@ -1,0 +1,73 @@
+"""The benchmark scripts' own helpers (benchmarks/ is not a package: imported by path)."""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+
+from _child import ChildFailed, in_child  # noqa: E402
+
+
+def _dies(args, queue):
+    print("loading the model ...", file=sys.stderr)
+    print("CUDA out of memory: tried to allocate 60 GiB", file=sys.stderr, flush=True)
+    os._exit(args)  # as a crash or the OOM killer would: no exception, no result
+
+
+def _raises(args, queue):
+    raise ValueError(f"bad shape {args}")
+
+
+def _answers(args, queue):
+    queue.put({"twice": 2 * args})
+
+
+def test_child_result_comes_back():
+    assert in_child(_answers, 21) == {"twice": 42}
+
+
+@pytest.mark.parametrize("fn, code, says", [(_dies, 3, "CUDA out of memory"), (_raises, 1, "ValueError: bad shape 7")])
+def test_a_dead_child_fails_fast_with_its_exit_code_and_stderr(fn, code, says):
+    t0 = time.perf_counter()
+    with pytest.raises(ChildFailed) as e:
+        in_child(fn, code if fn is _dies else 7)
+    assert time.perf_counter() - t0 < 20  # the old helper waited forever on the queue
+    assert e.value.exitcode == code and says in e.value.tail and says in str(e.value)
+
+
+def test_qwen_shapes_have_the_published_parameter_counts(tmp_path):
+    from _shapes import PARAMS, model_dir
+
+    from ttrl.config import ModelConfig
+    from ttrl.models import load_model
+
+    for arch, count in PARAMS.items():
+        name, shape = model_dir(arch, tmp_path)
+        model, _ = load_model(ModelConfig(name=name, architecture=shape), device="meta")  # no weights allocated
+        assert model.config.model_type == "qwen2"
+        assert model.model.layers[0].self_attn.head_dim == 128
+        assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_gpu_step_smoke_run_on_cpu():
+    """The GPU benchmark's whole path (build, rollout, update) on a tiny qwen2, as it must run on a GPU."""
+    import json
+    import subprocess
+
+    root = Path(__file__).parent.parent
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_step.py"), "--arch", "tiny", "--device", "cpu",
+                          "--prompts", "2", "--votes", "4", "--train-samples", "3", "--new-tokens", "8",
+                          "--micro-batch", "2", "--logprob-chunk-mb", "0.5", "--checkpointing", "true"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])["results"][0]
+    assert result["arch"] == "tiny" and result["gradient_checkpointing"] is True
+    assert all("error" not in result[phase] for phase in ("build", "rollout", "update")), result
+    assert result["rollout"]["tokens"] == 2 * 4 * 8  # end-of-sequence ignored: every answer runs to the limit
+    assert result["update"]["tokens"] == 2 * 3 * 8  # M=3 of each prompt's samples, in micro-batches of 2 and 1
+    assert result["update"]["loss"] == result["update"]["loss"]  # not NaN
