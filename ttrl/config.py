@@ -600,7 +600,8 @@ def config_keys() -> list[KeyDoc]:
             else:
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 doc = next((docs[c.__name__, f.name] for c in cls.__mro__ if (c.__name__, f.name) in docs), "")
-                out.append(KeyDoc(prefix + f.name, tp.__name__, default, doc))  # inherited fields: the base's doc
+                name = getattr(tp, "__name__", None) or str(tp).replace(" ", "")  # bool | str has no __name__
+                out.append(KeyDoc(prefix + f.name, name, default, doc))  # inherited fields: the base's doc
         return out
 
     return walk(Config, "")
