@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ttrl.cli import before_after_table, main
@@ -179,7 +180,33 @@ def test_eval_of_a_lora_run_that_cannot_be_loaded_says_why(tmp_path, capsys):
     (run / "model").mkdir()
     (run / "model" / "adapter_config.json").write_text('{"base_model_name_or_path": "/no/such/base"}')
     err = _error(capsys, "eval", run)
-    assert "LoRA adapter" in err and str(run / "model") in err
+    assert "/no/such/base" in err and "neither" in err
+
+
+def test_a_lora_runs_model_evaluates_and_loads_with_its_adapter(tmp_path, capsys):
+    """RUN_DIR/model of a LoRA run is an adapter: `ttrl eval RUN_DIR` rebuilds the base (here random
+    weights from the run's seed) and merges it, reproducing the run's final evaluation; the
+    directory says how to load it."""
+    run = tmp_path / "run"
+    assert main(["train", "--config", TINY, "--output-dir", str(run), "--quiet", "--no-report", *QUICK,
+                 "model.lora_rank=4", "algorithm.lr=0.05", "eval.before=false"]) == 0
+    assert (run / "model" / "adapter_config.json").is_file() and "LoRA adapter" in (run / "model" / "README.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json", str(tmp_path / "e.json")]) == 0
+    sets = json.loads((tmp_path / "e.json").read_text())["sets"]
+    final = json.loads((run / "summary.json").read_text())["evals"]["adapt"][-1]
+    for key in ("avg@2", "maj@2", "greedy", "majority_ratio", "mean_length"):
+        assert sets["adapt"][key] == final[key], key
+    from ttrl.config import ModelConfig
+    from ttrl.models import load_model
+    from ttrl.runs import run_config
+
+    cfg = run_config(run)
+    trained, _ = load_model(cfg.model, seed=cfg.train.seed)  # base + adapter, merged
+    base, _ = load_model(ModelConfig(architecture=cfg.model.architecture), seed=cfg.train.seed)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(trained.state_dict()[name], base.state_dict()[name])  # the adapter is in
+    assert torch.equal(trained.state_dict()["model.norm.weight"], base.state_dict()["model.norm.weight"])
 
 
 def test_eval_skips_prompts_too_long_for_the_context(tmp_path, capsys):

@@ -5,6 +5,7 @@ to a float32 safetensors cache so later loads take about a second)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
@@ -99,7 +100,7 @@ def resolve(name: str) -> Path:
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    path = resolve(name)
+    path = Path(name).expanduser() if (Path(name).expanduser() / ADAPTER_CONFIG).is_file() else resolve(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers and tokenizers raise many types for a broken directory
@@ -181,6 +182,8 @@ def load_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cp
     Every check (config, shape, LoRA targets, tokenizer) runs before any weight is touched."""
     from transformers import AutoModelForCausalLM
 
+    if (Path(cfg.name).expanduser() / ADAPTER_CONFIG).is_file():
+        return load_adapter(cfg, seed, device)
     config = model_config(cfg)
     dtype = getattr(torch, cfg.dtype)
     if cfg.lora_rank > 0:
@@ -208,6 +211,40 @@ def load_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cp
     if cfg.lora_rank > 0:
         model = add_lora(model, cfg)
     return model, tok
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model a saved LoRA adapter was trained on (peft's base_model_name_or_path)."""
+    file = Path(path).expanduser() / ADAPTER_CONFIG
+    try:
+        base = json.loads(file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelError(f"{file} is not a readable peft adapter config ({e})") from None
+    if not isinstance(base, str) or not base:
+        raise ModelError(f"{file} names no base model (base_model_name_or_path)")
+    return base
+
+
+def load_adapter(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu"):
+    """(model, tokenizer) of a LoRA run's `model/` (cfg.name): its base model, built as `cfg` says
+    (pretrained, or random weights of cfg.architecture from `seed`, as the run built it), with the
+    trained adapter merged in, so it samples at the full model's speed."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ModelError(f"{cfg.name} is a LoRA adapter; loading it needs peft: pip install 'ttrl[lora]'") from None
+    base = adapter_base(cfg.name)
+    try:
+        model, _ = load_model(dataclasses.replace(cfg, name=base, lora_rank=0), seed, device)
+    except ModelError as e:
+        raise ModelError(f"{cfg.name} holds a LoRA adapter of the base model {base!r}, which cannot be loaded: {e}. "
+                         f"Edit base_model_name_or_path in {Path(cfg.name) / ADAPTER_CONFIG} to where the base "
+                         "model is now") from None
+    model = PeftModel.from_pretrained(model, Path(cfg.name).expanduser()).merge_and_unload()
+    return model, load_tokenizer(cfg.name)
 
 
 def check_lora_targets(config, cfg: ModelConfig) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ttrl.config import Config, ConfigError, ModelConfig, load_config
 from ttrl.data import load_sets, run_sets
-from ttrl.models import EMBEDDED, ModelError, resolve
+from ttrl.models import ADAPTER_CONFIG, EMBEDDED, ModelError, adapter_base, resolve
 
 def _json_object(path: Path) -> dict:
     if not path.is_file() or path.stat().st_size > 10_000_000:  # never a device or a huge file
@@ -72,15 +72,6 @@ def check_output_dir(path: Path, overwrite: bool = False, resume: bool = False) 
                           "--overwrite to replace it, or choose another --output-dir")
 
 
-def _adapter_error(name: str, e: ModelError) -> ModelError:
-    """A clearer error where `name` is a LoRA adapter directory (a LoRA run's model/)."""
-    if not (Path(name) / "adapter_config.json").is_file():
-        return e
-    return ModelError(f"{name} holds a LoRA adapter (adapter_config.json), which could not be loaded: {e}. "
-                      "Merge it into its base model (peft: PeftModel.from_pretrained(base, dir).merge_and_unload()"
-                      ".save_pretrained(out)) and pass model.name=out")
-
-
 def check_model(cfg: ModelConfig) -> None:
     """The cheap part of loading a model: the directory exists (and is not a run directory)."""
     if cfg.name == EMBEDDED:
@@ -88,10 +79,7 @@ def check_model(cfg: ModelConfig) -> None:
     if holds_run(cfg.name):
         raise ModelError(f"model.name = {cfg.name!r} is a run directory; its trained model is in "
                          f"{Path(cfg.name) / 'model'}")
-    try:
-        resolve(cfg.name)
-    except ModelError as e:
-        raise _adapter_error(cfg.name, e) from None
+    resolve(adapter_base(cfg.name) if (Path(cfg.name) / ADAPTER_CONFIG).is_file() else cfg.name)
 
 
 def prepare_run_dir(path: Path, overwrite: bool) -> None:
@@ -157,32 +145,28 @@ def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Confi
     overrides = list(overrides or [])
     cfg = load_config(run_dir / "config.json", overrides)
     given = {item.split("=", 1)[0].strip() for item in overrides}
-    # The saved model has the run's shape and (LoRA) its adapter already: load it as it is.
-    for key, value in (("name", str(run_dir / "model")), ("architecture", {}), ("lora_rank", 0)):
+    # The saved model has the run's shape and weights: load it as it is. A LoRA run saved only its
+    # adapter: its base is rebuilt as the run built it (the same architecture and seed when random).
+    lora = (run_dir / "model" / ADAPTER_CONFIG).is_file()
+    for key, value in (("name", str(run_dir / "model")), ("architecture", cfg.model.architecture if lora else {}),
+                       ("lora_rank", 0)):
         if f"model.{key}" not in given:
             setattr(cfg.model, key, value)
     return cfg
-
-
-def load_for_eval(cfg: ModelConfig, seed: int):
-    """(model, tokenizer) to evaluate, with a clear error for a LoRA adapter directory."""
-    from ttrl.models import load_model
-
-    try:
-        return load_model(cfg, seed=seed)
-    except ModelError as e:
-        raise _adapter_error(cfg.name, e) from None
 
 
 def evaluate_sets(cfg: Config) -> dict[str, tuple[dict, list]]:
     """What `ttrl eval` does: {set name: (summary, per-problem results)} of cfg.model on the sets
     a run with `cfg` reports (adapt, heldout, each data.eval set), with the trainer's seeds.
     Data is checked before the model loads."""
+    import torch
+
     from ttrl.evaluation import eval_seed, evaluate
+    from ttrl.models import load_model
 
     problems, extra = load_sets(cfg)
     check_model(cfg.model)
-    model, tok = load_for_eval(cfg.model, cfg.train.seed)
+    model, tok = load_model(cfg.model, seed=cfg.train.seed, device="cuda" if torch.cuda.is_available() else "cpu")
     out = {}
     for name, probs in run_sets(cfg, problems, extra, tok, model).items():
         if probs:

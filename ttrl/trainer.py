@@ -434,10 +434,36 @@ def export_model(model, tok, run_dir: Path, state_dict=None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=state_dict)
     tok.save_pretrained(tmp)
+    (tmp / "README.md").write_text(how_to_load(model, final), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def how_to_load(model, path: Path) -> str:
+    """RUN_DIR/model/README.md: how to use what ttrl saved, from the command line and from Python."""
+    lines = [f"# {path}", "", "Saved by `ttrl train`. Evaluate it again on the run's own sets: "
+             f"`ttrl eval {path.parent}`.", ""]
+    if hasattr(model, "peft_config"):
+        base = next(iter(model.peft_config.values())).base_model_name_or_path
+        lines += ["This directory holds a **LoRA adapter** (adapter_config.json, adapter_model.safetensors) "
+                  f"trained on top of `{base}`, not a whole model. Load base + adapter merged:", "",
+                  "```python", "from ttrl.config import ModelConfig", "from ttrl.models import load_model",
+                  f'model, tokenizer = load_model(ModelConfig(name="{path}"))', "```", "",
+                  "or with peft directly:", "", "```python", "from peft import PeftModel",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+                  f'model = PeftModel.from_pretrained(base, "{path}").merge_and_unload()',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{path}")', "```", "",
+                  "A run whose base had random weights (model.architecture) rebuilds them from the run's seed: "
+                  "use `ttrl eval RUN_DIR`, which reads the run's config.json."]
+    else:
+        lines += ["A whole Hugging Face model with its tokenizer:", "", "```python",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f'model = AutoModelForCausalLM.from_pretrained("{path}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{path}")', "```"]
+    return "\n".join(lines) + "\n"
 
 
 # --- the loop -------------------------------------------------------------------------------------
