@@ -189,7 +189,8 @@ def test_a_lora_runs_model_evaluates_and_loads_with_its_adapter(tmp_path, capsys
     directory says how to load it."""
     run = tmp_path / "run"
     assert main(["train", "--config", TINY, "--output-dir", str(run), "--quiet", "--no-report", *QUICK,
-                 "model.lora_rank=4", "algorithm.lr=0.05", "eval.before=false"]) == 0
+                 "model.lora_rank=4", "algorithm.lr=0.05", "eval.before=false", "reward.kind=similarity",
+                 "rollout.n_votes=4", "rollout.max_new_tokens=4"]) == 0
     assert (run / "model" / "adapter_config.json").is_file() and "LoRA adapter" in (run / "model" / "README.md").read_text()
     capsys.readouterr()
     assert main(["eval", str(run), "--json", str(tmp_path / "e.json")]) == 0
