@@ -164,12 +164,29 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, small, mo
         save_checkpoint(tmp_path, 2, small, opt, sched, state={})
     monkeypatch.undo()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000001"]  # no half-written .tmp-step left
     assert load_checkpoint(tmp_path, small, opt, sched)["step"] == 1
     assert all(torch.equal(p, good[n]) for n, p in small.named_parameters())
     # The next successful save clears the debris and keeps only the latest `keep`.
     for step in (2, 3, 4):
         save_checkpoint(tmp_path, step, small, opt, sched, state={}, keep=2)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000003", "step-00000004"]
+
+
+def test_a_full_disk_while_saving_the_weights_is_an_enospc_error_and_leaves_nothing(tmp_path, small, monkeypatch):
+    import errno
+
+    opt, sched = _parts(small)
+
+    def full(*args, **kwargs):  # what safetensors raises: its own type, the OS's words
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                           f"message: \"{os.strerror(errno.ENOSPC)}\" }})")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(OSError) as e:
+        save_checkpoint(tmp_path, 1, small, opt, sched, state={})
+    assert e.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path / "checkpoints") == []
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, small, capsys):

@@ -96,3 +96,25 @@ def test_a_signal_during_the_final_evaluation_stops_the_run_and_resume_finishes_
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/reward" in r] == [1, 2]  # no step redone
     assert [r["step"] for r in rows if "eval/adapt/avg@16" in r] == [2]  # the final evaluation, once
+
+
+def test_a_run_without_signal_is_warned_once_after_ten_steps():
+    c = _control()
+    cut_off = {"train/no_answer": 1.0, "train/truncated": 1.0, "train/majority_ratio": 0.0, "train/reward": 0.0}
+    said = []
+    for s in range(1, 31):
+        c.after_step(s, dict(cut_off))
+        said.append((s, c.signal_warnings(s)))
+    warned = [(s, w) for s, w in said if w]
+    assert [s for s, _ in warned] == [10] and "rollout.max_new_tokens" in warned[0][1][0]
+    healthy = _control()
+    for s in range(1, 11):
+        healthy.after_step(s, {"train/no_answer": 0.1, "train/majority_ratio": 0.6, "train/reward": 0.6})
+    assert healthy.signal_warnings(10) == []
+
+
+def test_a_short_run_is_checked_at_its_last_step():
+    c = Control(Config(), steps=3)
+    for s in range(1, 4):
+        c.after_step(s, {"train/no_answer": 0.9, "train/truncated": 0.9, "train/majority_ratio": 0.05})
+    assert c.signal_warnings(2) == [] and c.signal_warnings(3)

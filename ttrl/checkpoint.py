@@ -13,6 +13,7 @@ and the previous checkpoint is used instead; checkpoints from before checksums l
 from __future__ import annotations
 
 import hashlib
+import errno
 import json
 import os
 import random
@@ -105,33 +106,21 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, state: dict,
                     keep: int = 2) -> Path:
     """Write checkpoint `step` atomically and keep only the latest `keep`. `state` is JSON-able
-    (evals, counters, config); tensors and RNG states are gathered here."""
-    from safetensors.torch import save_file
-
+    (evals, counters, config); tensors and RNG states are gathered here. On a full disk (OSError
+    ENOSPC) nothing of it is left behind and the previous checkpoints are untouched."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    plain, tensors = rng_states()
-    # Each file is hashed in a thread as soon as it is written (read back from the page cache),
-    # overlapping the next write and the fsyncs: see docs/report.md for what checksums cost.
-    with ThreadPoolExecutor(3) as pool:
-        save_file(trained_weights(model), tmp / WEIGHTS)
-        sums = {WEIGHTS: pool.submit(sha256_file, tmp / WEIGHTS)}
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": tensors}, tmp / TRAINER)
-        sums[TRAINER] = pool.submit(sha256_file, tmp / TRAINER)
-        (tmp / STATE).write_text(json.dumps({**state, "step": step, "rng": plain, "checksums": CHECKSUMS},
-                                            default=str), encoding="utf-8")
-        sums[STATE] = pool.submit(sha256_file, tmp / STATE)
-        for name in (WEIGHTS, TRAINER, STATE):
-            _fsync(tmp / name)
-        (tmp / CHECKSUMS).write_text("".join(f"{sums[n].result()}  {n}\n" for n in (WEIGHTS, TRAINER, STATE)),
-                                     encoding="utf-8")
-    _fsync(tmp / CHECKSUMS)
-    _fsync(tmp)
+    try:
+        _write(tmp, model, optimizer, scheduler, {**state, "step": step})
+    except BaseException as e:  # a full disk, a second Ctrl-C: a half-written checkpoint must not stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, OSError) and os.strerror(errno.ENOSPC) in str(e):  # safetensors' own error type
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from e
+        raise
     if final.exists():  # the same step saved again (e.g. stopped right after resuming): swap it out
         _retire(final)
     os.rename(tmp, final)
@@ -141,6 +130,30 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     for stale in list(root.glob(".tmp-*")) + list(root.glob(".old-*")):  # left by an earlier crash
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _write(tmp: Path, model, optimizer, scheduler, state: dict) -> None:
+    """The checkpoint's files into `tmp`, each hashed and fsynced."""
+    from safetensors.torch import save_file
+
+    plain, tensors = rng_states()
+    # Each file is hashed in a thread as soon as it is written (read back from the page cache),
+    # overlapping the next write and the fsyncs: see docs/report.md for what checksums cost.
+    with ThreadPoolExecutor(3) as pool:
+        save_file(trained_weights(model), tmp / WEIGHTS)
+        sums = {WEIGHTS: pool.submit(sha256_file, tmp / WEIGHTS)}
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": tensors}, tmp / TRAINER)
+        sums[TRAINER] = pool.submit(sha256_file, tmp / TRAINER)
+        (tmp / STATE).write_text(json.dumps({**state, "rng": plain, "checksums": CHECKSUMS},
+                                            default=str), encoding="utf-8")
+        sums[STATE] = pool.submit(sha256_file, tmp / STATE)
+        for name in (WEIGHTS, TRAINER, STATE):
+            _fsync(tmp / name)
+        (tmp / CHECKSUMS).write_text("".join(f"{sums[n].result()}  {n}\n" for n in (WEIGHTS, TRAINER, STATE)),
+                                     encoding="utf-8")
+    _fsync(tmp / CHECKSUMS)
+    _fsync(tmp)
 
 
 def _retire(path: Path) -> None:

@@ -11,7 +11,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ttrl.config import Config
+from ttrl.health import no_signal_warnings
 from ttrl.stopping import stop_reason
+
+
+HEALTH_WINDOW = 10
+"""Steps over which the no-signal check averages (ttrl.health)."""
 
 
 @dataclass
@@ -31,6 +36,8 @@ class Control:
     history: list[dict] = field(default_factory=list)
     bad_steps: int = 0
     stopped_early: str | None = None
+    said: set = field(default_factory=set)
+    """Kinds of no-signal warning already given ("No signal", "Weak signal")."""
 
     def after_step(self, done: int, row: dict) -> bool:
         """Record step `done`'s metrics row (a `stop_reason` is added to it when a stopping rule
@@ -59,6 +66,18 @@ class Control:
             return Halt(f"stopped by {signal_name} after step {done} of {self.steps}; checkpoint saved in {{path}}",
                         128 + signal.Signals[signal_name])
         return None
+
+    def signal_warnings(self, done: int) -> list[str]:
+        """ttrl.health's no-signal warnings over the last HEALTH_WINDOW steps, checked when that many
+        have run (and every HEALTH_WINDOW steps after, or at the last step of a shorter run), each
+        kind said once: early enough to stop a run that learns nothing, late enough that a run
+        whose vote is still forming (the demo's first steps) is not called weak."""
+        due = done % HEALTH_WINDOW == 0 or (done == self.steps and done < HEALTH_WINDOW)
+        if not due:
+            return []
+        new = [w for w in no_signal_warnings(self.history[-HEALTH_WINDOW:]) if w.split(":")[0] not in self.said]
+        self.said.update(w.split(":")[0] for w in new)
+        return new
 
     def checkpoint_due(self, done: int) -> bool:
         every = self.cfg.train.save_every

@@ -17,7 +17,7 @@ from ttrl.data import Problem, render_prompt
 from ttrl.distributed import Dist
 from ttrl.grading import is_equivalent, sample_answers
 from ttrl.models import encode_prompts
-from ttrl.rollout import Sampler, Sampling, TorchSampler
+from ttrl.rollout import Rollout, Sampler, Sampling, TorchSampler
 from ttrl.voting import majority_vote
 
 EVAL_SEED_OFFSET = 7919
@@ -89,11 +89,12 @@ def eval_seed(cfg) -> int:
 
 def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, template: str,
              chat_template: bool = True, seed: int = 0, dist: Dist | None = None,
-             sampler: Sampler | None = None) -> tuple[dict, list[ProblemResult]]:
+             sampler: Sampler | None = None, progress=None) -> tuple[dict, list[ProblemResult]]:
     """Sample k answers per problem with the evaluation sampler; (summary, per-problem results).
 
     Problem i samples from its own stream, the i-th seed drawn from `seed`, so under `dist` each
-    rank can take a share of the problems and the gathered results are those of one process."""
+    rank can take a share of the problems and the gathered results are those of one process.
+    `progress(done, total)`: called as this rank's problems are sampled (then greedy-decoded)."""
     dist = dist or Dist()
     sampler = sampler or TorchSampler(tokenizer)
     share = dist.share(len(problems))
@@ -102,16 +103,17 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
     k = cfg.n_samples
     seeds = torch.randint(0, 2**62, (len(problems),), generator=torch.Generator().manual_seed(seed)).tolist()
     sampling = Sampling.of(cfg, n=k)
-    rollout = sampler.generate(model, prompt_ids, sampling, [seeds[i] for i in share])
+    labelled = [i for i, p in enumerate(mine) if p.answer is not None] if cfg.greedy else []
+    count = _Count(progress, len(mine) + len(labelled))
+    rollout = _in_chunks(sampler, model, prompt_ids, sampling, [seeds[i] for i in share], count)
     answers = sample_answers(rollout.texts, rollout.truncated, [p.choices for p in mine for _ in range(k)])
     results = [score_group([answers[i] for i in rollout.group(p)], prob.answer, prob.id)
                for p, prob in enumerate(mine)]
     greedy = None
     if cfg.greedy and any(p.answer is not None for p in problems):  # graded where there is gold
-        labelled = [i for i, p in enumerate(mine) if p.answer is not None]
         greedy = [None] * len(mine)
-        g = sampler.generate(model, [prompt_ids[i] for i in labelled], replace(sampling, n=1, temperature=0.0),
-                             [0] * len(labelled))
+        g = _in_chunks(sampler, model, [prompt_ids[i] for i in labelled], replace(sampling, n=1, temperature=0.0),
+                       [0] * len(labelled), count)
         greedy_answers = sample_answers(g.texts, g.truncated, [mine[i].choices for i in labelled])
         for i, a in zip(labelled, greedy_answers):
             greedy[i] = is_equivalent(a, mine[i].answer)
@@ -120,3 +122,55 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
     summary = summarize(results, k, greedy)
     summary["mean_length"] = sum(dist.gather([rollout.n_tokens])) / max(1, len(problems) * k)
     return summary, results
+
+
+class _Count:
+    """Problems done so far, told to a `progress(done, total)` callback."""
+
+    def __init__(self, progress, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def _in_chunks(sampler: Sampler, model, prompt_ids: list[list[int]], sampling: Sampling, seeds: list[int],
+               count: _Count) -> Rollout:
+    """The sampler over the prompts a batch at a time (whole prompts, sampling.max_batch_rows
+    samples), counting progress after each: the same samples as one call, each prompt having its
+    own random stream."""
+    per = max(1, sampling.max_batch_rows // sampling.n)
+    parts = []
+    for start in range(0, len(prompt_ids), per):
+        parts.append(sampler.generate(model, prompt_ids[start:start + per], sampling, seeds[start:start + per]))
+        count(len(parts[-1].prompt_ids))
+    return Rollout.concat(parts) if parts else sampler.generate(model, [], sampling, [])
+
+
+def run_evals(model, tok, sets: dict[str, list[Problem]], cfg, step: int, writer,
+              store: dict, dist: Dist | None = None, sampler: Sampler | None = None, bar=None,
+              label: str | None = None) -> dict[str, tuple[dict, list]]:
+    """Evaluate on every set (each rank its share of the problems); rank 0 logs (`writer`); the
+    evaluations are appended to `store` and returned as {set: (summary, per-problem results)}.
+    `bar`: a progress bar (ttrl.metrics.progress_bar) to show each set's progress on."""
+    dist = dist or Dist()
+    when = label or ("base model" if step == 0 else f"step {step}")
+    out = {}
+    for name, problems in sets.items():
+        if not problems:
+            continue
+        task = bar.add_task(f"eval {name} ({when})", total=None, info="") if bar is not None else None
+        progress = (lambda done, total: bar.update(task, completed=done, total=total)) if bar is not None else None
+        summary, results = evaluate(model, tok, problems, cfg.eval, cfg.data.template, cfg.model.chat_template,
+                                    seed=eval_seed(cfg), dist=dist, progress=progress,
+                                    sampler=sampler or TorchSampler(tok, dist.generation))
+        if bar is not None and f"avg@{cfg.eval.n_samples}" in summary:
+            bar.update(task, info=f"avg@{cfg.eval.n_samples} {summary[f'avg@{cfg.eval.n_samples}']:.3f}")
+        if writer is not None:
+            writer.log({"step": step, **{f"eval/{name}/{k}": v for k, v in summary.items()}})
+        store.setdefault(name, []).append({"step": step, **summary,
+                                           "examples": [r.__dict__ for r in results[:8]]})
+        out[name] = summary, results
+    return out

@@ -155,21 +155,20 @@ def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Confi
     return cfg
 
 
-def evaluate_sets(cfg: Config) -> dict[str, tuple[dict, list]]:
+def evaluate_sets(cfg: Config, quiet: bool = False) -> dict[str, tuple[dict, list]]:
     """What `ttrl eval` does: {set name: (summary, per-problem results)} of cfg.model on the sets
-    a run with `cfg` reports (adapt, heldout, each data.eval set), with the trainer's seeds.
-    Data is checked before the model loads."""
+    a run with `cfg` reports (adapt, heldout, each data.eval set), with the trainer's seeds and
+    sets, and the trainer's progress lines (`quiet`: none). Data is checked before the model loads."""
     import torch
 
-    from ttrl.evaluation import eval_seed, evaluate
+    from ttrl.metrics import progress_bar
     from ttrl.models import load_model
+    from ttrl.evaluation import run_evals
 
     problems, extra = load_sets(cfg)
     check_model(cfg.model)
     model, tok = load_model(cfg.model, seed=cfg.train.seed, device="cuda" if torch.cuda.is_available() else "cpu")
-    out = {}
-    for name, probs in run_sets(cfg, problems, extra, tok, model).items():
-        if probs:
-            out[name] = evaluate(model, tok, probs, cfg.eval, cfg.data.template, cfg.model.chat_template,
-                                 seed=eval_seed(cfg))
-    return out
+    store: dict = {}
+    with progress_bar(disable=quiet) as bar:
+        sets = {name: probs for name, probs in run_sets(cfg, problems, extra, tok, model).items() if probs}
+        return run_evals(model, tok, sets, cfg, 0, None, store, bar=bar, label=str(cfg.model.name))

@@ -26,7 +26,7 @@ from ttrl.config import Config
 from ttrl.control import Control, StopSignals
 from ttrl.data import Problem, load_sets, run_sets
 from ttrl.distributed import Dist, is_main_process, make_accelerator, zero_loss
-from ttrl.evaluation import eval_seed, evaluate
+from ttrl.evaluation import run_evals
 from ttrl.groups import Group, diagnostics, reward, vote
 from ttrl.losses import kl_k3, policy_loss
 from ttrl.metrics import MetricsWriter, library_bars, progress_bar, read_metrics, truncate_metrics
@@ -285,21 +285,6 @@ def truncate_rollouts(run_dir: Path, last_step: int) -> None:
     path.write_text("".join(kept), encoding="utf-8")
 
 
-def run_evals(model, tok, sets: dict[str, list[Problem]], cfg: Config, step: int, writer: MetricsWriter | None,
-              store: dict, dist: Dist | None = None, sampler: Sampler | None = None) -> None:
-    """Evaluate on every set (each rank its share of the problems); rank 0 logs (`writer`)."""
-    dist = dist or Dist()
-    for name, problems in sets.items():
-        if not problems:
-            continue
-        summary, results = evaluate(model, tok, problems, cfg.eval, cfg.data.template, cfg.model.chat_template,
-                                    seed=eval_seed(cfg), dist=dist, sampler=sampler or TorchSampler(tok, dist.generation))
-        if writer is not None:
-            writer.log({"step": step, **{f"eval/{name}/{k}": v for k, v in summary.items()}})
-        store.setdefault(name, []).append({"step": step, **summary,
-                                           "examples": [r.__dict__ for r in results[:8]]})
-
-
 class TrainingStopped(RuntimeError):
     """The run stopped before the end (a signal, or too many non-finite steps in a row) after
     saving a checkpoint; `exit_code` is what a command line should return."""
@@ -478,10 +463,10 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
         r = setup(cfg, run_dir, resume, stop)
         dist, control, path = r.dist, r.control, run_dir / CHECKPOINTS
         try:
-            if cfg.eval.before and not r.start:
-                run_evals(r.policy.model, r.tok, r.eval_sets, cfg, 0, r.writer, r.evals, dist, r.sampler)
-            stop.check()
             with progress_bar(disable=quiet or not dist.is_main) as bar:
+                if cfg.eval.before and not r.start:
+                    run_evals(r.policy.model, r.tok, r.eval_sets, cfg, 0, r.writer, r.evals, dist, r.sampler, bar)
+                stop.check()
                 task = bar.add_task("ttrl train", total=control.steps, completed=r.start, info="")
                 for step in range(r.start, control.steps):
                     with stop.deferred():
@@ -513,7 +498,8 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
                                 log_rollouts(run_dir, done, [r.adapt[i].id for i in batch], groups, rollout)
                         report_step(bar, task, row, control, done)
                         if evaluate_now:
-                            run_evals(r.policy.model, r.tok, r.eval_sets, cfg, done, r.writer, r.evals, dist, r.sampler)
+                            run_evals(r.policy.model, r.tok, r.eval_sets, cfg, done, r.writer, r.evals, dist, r.sampler,
+                                      bar)
                         # A signal that lands after this line is handled at the end of the next step; the
                         # ranks agree on it (a signal may reach them at different steps).
                         halt = control.halt(done, first_signal(stop.received, dist))
@@ -524,12 +510,13 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
                         raise TrainingStopped(halt.message.format(path=path), path, halt.exit_code)
                     if control.finished:
                         break
-            received = first_signal(stop.received, dist)  # one that arrived while the last checkpoint was written
-            if received:
-                dist.close()
-                raise TrainingStopped(f"stopped by {received} after step {control.steps}; checkpoint saved in {path}",
-                                      path, control.halt(control.steps, received).exit_code)
-            run_evals(r.policy.model, r.tok, r.eval_sets, cfg, control.steps, r.writer, r.evals, dist, r.sampler)
+                received = first_signal(stop.received, dist)  # one that arrived while the last checkpoint was saved
+                if received:
+                    dist.close()
+                    raise TrainingStopped(f"stopped by {received} after step {control.steps}; checkpoint saved in "
+                                          f"{path}", path, control.halt(control.steps, received).exit_code)
+                run_evals(r.policy.model, r.tok, r.eval_sets, cfg, control.steps, r.writer, r.evals, dist, r.sampler,
+                          bar)
         finally:
             if r.writer is not None:
                 r.writer.close()
@@ -556,6 +543,8 @@ def report_step(bar, task, row: dict, control: Control, done: int) -> None:
              f"({control.bad_steps} in a row, algorithm.max_bad_steps={control.cfg.algorithm.max_bad_steps})")
     if control.stopped_early and row.get("stop_reason"):
         warn(f"stopping early after step {done}: {control.stopped_early}")
+    for message in control.signal_warnings(done):
+        warn(message)
 
 
 def checkpoint(r: Run, cfg: Config, run_dir: Path, done: int) -> Path:
