@@ -200,7 +200,7 @@ def test_a_lora_runs_model_evaluates_and_loads_with_its_adapter(tmp_path, capsys
         assert sets["adapt"][key] == final[key], key
     from ttrl.config import ModelConfig
     from ttrl.models import load_model
-    from ttrl.runs import run_config
+    from ttrl.launch import run_config
 
     cfg = run_config(run)
     trained, _ = load_model(cfg.model, seed=cfg.train.seed)  # base + adapter, merged
@@ -287,8 +287,8 @@ def test_readme_python_api_runs(tmp_path, monkeypatch):
 def test_top_level_exports_are_lazy():
     code = ("import sys, ttrl; assert 'torch' not in sys.modules; "
             "from ttrl import Config, load_config, train, evaluate, evaluate_sets, write_report; "
-            "import ttrl.runs, ttrl.evaluation; "
-            "assert train is ttrl.runs.train and evaluate is ttrl.evaluation.evaluate")
+            "import ttrl.launch, ttrl.evaluation; "
+            "assert train is ttrl.launch.train and evaluate is ttrl.evaluation.evaluate")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from ttrl.cli import build_parser, main
-from ttrl.report import Run, beats_voting, environment, load_run, write_compare, write_report
+from ttrl.launch import environment
+from ttrl.report import Run, beats_voting, load_run, write_compare, write_report
 
 FIXTURE = Path(__file__).parent / "data" / "report_run"
 TINY = Path(__file__).parents[1] / "ttrl" / "configs" / "tiny.yaml"

@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Config": "ttrl.config", "load_config": "ttrl.config", "config_keys": "ttrl.config",
-    "train": "ttrl.runs", "evaluate_sets": "ttrl.runs", "run_config": "ttrl.runs",
+    "train": "ttrl.launch", "evaluate_sets": "ttrl.launch", "run_config": "ttrl.launch",
     "evaluate": "ttrl.evaluation", "load_model": "ttrl.models", "load_problems": "ttrl.data",
     "majority_vote": "ttrl.voting", "write_report": "ttrl.report", "write_compare": "ttrl.report",
 }

@@ -12,18 +12,19 @@ and the previous checkpoint is used instead; checkpoints from before checksums l
 
 from __future__ import annotations
 
-import hashlib
 import errno
+import hashlib
 import json
 import os
 import random
 import shutil
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ttrl.distributed import warn
 
 
 CHECKPOINTS = "checkpoints"
@@ -194,8 +195,7 @@ def load_checkpoint(run_dir: str | Path, model, optimizer, scheduler) -> dict | 
         try:
             state, weights, trainer = _read(path)
         except Exception as e:  # noqa: BLE001 - any damage means: fall back to the one before
-            print(f"warning: checkpoint {path} is damaged ({type(e).__name__}: {e}); trying the one before",
-                  file=sys.stderr)
+            warn(f"checkpoint {path} is damaged ({type(e).__name__}: {e}); trying the one before")
             continue
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if set(weights) != set(params) or any(weights[k].shape != params[k].shape for k in weights):

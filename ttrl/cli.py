@@ -63,7 +63,7 @@ def cmd_train(args) -> int:
         raise ConfigError("--resume continues the run in --output-dir: give --output-dir")
     from ttrl.checkpoint import CheckpointError
     from ttrl.distributed import is_main_process
-    from ttrl.runs import train
+    from ttrl.launch import train
     from ttrl.trainer import TrainingStopped
 
     out = Path(args.output_dir or f"runs/ttrl-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -125,7 +125,7 @@ def _eval_target(args) -> tuple[Path | None, list[str]]:
 
 
 def cmd_eval(args) -> int:
-    from ttrl.runs import check_writable, evaluate_sets, run_config
+    from ttrl.launch import check_writable, evaluate_sets, run_config
 
     run_dir, overrides = _eval_target(args)
     cfg = run_config(run_dir, overrides) if run_dir else load_config(args.config, overrides)

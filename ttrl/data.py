@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,7 +223,7 @@ def drop_too_long(problems: list[Problem], lengths: list[int], budget: int, poli
 def fit_context(problems: list[Problem], tok, model, cfg: Config, max_new_tokens: int, key: str) -> list[Problem]:
     """Leave out (data.too_long=skip, with a warning) or fail on prompts that leave no room for
     `max_new_tokens` (the setting `key`) in the model's context."""
-    from ttrl.distributed import is_main_process
+    from ttrl.distributed import warn
     from ttrl.models import encode_problems
 
     context = getattr(model.config, "max_position_embeddings", None)
@@ -233,10 +232,10 @@ def fit_context(problems: list[Problem], tok, model, cfg: Config, max_new_tokens
     ids = encode_problems(tok, problems, cfg)
     budget, why = context - max_new_tokens, f"context {context} (max_position_embeddings) - {key} {max_new_tokens}"
     kept, skipped = drop_too_long(problems, [len(x) for x in ids], budget, cfg.data.too_long, why)
-    if skipped and is_main_process():  # every rank would say the same
+    if skipped:
         names = ", ".join(repr(p.id) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        print(f"warning: skipped {len(skipped)} of {len(problems)} prompts longer than {budget} tokens ({why}): "
-              f"{names}; set data.too_long=fail to stop instead", file=sys.stderr)
+        warn(f"skipped {len(skipped)} of {len(problems)} prompts longer than {budget} tokens ({why}): "
+             f"{names}; set data.too_long=fail to stop instead")
     return kept
 
 

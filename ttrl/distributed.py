@@ -24,6 +24,13 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def warn(message: str) -> None:
+    """Every warning ttrl prints: one line on stderr, from rank 0 only (every rank would say the
+    same); rich's live progress bar redirects stderr above itself."""
+    if is_main_process():
+        print(f"warning: {message}", file=sys.stderr)
+
+
 def shard(n: int, rank: int, world: int) -> range:
     """Rank `rank`'s contiguous block of n items; blocks are in rank order and differ in size by
     at most one, so concatenating them in rank order gives back 0..n-1."""
@@ -44,8 +51,8 @@ def make_accelerator():
 
     cpu = not torch.cuda.is_available()
     asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if cpu and asked != "no" and is_main_process():
-        print(f"warning: mixed precision {asked!r} ignored on CPU; training in float32", file=sys.stderr)
+    if cpu and asked != "no":
+        warn(f"mixed precision {asked!r} ignored on CPU; training in float32")
     return Accelerator(cpu=cpu, mixed_precision="no" if cpu else None,
                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 

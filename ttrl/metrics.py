@@ -95,10 +95,14 @@ def _wandb_run(run_dir: Path, project: str, config: dict | None, resume: bool):
 
 
 def read_metrics(run_dir: str | Path, problems: list[str] | None = None) -> list[dict]:
-    """The rows of RUN_DIR/metrics.jsonl. A line that is not a JSON object with a whole-number
+    """The rows of RUN_DIR/metrics.jsonl (see `read_rows`)."""
+    return read_rows(Path(run_dir) / METRICS_FILE, problems)
+
+
+def read_rows(path: Path, problems: list[str] | None = None) -> list[dict]:
+    """The rows of a run's JSON-lines file. A line that is not a JSON object with a whole-number
     `step` (a torn last line after a hard kill, stray bytes, `[1, 2]`, `"step": "nine"`) is skipped;
     `problems`, when given, gets one "file:line: why" per skipped line."""
-    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
     try:
@@ -140,8 +144,29 @@ def snippet(value) -> str:
 def truncate_metrics(run_dir: str | Path, n_rows: int) -> int:
     """Keep the first `n_rows` rows of metrics.jsonl (a resumed run drops what was logged after
     its checkpoint, and any torn last line); atomic. Returns how many rows were kept."""
-    path = Path(run_dir) / METRICS_FILE
-    rows = read_metrics(run_dir)[:n_rows]
+    return _rewrite(Path(run_dir) / METRICS_FILE, read_metrics(run_dir)[:n_rows])
+
+
+ROLLOUTS_FILE = "rollouts.jsonl"
+
+
+def log_rollouts(run_dir: str | Path, rows: list[dict]) -> None:
+    """Append rows to RUN_DIR/rollouts.jsonl: per trained prompt, its vote and a few samples, to
+    see what the model did. Written from the training path, so they hold no gold answer."""
+    with open(Path(run_dir) / ROLLOUTS_FILE, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def truncate_rollouts(run_dir: str | Path, last_step: int) -> int:
+    """On resume, drop rollouts.jsonl rows of steps after the checkpoint (they will be redone)."""
+    path = Path(run_dir) / ROLLOUTS_FILE
+    if not path.is_file():
+        return 0
+    return _rewrite(path, [r for r in read_rows(path) if r.get("step", 0) <= last_step])
+
+
+def _rewrite(path: Path, rows: list[dict]) -> int:
+    """Replace a JSON-lines file by `rows`, atomically (a kill leaves the old file or the new one)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)

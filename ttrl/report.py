@@ -18,9 +18,9 @@ from pathlib import Path
 from ttrl.health import no_signal_warnings
 from ttrl.metrics import is_number, write_csv
 from ttrl.plots import RUN_COLOURS, Plot, make_plots
-from ttrl.rundir import ENVIRONMENT_FILE, ReportError, Run, environment, graded, load_run
+from ttrl.rundir import ENVIRONMENT_FILE, ReportError, Run, graded, load_run
 
-__all__ = ["ENVIRONMENT_FILE", "ReportError", "Run", "environment", "load_run", "write_report", "write_compare",
+__all__ = ["ENVIRONMENT_FILE", "ReportError", "Run", "load_run", "write_report", "write_compare",
            "beats_voting"]
 
 

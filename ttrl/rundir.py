@@ -6,15 +6,10 @@ out, and `Run.problems` says which (file:line and why), so the rest still render
 from __future__ import annotations
 
 import json
-import os
-import platform
-import shlex
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ttrl.distributed import warn
 from ttrl.metrics import METRICS_FILE, is_number, read_metrics, snippet
 
 ENVIRONMENT_FILE = "environment.json"
@@ -25,41 +20,6 @@ NUMERIC_CONFIG = ("eval.n_samples", "algorithm.kl_coef", "algorithm.ppo_epochs")
 class ReportError(ValueError):
     """A directory that holds no run, or a report that cannot be written: the message names it
     and what to do."""
-
-
-def environment() -> dict:
-    """Versions and machine of this process, saved as RUN_DIR/environment.json for the report."""
-    import torch
-    import transformers
-
-    from ttrl import __version__
-
-    env = {"ttrl": __version__, "python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "platform": platform.platform(),
-           "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
-           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-           "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-           "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])}  # pastes back into a shell
-    try:  # the code being run: the commit of the working directory, "-dirty" with uncommitted changes
-        git = ["git", "-C", os.getcwd()]
-        sha = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        if sha.returncode == 0:
-            dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True, timeout=5).stdout.strip()
-            env["git_commit"] = sha.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):  # no git, or not a repository: nothing to record
-        pass
-    return env
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @dataclass
@@ -261,6 +221,6 @@ def load_run(run_dir: str | Path) -> Run:
     config = _clean_config(read_json_object(path / "config.json", problems), path / "config.json", problems)
     env = read_json_object(path / ENVIRONMENT_FILE, problems)
     for line in problems:
-        print(f"warning: {line}", file=sys.stderr)
+        warn(line)
     return Run(path=path, name=path.resolve().name, config=config, env=env, steps=[steps[s] for s in sorted(steps)],
                evals=eval_rows, finished=(path / "summary.json").is_file(), problems=problems)

@@ -25,11 +25,12 @@ from ttrl.checkpoint import CHECKPOINTS, CheckpointError, load_checkpoint, save_
 from ttrl.config import Config
 from ttrl.control import Control, StopSignals
 from ttrl.data import Problem, load_sets, run_sets
-from ttrl.distributed import Dist, is_main_process, make_accelerator, zero_loss
+from ttrl.distributed import Dist, is_main_process, make_accelerator, warn, zero_loss
 from ttrl.evaluation import run_evals
 from ttrl.groups import Group, diagnostics, reward, vote
 from ttrl.losses import kl_k3, policy_loss
-from ttrl.metrics import MetricsWriter, library_bars, progress_bar, read_metrics, truncate_metrics
+from ttrl.metrics import (MetricsWriter, library_bars, log_rollouts, progress_bar, read_metrics, truncate_metrics,
+                          truncate_rollouts)
 from ttrl.models import encode_problems, load_model, set_gradient_checkpointing
 from ttrl.rollout import NonFiniteError, Rollout, Sampler, Sampling, TorchSampler, score
 from ttrl.schedule import make_scheduler
@@ -256,33 +257,12 @@ def rollout_metrics(rollout: Rollout, groups: list[Group], seconds: float) -> di
     }
 
 
-ROLLOUTS_FILE = "rollouts.jsonl"
-
-
-def log_rollouts(run_dir: Path, step: int, ids: list[str], groups: list[Group], rollout: Rollout,
-                 keep: int = 4) -> None:
-    """One row per trained prompt: its vote and a few samples, to see what the model did.
-    Written from the training path, so it holds no gold answer."""
-    with open(run_dir / ROLLOUTS_FILE, "a", encoding="utf-8") as f:
-        for p, (pid, g) in enumerate(zip(ids, groups)):
-            f.write(json.dumps({"step": step, "prompt_id": pid, "pseudo_label": g.vote.pseudo_label,
-                                "majority_ratio": g.vote.majority_ratio, "rewards": g.rewards,
-                                "samples": [rollout.texts[i] for i in list(rollout.group(p))[:keep]]}) + "\n")
-
-
-def truncate_rollouts(run_dir: Path, last_step: int) -> None:
-    """On resume, drop rows of steps after the checkpoint (they will be redone)."""
-    path = run_dir / ROLLOUTS_FILE
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line + "\n")
-        except (json.JSONDecodeError, KeyError, TypeError):  # a torn last line from a hard kill
-            continue
-    path.write_text("".join(kept), encoding="utf-8")
+def rollout_rows(step: int, ids: list[str], groups: list[Group], rollout: Rollout, keep: int = 4) -> list[dict]:
+    """rollouts.jsonl rows of a step: per trained prompt its vote, rewards and first samples."""
+    return [{"step": step, "prompt_id": pid, "pseudo_label": g.vote.pseudo_label,
+             "majority_ratio": g.vote.majority_ratio, "rewards": g.rewards,
+             "samples": [rollout.texts[i] for i in list(rollout.group(p))[:keep]]}
+            for p, (pid, g) in enumerate(zip(ids, groups))]
 
 
 class TrainingStopped(RuntimeError):
@@ -292,12 +272,6 @@ class TrainingStopped(RuntimeError):
     def __init__(self, message: str, checkpoint: Path, exit_code: int):
         super().__init__(message)
         self.checkpoint, self.exit_code = checkpoint, exit_code
-
-
-def warn(message: str) -> None:
-    if not is_main_process():  # every rank would say the same
-        return
-    print(f"warning: {message}", file=sys.stderr)  # rich's live progress bar redirects stderr above itself
 
 
 # --- set-up and resume ----------------------------------------------------------------------------
@@ -495,7 +469,8 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
                         if dist.is_main:
                             r.writer.log(row)
                             if rollout is not None:
-                                log_rollouts(run_dir, done, [r.adapt[i].id for i in batch], groups, rollout)
+                                log_rollouts(run_dir, rollout_rows(done, [r.adapt[i].id for i in batch], groups,
+                                                                   rollout))
                         report_step(bar, task, row, control, done)
                         if evaluate_now:
                             run_evals(r.policy.model, r.tok, r.eval_sets, cfg, done, r.writer, r.evals, dist, r.sampler,

@@ -1,5 +1,6 @@
-"""A run directory: what marks one, the checks made before anything is written, and `train` /
-`evaluate_sets` as `ttrl train` / `ttrl eval` run them, for use from Python too.
+"""Starting a run: what marks a run directory, the checks made before anything is written, the
+environment recorded beside it, and `train` / `evaluate_sets` as `ttrl train` / `ttrl eval` run
+them, for use from Python too. (Reading a run directory back is ttrl.rundir.)
 
 Order matters for the user's files: every input is checked (config, data, held-out split, model
 directory, output path) before the directory is touched, and an existing directory is replaced
@@ -9,12 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import shlex
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from ttrl.config import Config, ConfigError, ModelConfig, load_config
 from ttrl.data import load_sets, run_sets
 from ttrl.models import ADAPTER_CONFIG, EMBEDDED, ModelError, adapter_base, resolve
+from ttrl.rundir import ENVIRONMENT_FILE
 
 def _json_object(path: Path) -> dict:
     if not path.is_file() or path.stat().st_size > 10_000_000:  # never a device or a huge file
@@ -97,8 +104,6 @@ def prepare_run_dir(path: Path, overwrite: bool) -> None:
 def _undo_start(path: Path, created: bool) -> None:
     """A run that failed before writing its config (the model did not load) leaves nothing behind,
     so the corrected command needs no --overwrite."""
-    from ttrl.report import ENVIRONMENT_FILE
-
     if (path / "config.json").exists():
         return
     (path / ENVIRONMENT_FILE).unlink(missing_ok=True)
@@ -111,7 +116,7 @@ def train(cfg: Config, run_dir: str | Path, *, quiet: bool = False, resume: bool
     """What `ttrl train` does: check every input, prepare RUN_DIR, record the environment, train
     (ttrl.trainer.train), then write report.html / report.md. Returns the run's summary."""
     from ttrl.distributed import is_main_process
-    from ttrl.report import ENVIRONMENT_FILE, environment, write_report
+    from ttrl.report import write_report
     from ttrl.trainer import train as train_loop
 
     run_dir = Path(run_dir)
@@ -172,3 +177,38 @@ def evaluate_sets(cfg: Config, quiet: bool = False) -> dict[str, tuple[dict, lis
     with progress_bar(disable=quiet) as bar:
         sets = {name: probs for name, probs in run_sets(cfg, problems, extra, tok, model).items() if probs}
         return run_evals(model, tok, sets, cfg, 0, None, store, bar=bar, label=str(cfg.model.name))
+
+
+def environment() -> dict:
+    """Versions and machine of this process, saved as RUN_DIR/environment.json for the report."""
+    import torch
+    import transformers
+
+    from ttrl import __version__
+
+    env = {"ttrl": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "platform": platform.platform(),
+           "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+           "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])}  # pastes back into a shell
+    try:  # the code being run: the commit of the working directory, "-dirty" with uncommitted changes
+        git = ["git", "-C", os.getcwd()]
+        sha = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        if sha.returncode == 0:
+            dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=5).stdout.strip()
+            env["git_commit"] = sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):  # no git, or not a repository: nothing to record
+        pass
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
