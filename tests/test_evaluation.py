@@ -34,3 +34,33 @@ def test_evaluate_grades_greedy_on_the_labelled_prompts(tiny):
     assert summary["n_prompts"] == 3 and summary["n_labelled"] == 2
     assert {"avg@2", "maj@2", "pass@2", "greedy"} <= summary.keys()
     assert [r.n_correct is None for r in results] == [False, True, False]
+
+
+def test_pass_at_k_hand_computed():
+    # n=5 samples, c=2 correct: P(none of k=2 drawn is correct) = C(3,2)/C(5,2) = 3/10.
+    assert pass_at_k(5, 2, 2) == 1 - 3 / 10
+    assert pass_at_k(5, 2, 1) == 2 / 5  # pass@1 is the share correct
+    assert pass_at_k(5, 0, 3) == 0.0 and pass_at_k(5, 5, 1) == 1.0
+    assert pass_at_k(5, 3, 3) == 1.0  # only 2 wrong: any 3 hold a correct one
+    assert pass_at_k(16, 1, 16) == 1.0 and abs(pass_at_k(16, 1, 4) - 4 / 16) < 1e-12
+
+
+def test_pass_at_k_needs_k_samples():
+    import pytest
+
+    with pytest.raises(ValueError, match="pass@5 needs at least 5 samples"):
+        pass_at_k(4, 1, 5)
+
+
+def test_evaluation_in_batches_samples_what_one_call_does(tiny):
+    """Progress comes from sampling a batch of problems at a time: the same samples as one call."""
+    model, tok = tiny
+    problems = [Problem(str(i), f"What is {i} + 1?", str(i + 1)) for i in range(5)]
+    calls = []
+    one = evaluate(model, tok, problems, EvalConfig(n_samples=3, max_new_tokens=4, max_batch_rows=64), "{problem}",
+                   seed=3)
+    batched = evaluate(model, tok, problems, EvalConfig(n_samples=3, max_new_tokens=4, max_batch_rows=6),
+                       "{problem}", seed=3, progress=lambda done, total: calls.append((done, total)))
+    assert [r.histogram for r in one[1]] == [r.histogram for r in batched[1]]
+    assert one[0] == batched[0]
+    assert calls == [(2, 10), (4, 10), (5, 10), (10, 10)]  # 2 problems per batch (6 rows), then 5 greedy in one
