@@ -1,10 +1,10 @@
 """The paper's training step on one GPU, phase by phase: a model of Qwen2.5-1.5B's or -7B's shape
 (random weights, bf16), 8 prompts x N=64 votes sampled to 3,072 new tokens each (end-of-sequence
-ignored: every answer runs to the limit, the worst case), then the update on M=32 samples of
-each prompt: teacher-forced log-probs, GRPO loss and backward in micro-batches of `--micro-batch`
-samples (a prompt's M samples split over several), with activation checkpointing and chunked
-log-probs as the trainer uses them. No optimizer step (AdamW's state for a full 7B would not fit
-80 GB besides weights and gradients; use --lora-rank for that).
+ignored: every answer runs to the limit, the worst case), then the trainer's update
+(ttrl.trainer.update) on M=32 samples of each prompt: teacher-forced log-probs, GRPO loss and
+backward in micro-batches of `--micro-batch` samples (a prompt's M samples split over several),
+with activation checkpointing and chunked log-probs. The optimizer is plain SGD at lr 0 (AdamW's
+state for a full 7B would not fit 80 GB besides weights and gradients; use --lora-rank for that).
 
     python benchmarks/gpu_step.py                       # qwen1.5b then qwen7b, each in a fresh process
     python benchmarks/gpu_step.py --arch tiny --device cpu --prompts 2 --votes 4 --train-samples 2 \\
@@ -70,11 +70,14 @@ def _phase(name, device, figures, fn):
 def run_step(args, queue):
     import torch
 
-    from ttrl.config import ArithmeticConfig, ModelConfig
+    from ttrl.config import ArithmeticConfig, Config, ModelConfig
     from ttrl.data import arithmetic_problems
-    from ttrl.losses import policy_loss
+    from ttrl.groups import Group
     from ttrl.models import encode_prompts, load_model, set_gradient_checkpointing
-    from ttrl.rollout import Sampling, generate, score
+    from ttrl.rollout import Sampling, generate
+    from ttrl.trainer import Policy
+    from ttrl.trainer import update as trainer_update
+    from ttrl.voting import Vote
 
     torch.manual_seed(0)
     figures = {"arch": args.arch}
@@ -113,25 +116,28 @@ def run_step(args, queue):
         figures["rollout"]["tokens_per_s"] = round(rollout.n_tokens / figures["rollout"]["seconds"], 1)
 
         def update():
-            model.train()
-            m, mb = args.train_samples, args.micro_batch
-            trained = [p * args.votes + i for p in range(len(ids)) for i in range(m)]
-            n_tokens = float(sum(len(rollout.completion_ids[i]) for i in trained))
+            # The trainer's own update (ttrl.trainer.update: micro-batches by sequences and tokens,
+            # a prompt's M samples split over several), on random advantages in place of the vote's;
+            # plain SGD at lr 0 stands in for AdamW, whose state a full 7B could not hold here.
+            n, m = args.votes, args.train_samples
+            cfg = Config()
+            cfg.rollout.temperature, cfg.reward.n_train_samples = s.temperature, m
+            algo = cfg.algorithm
+            algo.micro_batch_size, algo.micro_batch_tokens = args.micro_batch, args.micro_batch_tokens
+            algo.logprob_chunk_mb = args.logprob_chunk_mb
+            nobody = Vote(pseudo_label=None, majority_ratio=0.0, cluster_of=(-1,) * n, counts=(), representatives=(),
+                          winner=-1)
+            groups = [Group(vote=nobody, answers=[None] * n, train_idx=list(range(m)), rewards=[0.0] * m)
+                      for _ in ids]
             g = torch.Generator().manual_seed(0)
-            adv = torch.randn(len(trained), generator=g)  # stands in for GRPO's normalised rewards
-            total = 0.0
-            for p in range(len(ids)):
-                for start in range(0, m, mb):  # one prompt's M samples over several micro-batches
-                    rows = list(range(p * m + start, p * m + min(start + mb, m)))
-                    comps = [rollout.completion_ids[trained[r]] for r in rows]
-                    logp, mask = score(model, [ids[p]], comps, s.temperature, tok.pad_token_id,
-                                       group_size=len(comps), chunk_mb=args.logprob_chunk_mb)
-                    old = torch.nn.utils.rnn.pad_sequence([rollout.logprobs[trained[r]] for r in rows],
-                                                          batch_first=True).to(logp.device)[:, : logp.shape[1]]
-                    loss, _ = policy_loss(logp, old, adv[rows].to(logp.device), mask, 0.2, n_tokens)
-                    loss.backward()
-                    total += float(loss.detach())
-            return total, n_tokens
+            advantages = [torch.randn(m, generator=g) for _ in ids]
+            params = [q for q in model.parameters() if q.requires_grad]
+            optimizer = torch.optim.SGD(params, lr=0.0)
+            policy = Policy(model=model, optimizer=optimizer, pad_id=tok.pad_token_id, ref_model=None,
+                            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+            stats = trainer_update(policy, rollout, groups, advantages, cfg)
+            return stats["loss/policy"], sum(len(rollout.completion_ids[i]) for p in range(len(ids))
+                                             for i in list(rollout.group(p))[:m])
         done = _phase("update", args.device, figures, update)
         if done is not None:
             figures["update"]["loss"] = done[0]
@@ -151,7 +157,9 @@ def main():
     ap.add_argument("--votes", type=int, default=64, help="N: samples per prompt")
     ap.add_argument("--train-samples", type=int, default=32, help="M: samples per prompt in the update")
     ap.add_argument("--new-tokens", type=int, default=3072)
-    ap.add_argument("--micro-batch", type=int, default=8, help="samples per forward/backward in the update")
+    ap.add_argument("--micro-batch", type=int, default=8, help="algorithm.micro_batch_size: samples per "
+                    "forward/backward in the update")
+    ap.add_argument("--micro-batch-tokens", type=int, default=0, help="algorithm.micro_batch_tokens (0 = no bound)")
     ap.add_argument("--max-batch-rows", type=int, default=512, help="rollout.max_batch_rows")
     ap.add_argument("--memory-fraction", type=float, default=0.9, help="rollout.memory_fraction")
     ap.add_argument("--budget-gb", type=float, default=0,
