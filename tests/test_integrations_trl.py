@@ -225,3 +225,12 @@ def test_completions_cut_off_at_the_length_limit_have_no_answer():
     assert MajorityVoteReward()(prompts, texts, completion_ids=ids) == [0.0, 0.0, 1.0, 1.0, 1.0]
     reward = MajorityVoteReward(max_completion_length=4, eos_token_id=2)
     assert reward(prompts, texts, completion_ids=ids) == [1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_multiple_choice_rows_vote_on_letters():
+    reward = MajorityVoteReward()
+    options = ["11", "12", "13", "14"]
+    completions = ["The answer is (B).", "12", "\\boxed{B}", "A) 11"]
+    out = reward(["q"] * 4, completions, choices=[options] * 4, answer=["B"] * 4)
+    assert out == [1.0, 1.0, 1.0, 0.0]  # "12" is option B's text
+    assert reward.last_metrics["ttrl/label_accuracy"] == 1.0

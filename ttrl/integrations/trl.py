@@ -150,13 +150,16 @@ class MajorityVoteReward:
     `ttrl/rollout_accuracy` — never for the reward. `max_completion_length` and `eos_token_id`
     (GRPOConfig's and the tokenizer's): a completion that reached the limit without end-of-sequence
     was cut off and has no answer, as in `ttrl train` (see `grading.sample_answers`); without them
-    every completion is graded on its text.
+    every completion is graded on its text. `choices_column`: a dataset column of multiple-choice
+    options (a list of texts per row): those rows vote on option letters (ttrl/choices.py); its gold
+    must then be a letter.
     """
 
     def __init__(self, num_generations: int | None = None, gold_column: str | None = "answer",
                  name: str = "ttrl_majority_vote", max_completion_length: int | None = None,
-                 eos_token_id: int | list[int] | None = None):
+                 eos_token_id: int | list[int] | None = None, choices_column: str | None = "choices"):
         self.num_generations = num_generations
+        self.choices_column = choices_column
         self.gold_column = gold_column
         self.max_completion_length = max_completion_length
         self.eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) - {None}
@@ -174,7 +177,11 @@ class MajorityVoteReward:
         cut = [False] * len(completions)
         if self.max_completion_length and completion_ids is not None:
             cut = [len(ids) >= self.max_completion_length and not (ids and ids[-1] in self.eos) for ids in completion_ids]
-        answers = sample_answers([completion_text(c) for c in completions], cut)
+        choices = kwargs.get(self.choices_column) if self.choices_column else None
+        if choices is not None and len(choices) != len(completions):
+            choices = None
+        answers = sample_answers([completion_text(c) for c in completions], cut,
+                                 [tuple(c) if c else None for c in choices] if choices is not None else None)
         local = [(prompt_key(p), a, None if g is None else str(g)) for p, a, g in zip(prompts, answers, golds)]
         rows, offset = _gather(local)
         keys, answers, golds = (list(column) for column in zip(*rows)) if rows else ([], [], [])
