@@ -247,3 +247,16 @@ def test_policy_loss_is_reported_apart_from_the_kl_term():
     assert stats["loss/kl"] > 0  # the 2nd and 3rd passes run on updated weights
     assert stats["loss/total"] == pytest.approx(stats["loss/policy"] + 0.5 * stats["loss/kl"], rel=1e-4, abs=1e-9)
     assert stats["loss/total"] != pytest.approx(stats["loss/policy"], rel=1e-6, abs=1e-12)
+
+
+def test_resuming_a_finished_run_with_fewer_steps_says_so_and_logs_at_the_real_step(tmp_path, capsys):
+    quick = ["train.prompts_per_step=2", "rollout.n_votes=2", "reward.n_train_samples=2", "rollout.max_new_tokens=2",
+             "eval.before=false", "eval.n_samples=1", "eval.greedy=false", "data.arithmetic.n=4", "data.holdout=0"]
+    train(load_config(TINY, quick + ["train.steps=3"]), tmp_path, quiet=True)
+    capsys.readouterr()
+    summary = train(load_config(TINY, quick + ["train.steps=1"]), tmp_path, quiet=True, resume=True)
+    err = capsys.readouterr().err
+    assert "the checkpoint is at step 3, past train.steps=1" in err
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/adapt/avg@1" in r] == [3]  # redone at step 3, not logged as step 1
+    assert [r["step"] for r in rows if "train/reward" in r] == [1, 2, 3] and summary["steps"] == 3
