@@ -343,3 +343,17 @@ def test_ppo_end_to_end_on_tiny_with_lora_critic_in_the_checkpoint(tmp_path):
             assert all(k.startswith("head.") or "lora_" in k for k in critic), sorted(critic)[:4]
         else:
             assert any(k.startswith("backbone.layers.") for k in critic)
+
+
+def test_ppo_under_a_sharded_engine_is_a_config_error_before_any_model_loads():
+    from ttrl.config import ConfigError
+    from ttrl.distributed import Dist
+    from ttrl.trainer import check_critic_engine
+
+    sharded = Dist()
+    sharded.sharded = True
+    check_critic_engine(load_config(TINY), sharded)  # GRPO: fine
+    check_critic_engine(load_config(TINY, ["algorithm.advantage=ppo"]), Dist())  # one process: fine
+    with pytest.raises(ConfigError, match="algorithm.advantage.*DDP.*FSDP/DeepSpeed") as e:
+        check_critic_engine(load_config(TINY, ["algorithm.advantage=ppo"]), sharded)
+    assert e.value.key == "algorithm.advantage"

@@ -476,6 +476,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Run:
     makes a resumed run continue bit for bit."""
     problems, extra = load_sets(cfg)  # bad data fails before anything is written
     dist = Dist(make_accelerator())
+    check_critic_engine(cfg, dist)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
@@ -533,16 +534,19 @@ def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Run:
                start=state["step"] if state else 0, evals=state["evals"] if state else {}, writer=writer)
 
 
-def make_critic(cfg: Config, dist: Dist) -> Critic:
-    """PPO's value model on the policy's starting weights, with its own AdamW, wrapped like the policy.
-    Data parallelism (DDP) only: its checkpoints, and its gradient clipping beside the policy's,
-    are not written for sharded engines or fp16 loss scaling yet."""
+def check_critic_engine(cfg: Config, dist: Dist) -> None:
+    """PPO's critic runs in one process or under DDP: its checkpoints, and its gradient clipping
+    beside the policy's, are not written for sharded engines or fp16 loss scaling yet."""
     mixed = getattr(dist.accelerator, "mixed_precision", "no")
-    if dist.sharded or mixed == "fp16":
+    if cfg.algorithm.advantage in CRITIC_ESTIMATORS and (dist.sharded or mixed == "fp16"):
         raise ConfigError(f"config key 'algorithm.advantage' = {cfg.algorithm.advantage!r}: the critic runs in one "
                           "process or under DDP, in fp32 or bf16; use the multi_gpu or single_gpu accelerate config "
                           f"(this launch uses {'FSDP/DeepSpeed' if dist.sharded else 'fp16'}), or a group estimator "
                           "such as grpo", "algorithm.advantage")
+
+
+def make_critic(cfg: Config, dist: Dist) -> Critic:
+    """PPO's value model on the policy's starting weights, with its own AdamW, wrapped like the policy."""
     model = load_critic(cfg.model, seed=cfg.train.seed, device=dist.device,
                         gradient_checkpointing=cfg.algorithm.gradient_checkpointing)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.algorithm.critic_lr,
