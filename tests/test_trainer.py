@@ -319,30 +319,30 @@ def test_ppo_critic_loss_does_not_reach_the_policy():
     assert torch.equal(with_critic, _flat(policy.model))
 
 
-def test_ppo_end_to_end_on_tiny_with_lora_critic_in_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("lora", [0, pytest.param(4, marks=pytest.mark.slow)])
+def test_ppo_end_to_end_on_tiny_with_the_critic_in_the_checkpoint(tmp_path, lora):
     from safetensors.torch import load_file
 
-    for lora in (0, 4):
-        run = tmp_path / f"lora-{lora}"
-        cfg = load_config(TINY, ["algorithm.advantage=ppo", "reward.kind=similarity", "algorithm.critic_lr=1e-3",
-                                 f"model.lora_rank={lora}", "eval.n_samples=1", "eval.greedy=false"])
-        train(cfg, run, quiet=True)
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in rows if "train/reward" in r]
-        assert [r["step"] for r in steps] == [1, 2, 3]
-        for key in ("loss/value", "critic/values", "critic/vf_clipfrac", "critic/explained_variance",
-                    "critic/returns", "critic/grad_norm"):
-            assert all(key in r for r in steps), key
-        assert steps[0]["critic/values"] == 0.0 and steps[-1]["critic/values"] != 0.0  # the critic learnt
-        assert all(r["loss/value"] > 0 and r["critic/grad_norm"] > 0 for r in steps)
-        (last,) = sorted((run / "checkpoints").iterdir())[-1:]
-        assert "critic.safetensors" in (last / "SHA256SUMS").read_text()
-        critic = load_file(last / "critic.safetensors")
-        assert {"head.weight", "head.bias"} <= set(critic)
-        if lora:
-            assert all(k.startswith("head.") or "lora_" in k for k in critic), sorted(critic)[:4]
-        else:
-            assert any(k.startswith("backbone.layers.") for k in critic)
+    run = tmp_path / f"lora-{lora}"
+    cfg = load_config(TINY, ["algorithm.advantage=ppo", "reward.kind=similarity", "algorithm.critic_lr=1e-3",
+                             f"model.lora_rank={lora}", "eval.n_samples=1", "eval.greedy=false"])
+    train(cfg, run, quiet=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for key in ("loss/value", "critic/values", "critic/vf_clipfrac", "critic/explained_variance",
+                "critic/returns", "critic/grad_norm"):
+        assert all(key in r for r in steps), key
+    assert steps[0]["critic/values"] == 0.0 and steps[-1]["critic/values"] != 0.0  # the critic learnt
+    assert all(r["loss/value"] > 0 and r["critic/grad_norm"] > 0 for r in steps)
+    (last,) = sorted((run / "checkpoints").iterdir())[-1:]
+    assert "critic.safetensors" in (last / "SHA256SUMS").read_text()
+    critic = load_file(last / "critic.safetensors")
+    assert {"head.weight", "head.bias"} <= set(critic)
+    if lora:
+        assert all(k.startswith("head.") or "lora_" in k for k in critic), sorted(critic)[:4]
+    else:
+        assert any(k.startswith("backbone.layers.") for k in critic)
 
 
 def test_ppo_under_a_sharded_engine_is_a_config_error_before_any_model_loads():
