@@ -130,7 +130,7 @@ def estimate_advantages(estimator: str, groups: list[Group], values: StepValues 
     if estimator in CRITIC_ESTIMATORS:
         if values is None:
             raise ValueError(f"algorithm.advantage={estimator} needs the critic's values (critic_values)")
-        adv = whiten(values.advantages, values.mask) if values.rows and values.mask.sum() > 0 else values.advantages
+        adv = whiten(values.advantages, values.mask) if values.mask.sum() > 0 else values.advantages
         return [None if r is None else adv[r] for r in values.rows]
     kept = [g for g in groups if not g.skipped]
     adv = iter(compute_advantages(estimator, torch.tensor([g.rewards for g in kept])) if kept else [])
@@ -213,7 +213,7 @@ def update(policy: Policy, rollout: Rollout, groups: list[Group], advantages: li
     critic = policy.critic if values is not None else None
     models = [policy.model] + ([critic.model] if critic else [])
     optimizers = [policy.optimizer] + ([critic.optimizer] if critic else [])
-    lengths = [[] if a is None else [len(rollout.completion_ids[p * rollout.n + i]) for i in g.train_idx]
+    lengths = [[] if a is None else [len(rollout.completion_ids[rollout.group(p)[i]]) for i in g.train_idx]
                for p, (g, a) in enumerate(zip(groups, advantages))]
     prompt_lengths = [len(ids) for ids in rollout.prompt_ids]
     shares = [dist.share(len(groups), r) for r in range(dist.world)]
