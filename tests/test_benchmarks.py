@@ -71,3 +71,26 @@ def test_gpu_step_smoke_run_on_cpu():
     assert result["rollout"]["tokens"] == 2 * 4 * 8  # end-of-sequence ignored: every answer runs to the limit
     assert result["update"]["tokens"] == 2 * 3 * 8  # M=3 of each prompt's samples, in micro-batches of 2 and 1
     assert result["update"]["loss"] == result["update"]["loss"]  # not NaN
+
+
+@pytest.mark.slow
+def test_ppo_vs_grpo_smoke_run_on_tiny(tmp_path):
+    """The PPO-vs-GRPO benchmark end to end on the tiny config (2 steps a side): both sides train on
+    the same prompts from the same base model, and the JSON line carries each side's figures."""
+    import json
+    import subprocess
+
+    root = Path(__file__).parent.parent
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "ppo_vs_grpo.py"), "--config",
+                          str(root / "configs" / "tiny.yaml"), "--output-dir", str(tmp_path), "train.steps=2",
+                          "reward.kind=similarity", "eval.greedy=false"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    grpo, ppo = result["grpo"], result["ppo"]
+    assert grpo["steps"] == ppo["steps"] == 2 and grpo["adapt"]["base_avg"] == ppo["adapt"]["base_avg"]
+    assert "critic_explained_variance_last5" in ppo and "critic_explained_variance_last5" not in grpo
+    assert result["step_seconds_ratio"] > 0
+    prompts = [[json.loads(line)["prompt_id"] for line in (tmp_path / side / "rollouts.jsonl").open()] for side in
+               ("grpo", "ppo")]
+    assert prompts[0] == prompts[1]

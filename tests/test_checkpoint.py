@@ -42,12 +42,17 @@ def _rows(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
 
 
-def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+PPO = ["algorithm.advantage=ppo", "algorithm.critic_lr=1e-3"]
+
+
+@pytest.mark.parametrize("algorithm", [pytest.param([], id="grpo"), pytest.param(PPO, id="ppo", marks=pytest.mark.slow)])
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, algorithm):
     """SIGTERM (clean stop), then SIGKILL at an arbitrary moment, a torn metrics line, two resumes:
-    same weights and the same metrics rows as a run that was never interrupted."""
+    same weights and the same metrics rows as a run that was never interrupted (with PPO, the
+    critic's weights and optimizer too: its values and losses are in the rows)."""
     ref, run = tmp_path / "ref", tmp_path / "run"
-    reference = _train(ref)  # in parallel: the two runs share nothing but the CPU
-    proc = _train(run)
+    reference = _train(ref, *algorithm)  # in parallel: the two runs share nothing but the CPU
+    proc = _train(run, *algorithm)
     _wait_for(run / "checkpoints" / "step-00000001" / "state.json", proc)
     proc.send_signal(signal.SIGTERM)  # finishes step 2, saves it, exits with a resume hint
     _, err = proc.communicate(timeout=120)
@@ -55,7 +60,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert "stopped by SIGTERM after step 2 of 4" in err and "--resume" in err and "Traceback" not in err
     assert [p.name for p in list_checkpoints(run)] == ["step-00000001", "step-00000002"]
 
-    proc = _train(run, "--resume")
+    proc = _train(run, "--resume", *algorithm)
     _wait_for(run / "checkpoints" / "step-00000003" / "state.json", proc)
     proc.kill()
     proc.wait()
@@ -63,7 +68,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "train/rew')  # a row torn by the kill
 
-    proc = _train(run, "--resume")
+    proc = _train(run, "--resume", *algorithm)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-2000:]
     _, ref_err = reference.communicate(timeout=180)
@@ -80,6 +85,10 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert any(r.get("optim/grad_norm") for r in rows), "the test needs non-zero gradients to mean anything"
     assert _rows(run) == rows
     assert json.loads((run / "summary.json").read_text()) == json.loads((ref / "summary.json").read_text())
+    if algorithm:
+        assert any(r.get("critic/grad_norm") for r in rows), "the critic must learn for the test to mean anything"
+        a, b = (load_file(d / "checkpoints" / "step-00000004" / "critic.safetensors") for d in (ref, run))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_other_model_and_cli_refuses_silent_overwrite(tmp_path, capsys):
@@ -271,3 +280,41 @@ def test_checkpoints_from_before_checksums_still_load(tmp_path, small):
     _step(small, opt, sched)
     assert load_checkpoint(tmp_path, small, opt, sched)["step"] == 3
     assert all(torch.equal(p, saved[n]) for n, p in small.named_parameters())
+
+
+# --- PPO: the critic is part of the checkpoint --------------------------------------------------------
+
+def _small_critic():
+    from ttrl.critic import ValueModel
+
+    return ValueModel(_small_model().model, 16)
+
+
+def test_critic_round_trip_and_checkpoints_without_a_critic(tmp_path, small, capsys):
+    """The critic's weights and optimizer come back with the policy's; its file is checksummed (a
+    damaged one falls back to the checkpoint before); a checkpoint without a critic (GRPO, or an
+    older ttrl) still loads for a run without one and is refused by one that needs it."""
+    opt, sched = _parts(small)
+    critic = _small_critic()
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=1e-2)
+    _step(critic, critic_opt, torch.optim.lr_scheduler.LambdaLR(critic_opt, lambda s: 1.0))
+    path = save_checkpoint(tmp_path, 1, small, opt, sched, state={}, critic=(critic, critic_opt))
+    assert set(ckpt.read_checksums(path)) == {ckpt.WEIGHTS, ckpt.TRAINER, ckpt.STATE, ckpt.CRITIC}
+    saved = _snapshot(critic)
+    fresh = _small_critic()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    assert load_checkpoint(tmp_path, small, opt, sched, critic=(fresh, fresh_opt))["step"] == 1
+    assert all(torch.equal(p, saved[n]) for n, p in fresh.named_parameters())
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], critic_opt.state_dict()["state"][0]["exp_avg"])
+    assert load_checkpoint(tmp_path, small, opt, sched)["step"] == 1  # a run without a critic leaves it out
+
+    path = save_checkpoint(tmp_path, 2, small, opt, sched, state={}, critic=(critic, critic_opt))
+    _flip(path / ckpt.CRITIC)
+    assert load_checkpoint(tmp_path, small, opt, sched, critic=(fresh, fresh_opt))["step"] == 1
+    assert "critic.safetensors does not match its checksum" in capsys.readouterr().err
+
+    grpo = tmp_path / "grpo"
+    save_checkpoint(grpo, 1, small, opt, sched, state={})
+    assert load_checkpoint(grpo, small, opt, sched)["step"] == 1
+    with pytest.raises(CheckpointError, match="no critic.*algorithm.advantage"):
+        load_checkpoint(grpo, small, opt, sched, critic=(fresh, fresh_opt))

@@ -81,6 +81,27 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
     assert json.loads((one / "summary.json").read_text())["evals"] == json.loads((two / "summary.json").read_text())["evals"]
 
 
+@pytest.mark.slow
+def test_ppo_two_processes_train_and_resume_like_one(tmp_path):
+    """PPO under DDP: the critic's values computed by shares and gathered, its gradients all-reduced
+    beside the policy's, its weights and optimizer in the checkpoint; 2 processes stopped after step
+    2 and resumed end where 1 process ends (policy weights, every metric, the critic's file)."""
+    from safetensors.torch import load_file
+
+    run = [("algorithm.advantage=ppo" if a.startswith("algorithm.advantage") else a) for a in RUN]
+    run += ["algorithm.critic_lr=1e-3", "algorithm.gamma=0.9", "algorithm.lam=0.8"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _ttrl(one, *run, "train.steps=3")
+    _ttrl(two, *run, "train.steps=2", procs=2)
+    _ttrl(two, *run, "train.steps=3", "--resume", procs=2)
+    _assert_same_run(one, two)
+    assert any(r.get("critic/grad_norm") for r in _rows(two)) and any(r.get("critic/values") for r in _rows(two))
+    a, b = (load_file(d / "checkpoints" / "step-00000003" / "critic.safetensors") for d in (one, two))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
+
+
 SKIPPING = '''
 import sys
 import ttrl.trainer as T

@@ -1,6 +1,6 @@
 import torch
 
-from ttrl.losses import kl_k3, policy_loss
+from ttrl.losses import kl_k3, policy_loss, value_loss
 
 
 def test_on_policy_loss_is_minus_mean_advantage():
@@ -57,3 +57,29 @@ def test_kl_k3_hand_computed_and_nonnegative():
     x = torch.randn(1000)
     y = torch.randn(1000)
     assert float(kl_k3(x, y).min()) >= 0
+
+
+def test_token_level_advantages_weight_each_token():
+    logp = torch.log(torch.tensor([[0.5, 0.25], [0.1, 0.2]]))
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    per_sample = torch.tensor([2.0, -1.0])
+    assert torch.equal(policy_loss(logp, logp, per_sample, mask, 0.2, 3.0)[0],
+                       policy_loss(logp, logp, per_sample[:, None].expand(2, 2), mask, 0.2, 3.0)[0])
+    # ratio 1: per-token -A over the 3 unmasked tokens: (-1 - 3 + 0.5) / 3; the masked 7 does not count
+    loss, _ = policy_loss(logp, logp, torch.tensor([[1.0, 3.0], [-0.5, 7.0]]), mask, 0.2, 3.0)
+    assert abs(float(loss) - (-3.5 / 3)) < 1e-6
+
+
+def test_value_clipping_hand_computed():
+    # token 0: V 0.9 moved 0.8 from its old 0.1; clipped to 0.6: max((0.9-1)^2, (0.6-1)^2) = 0.16 (clipped wins)
+    # token 1: V 0.2 within 0.5 of 0.1: both terms (0.2-0)^2 = 0.04
+    values = torch.tensor([[0.9, 0.2]], requires_grad=True)
+    old, returns, mask = torch.tensor([[0.1, 0.1]]), torch.tensor([[1.0, 0.0]]), torch.ones(1, 2)
+    loss, stats = value_loss(values, old, returns, mask, clip=0.5, n_tokens=2.0)
+    assert abs(float(loss.detach()) - 0.5 * (0.16 + 0.04) / 2) < 1e-6
+    assert stats["vf_clipfrac"] == 0.5
+    loss.backward()  # the clipped term does not depend on V: no gradient; token 1: 0.5 * 2 * 0.2 / 2
+    assert torch.allclose(values.grad, torch.tensor([[0.0, 0.1]]))
+    # A value moving towards its target within the clip range is not clipped, and masked tokens do not count.
+    loss, stats = value_loss(torch.tensor([[0.5, 50.0]]), old, returns, torch.tensor([[1.0, 0.0]]), 0.5, 1.0)
+    assert abs(float(loss) - 0.5 * 0.25) < 1e-6 and stats["vf_clipfrac"] == 0.0

@@ -184,7 +184,8 @@ def _one_step(cfg, n_prompts=2):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.algorithm.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     policy = Policy(model=model, optimizer=opt, scheduler=sched, ref_model=None, pad_id=tok.pad_token_id)
-    return policy, rollout, groups, estimate_advantages(cfg.algorithm.advantage, groups)
+    ppo = cfg.algorithm.advantage == "ppo"  # its advantages need a critic: _ppo_step
+    return policy, rollout, groups, None if ppo else estimate_advantages(cfg.algorithm.advantage, groups)
 
 
 STEP = ["reward.kind=similarity", "rollout.n_votes=4", "reward.n_train_samples=4", "rollout.max_new_tokens=6",
@@ -260,3 +261,110 @@ def test_resuming_a_finished_run_with_fewer_steps_says_so_and_logs_at_the_real_s
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/adapt/avg@1" in r] == [3]  # redone at step 3, not logged as step 1
     assert [r["step"] for r in rows if "train/reward" in r] == [1, 2, 3] and summary["steps"] == 3
+# --- PPO: the critic beside the policy ------------------------------------------------------------
+
+def _with_critic(policy, cfg, head_seed=1):
+    """Give `policy` a tiny critic (head drawn at random, so values and backbone gradients are not 0)
+    and return the step's values for `_one_step`'s rollout."""
+    from ttrl.config import ModelConfig
+    from ttrl.critic import load_critic
+    from ttrl.trainer import Critic
+
+    model = load_critic(ModelConfig(architecture=cfg.model.architecture), seed=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(head_seed)
+        torch.nn.init.normal_(model.head.weight, std=0.3)
+    policy.critic = Critic(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=cfg.algorithm.critic_lr))
+
+
+def _ppo_step(cfg):
+    from ttrl.distributed import Dist
+    from ttrl.trainer import critic_values, estimate_advantages
+
+    policy, rollout, groups, _ = _one_step(cfg)
+    _with_critic(policy, cfg)
+    values = critic_values(policy, rollout, groups, cfg, Dist())
+    return policy, rollout, groups, estimate_advantages("ppo", groups, values), values
+
+
+def _flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_ppo_advantages_are_per_token_and_micro_batches_leave_the_update_unchanged():
+    """Token-level advantages cut to each micro-batch's width: pieces of at most 3 sequences / 20
+    tokens give the policy and the critic the gradient of whole groups in one micro-batch."""
+    from ttrl.trainer import update
+
+    out = []
+    for extra in (["algorithm.micro_batch_size=16"], ["algorithm.micro_batch_size=3", "algorithm.micro_batch_tokens=20"]):
+        cfg = load_config(TINY, STEP + ["algorithm.advantage=ppo", "algorithm.critic_lr=1.0"] + extra)
+        policy, rollout, groups, adv, values = _ppo_step(cfg)
+        m, t = len(groups[0].train_idx), values.mask.shape[1]
+        assert [tuple(a.shape) for a in adv] == [(m, t), (m, t)]
+        assert float(values.values.abs().sum()) > 0 and float(adv[0].std()) > 0  # per token, not per answer
+        stats = update(policy, rollout, groups, adv, cfg, values=values)
+        out.append((stats, _flat(policy.model), _flat(policy.critic.model)))
+    (a, pa, ca), (b, pb, cb) = out
+    for key in ("optim/grad_norm", "critic/grad_norm", "loss/value"):
+        assert a[key] > 0 and a[key] == pytest.approx(b[key], rel=1e-5), key
+    assert torch.allclose(pa, pb, atol=1e-6) and torch.allclose(ca, cb, atol=1e-6)
+
+
+def test_ppo_critic_loss_does_not_reach_the_policy():
+    """One backward of policy loss + value loss: the policy moves exactly as with the same
+    advantages and no critic, and the critic moves by its own loss."""
+    from ttrl.trainer import update
+
+    cfg = load_config(TINY, STEP + ["algorithm.advantage=ppo", "algorithm.critic_lr=1.0"])
+    policy, rollout, groups, adv, values = _ppo_step(cfg)
+    critic_before = _flat(policy.critic.model)
+    stats = update(policy, rollout, groups, adv, cfg, values=values)
+    assert not torch.allclose(_flat(policy.critic.model), critic_before)
+    assert stats["critic/values"] == pytest.approx(float(values.values.sum() / values.mask.sum()))
+    with_critic = _flat(policy.model)
+
+    policy, rollout, groups, _, _ = _ppo_step(cfg)
+    policy.critic = None
+    update(policy, rollout, groups, adv, cfg)
+    assert torch.equal(with_critic, _flat(policy.model))
+
+
+@pytest.mark.parametrize("lora", [0, pytest.param(4, marks=pytest.mark.slow)])
+def test_ppo_end_to_end_on_tiny_with_the_critic_in_the_checkpoint(tmp_path, lora):
+    from safetensors.torch import load_file
+
+    run = tmp_path / f"lora-{lora}"
+    cfg = load_config(TINY, ["algorithm.advantage=ppo", "reward.kind=similarity", "algorithm.critic_lr=1e-3",
+                             f"model.lora_rank={lora}", "eval.n_samples=1", "eval.greedy=false"])
+    train(cfg, run, quiet=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for key in ("loss/value", "critic/values", "critic/vf_clipfrac", "critic/explained_variance",
+                "critic/returns", "critic/grad_norm"):
+        assert all(key in r for r in steps), key
+    assert steps[0]["critic/values"] == 0.0 and steps[-1]["critic/values"] != 0.0  # the critic learnt
+    assert all(r["loss/value"] > 0 and r["critic/grad_norm"] > 0 for r in steps)
+    (last,) = sorted((run / "checkpoints").iterdir())[-1:]
+    assert "critic.safetensors" in (last / "SHA256SUMS").read_text()
+    critic = load_file(last / "critic.safetensors")
+    assert {"head.weight", "head.bias"} <= set(critic)
+    if lora:
+        assert all(k.startswith("head.") or "lora_" in k for k in critic), sorted(critic)[:4]
+    else:
+        assert any(k.startswith("backbone.layers.") for k in critic)
+
+
+def test_ppo_under_a_sharded_engine_is_a_config_error_before_any_model_loads():
+    from ttrl.config import ConfigError
+    from ttrl.distributed import Dist
+    from ttrl.trainer import check_critic_engine
+
+    sharded = Dist()
+    sharded.sharded = True
+    check_critic_engine(load_config(TINY), sharded)  # GRPO: fine
+    check_critic_engine(load_config(TINY, ["algorithm.advantage=ppo"]), Dist())  # one process: fine
+    with pytest.raises(ConfigError, match="algorithm.advantage.*DDP.*FSDP/DeepSpeed") as e:
+        check_critic_engine(load_config(TINY, ["algorithm.advantage=ppo"]), sharded)
+    assert e.value.key == "algorithm.advantage"

@@ -1,7 +1,8 @@
 """Crash-safe checkpoints: RUN_DIR/checkpoints/step-NNNNNNNN/ holds everything a resumed run
 needs to continue bit for bit — trained weights (all of them, or the LoRA adapter's), optimizer
 and scheduler state, the Python/NumPy/torch RNG states, the eval
-history and how many metrics rows were logged.
+history and how many metrics rows were logged; with PPO also the critic's trained weights
+(`critic.safetensors`) and its optimizer state (in `trainer.pt`).
 
 A checkpoint is written into a temporary directory, fsynced, then renamed into place, so a crash
 at any moment leaves either the whole new checkpoint or none of it beside the previous ones.
@@ -29,6 +30,7 @@ from ttrl.distributed import warn
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS, TRAINER, STATE = "weights.safetensors", "trainer.pt", "state.json"
+CRITIC = "critic.safetensors"
 CHECKSUMS = "SHA256SUMS"
 
 
@@ -105,10 +107,11 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, state: dict,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, critic: tuple | None = None) -> Path:
     """Write checkpoint `step` atomically and keep only the latest `keep`. `state` is JSON-able
-    (evals, counters, config); tensors and RNG states are gathered here. On a full disk (OSError
-    ENOSPC) nothing of it is left behind and the previous checkpoints are untouched."""
+    (evals, counters, config); tensors and RNG states are gathered here. `critic`: PPO's
+    (value model, its optimizer), saved beside the policy. On a full disk (OSError ENOSPC)
+    nothing of it is left behind and the previous checkpoints are untouched."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -116,7 +119,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write(tmp, model, optimizer, scheduler, {**state, "step": step})
+        _write(tmp, model, optimizer, scheduler, {**state, "step": step}, critic)
     except BaseException as e:  # a full disk, a second Ctrl-C: a half-written checkpoint must not stay
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, OSError) and os.strerror(errno.ENOSPC) in str(e):  # safetensors' own error type
@@ -133,26 +136,30 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     return final
 
 
-def _write(tmp: Path, model, optimizer, scheduler, state: dict) -> None:
+def _write(tmp: Path, model, optimizer, scheduler, state: dict, critic: tuple | None) -> None:
     """The checkpoint's files into `tmp`, each hashed and fsynced."""
     from safetensors.torch import save_file
 
     plain, tensors = rng_states()
+    files = (WEIGHTS, TRAINER, STATE) + ((CRITIC,) if critic else ())
     # Each file is hashed in a thread as soon as it is written (read back from the page cache),
     # overlapping the next write and the fsyncs: see docs/report.md for what checksums cost.
     with ThreadPoolExecutor(3) as pool:
         save_file(trained_weights(model), tmp / WEIGHTS)
         sums = {WEIGHTS: pool.submit(sha256_file, tmp / WEIGHTS)}
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": tensors}, tmp / TRAINER)
+        if critic:
+            save_file(trained_weights(critic[0]), tmp / CRITIC)
+            sums[CRITIC] = pool.submit(sha256_file, tmp / CRITIC)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": tensors,
+                    **({"critic_optimizer": critic[1].state_dict()} if critic else {})}, tmp / TRAINER)
         sums[TRAINER] = pool.submit(sha256_file, tmp / TRAINER)
-        (tmp / STATE).write_text(json.dumps({**state, "rng": plain, "checksums": CHECKSUMS},
+        (tmp / STATE).write_text(json.dumps({**state, "rng": plain, "checksums": CHECKSUMS,
+                                             **({"critic": CRITIC} if critic else {})},
                                             default=str), encoding="utf-8")
         sums[STATE] = pool.submit(sha256_file, tmp / STATE)
-        for name in (WEIGHTS, TRAINER, STATE):
+        for name in files:
             _fsync(tmp / name)
-        (tmp / CHECKSUMS).write_text("".join(f"{sums[n].result()}  {n}\n" for n in (WEIGHTS, TRAINER, STATE)),
-                                     encoding="utf-8")
+        (tmp / CHECKSUMS).write_text("".join(f"{sums[n].result()}  {n}\n" for n in files), encoding="utf-8")
     _fsync(tmp / CHECKSUMS)
     _fsync(tmp)
 
@@ -164,13 +171,24 @@ def _retire(path: Path) -> None:
     shutil.rmtree(gone, ignore_errors=True)
 
 
+def _copy_weights(path: Path, model, weights: dict[str, torch.Tensor]) -> None:
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(params) or any(weights[k].shape != params[k].shape for k in weights):
+        raise CheckpointError(f"checkpoint {path} holds weights of a different model (or LoRA setup) than "
+                              "this config builds; resume with the model.* settings of the original run")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+
+
 class DamagedCheckpoint(ValueError):
     """A file of a checkpoint does not match its recorded checksum."""
 
 
-def _read(path: Path) -> tuple[dict, dict, dict]:
-    """state, weights and trainer state of one checkpoint, verified against SHA256SUMS when it has
-    one (hashed in threads while the files load, so verifying costs little extra time)."""
+def _read(path: Path) -> tuple[dict, dict, dict, dict | None]:
+    """state, weights, trainer state and critic weights (None without) of one checkpoint, verified
+    against SHA256SUMS when it has one (hashed in threads while the files load, so verifying costs
+    little extra time)."""
     from safetensors.torch import load_file
 
     expected = read_checksums(path)
@@ -180,33 +198,38 @@ def _read(path: Path) -> tuple[dict, dict, dict]:
     with ThreadPoolExecutor(3) as pool:
         actual = {name: pool.submit(sha256_file, path / name) for name in expected or {}}
         weights = load_file(path / WEIGHTS)
+        critic = load_file(path / CRITIC) if state.get("critic") else None
         trainer = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
         bad = [name for name, digest in (expected or {}).items() if actual[name].result() != digest]
-    if bad or (expected is not None and not {WEIGHTS, TRAINER, STATE} <= set(expected)):
+    files = {WEIGHTS, TRAINER, STATE} | ({CRITIC} if critic is not None else set())
+    if bad or (expected is not None and not files <= set(expected)):
         raise DamagedCheckpoint(f"{', '.join(bad) or CHECKSUMS} does not match its checksum in {CHECKSUMS}"
                                 if bad else f"{CHECKSUMS} does not list every file")
-    return state, weights, trainer
+    return state, weights, trainer, critic
 
 
-def load_checkpoint(run_dir: str | Path, model, optimizer, scheduler) -> dict | None:
+def load_checkpoint(run_dir: str | Path, model, optimizer, scheduler, critic: tuple | None = None) -> dict | None:
     """Restore the newest readable checkpoint into the given objects and the global RNGs; return
-    its `state` (None when there is none). A damaged checkpoint is skipped with a warning."""
+    its `state` (None when there is none). A damaged checkpoint is skipped with a warning.
+    `critic`: PPO's (value model, its optimizer), restored too; a checkpoint without one is refused
+    (one with a critic loads into a run without: the critic is left out)."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            state, weights, trainer = _read(path)
+            state, weights, trainer, critic_weights = _read(path)
         except Exception as e:  # noqa: BLE001 - any damage means: fall back to the one before
             warn(f"checkpoint {path} is damaged ({type(e).__name__}: {e}); trying the one before")
             continue
-        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        if set(weights) != set(params) or any(weights[k].shape != params[k].shape for k in weights):
-            raise CheckpointError(f"checkpoint {path} holds weights of a different model (or LoRA setup) than "
-                                  "this config builds; resume with the model.* settings of the original run")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
+        if critic and critic_weights is None:
+            raise CheckpointError(f"checkpoint {path} has no critic: it was written by a run without "
+                                  "algorithm.advantage=ppo; resume with the original algorithm.advantage")
+        _copy_weights(path, model, weights)
+        if critic:
+            _copy_weights(path, critic[0], critic_weights)
+            critic[1].load_state_dict(trainer["critic_optimizer"])
         optimizer.load_state_dict(trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
         set_rng_states(state.pop("rng"), trainer["rng"])
         state.pop("checksums", None)
+        state.pop("critic", None)
         return {**state, "path": str(path)}
     return None

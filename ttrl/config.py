@@ -149,7 +149,8 @@ class RewardConfig:
 @dataclass
 class AlgorithmConfig:
     advantage: str = "grpo"
-    """grpo (group-normalised), dr_grpo (no std division), rloo (leave-one-out) or reinforce_pp."""
+    """grpo (group-normalised), dr_grpo (no std division), rloo (leave-one-out), reinforce_pp, or ppo:
+    token-level GAE advantages from a critic (a value model trained beside the policy, ttrl/critic.py)."""
     clip_eps: float = 0.2
     """PPO clip range: the probability ratio is clipped to [1 - clip_eps, 1 + clip_eps]."""
     kl_coef: float = 0.0
@@ -183,6 +184,15 @@ class AlgorithmConfig:
     """Log-probs are computed from at most this many MB of float32 logits at a time, each chunk
     recomputed in the backward, so update memory grows with tokens x hidden size rather than tokens x
     vocabulary (32 x 3,072 tokens x Qwen's 151,936 would be 60 GB at once). 0 = all at once."""
+    critic_lr: float = 9e-6
+    """PPO (advantage=ppo): AdamW learning rate of the critic, constant (official TTRL scripts: 9e-6)."""
+    value_clip: float = 0.5
+    """PPO: a value may move at most this far from its value at sampling time within one step's
+    update before its loss term is clipped (verl's cliprange_value: 0.5)."""
+    gamma: float = 1.0
+    """PPO: GAE discount per token (verl: 1.0; the reward comes at the answer's last token)."""
+    lam: float = 1.0
+    """PPO: GAE lambda, from 1 (advantage = return - value, no bias from the critic) to 0 (one-step TD)."""
     max_bad_steps: int = 3
     """Stop (with a checkpoint of the last good weights) after this many steps in a row whose
     update was skipped for a NaN/inf loss or gradient."""
@@ -263,11 +273,11 @@ add theirs in `choices()`."""
 
 def choices() -> dict[str, tuple[str, ...]]:
     """Every key with a fixed set of values, read from the registries that implement them."""
-    from ttrl.advantages import ESTIMATORS
+    from ttrl.advantages import CRITIC_ESTIMATORS, ESTIMATORS
     from ttrl.rewards import KINDS
     from ttrl.stopping import SIGNALS
 
-    return {**CHOICES, "reward.kind": tuple(KINDS), "algorithm.advantage": tuple(ESTIMATORS),
+    return {**CHOICES, "reward.kind": tuple(KINDS), "algorithm.advantage": (*ESTIMATORS, *CRITIC_ESTIMATORS),
             "train.stop_on": ("", *SIGNALS)}
 
 
@@ -307,6 +317,10 @@ def validate(cfg: Config) -> Config:
         ("algorithm.warmup_ratio", 0 <= cfg.algorithm.warmup_ratio < 1, "must be in [0, 1)"),
         ("reward.random_p", 0 <= cfg.reward.random_p <= 1, "must be in [0, 1]"),
         ("algorithm.max_bad_steps", cfg.algorithm.max_bad_steps >= 1, "must be >= 1"),
+        ("algorithm.critic_lr", cfg.algorithm.critic_lr > 0, "must be > 0"),
+        ("algorithm.value_clip", cfg.algorithm.value_clip > 0, "must be > 0"),
+        ("algorithm.gamma", 0 <= cfg.algorithm.gamma <= 1, "must be in [0, 1]"),
+        ("algorithm.lam", 0 <= cfg.algorithm.lam <= 1, "must be in [0, 1]"),
         ("algorithm.gradient_checkpointing", isinstance(cfg.algorithm.gradient_checkpointing, bool)
          or cfg.algorithm.gradient_checkpointing == "auto", "must be true, false or auto (on with CUDA)"),
         ("algorithm.logprob_chunk_mb", cfg.algorithm.logprob_chunk_mb >= 0, "must be >= 0 (0 = all logits at once)"),

@@ -11,11 +11,12 @@ import torch
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_eps: float, n_tokens: float) -> tuple[torch.Tensor, dict]:
-    """PPO/GRPO clipped surrogate. advantages [batch] (one per sample, broadcast over tokens).
+    """PPO/GRPO clipped surrogate. advantages [batch] (one per sample, broadcast over tokens: the
+    group estimators) or [batch, seq] (one per token: GAE with a critic).
 
     Returns (loss, stats) with stats `clipfrac` and `approx_kl` (old -> new, k3) as floats.
     """
-    adv = advantages[:, None]
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
     unclipped = -adv * ratio
@@ -27,6 +28,21 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
             "clipfrac": float(((clipped > unclipped).float() * mask).sum() / n_tokens),
             "approx_kl": float((((ratio - 1) - log_ratio) * mask).sum() / n_tokens),
         }
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float, n_tokens: float) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped value loss as verl's critic: 0.5 max((V - R)^2, (V_clip - R)^2), V_clip = V
+    kept within `clip` of the value at sampling time (`old_values`), so one update cannot move a
+    value far; all [batch, seq], summed over tokens / `n_tokens` like `policy_loss`.
+
+    Returns (loss, stats) with `vf_clipfrac`, the share of tokens where the clipped term won."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    plain_err, clipped_err = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * (torch.maximum(plain_err, clipped_err) * mask).sum() / n_tokens
+    with torch.no_grad():
+        stats = {"vf_clipfrac": float(((clipped_err > plain_err).float() * mask).sum() / n_tokens)}
     return loss, stats
 
 

@@ -13,6 +13,7 @@ import random
 import shutil
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,15 +21,16 @@ import numpy as np
 import torch
 
 from ttrl import batches
-from ttrl.advantages import compute_advantages
+from ttrl.advantages import CRITIC_ESTIMATORS, compute_advantages, last_token_rewards, whiten
 from ttrl.checkpoint import CHECKPOINTS, CheckpointError, load_checkpoint, save_checkpoint
-from ttrl.config import Config
+from ttrl.config import Config, ConfigError
+from ttrl.critic import StepValues, load_critic, token_values, zero_value_loss
 from ttrl.control import Control, StopSignals
 from ttrl.data import Problem, load_sets, run_sets
 from ttrl.distributed import Dist, is_main_process, make_accelerator, warn, zero_loss
 from ttrl.evaluation import run_evals
 from ttrl.groups import Group, diagnostics, reward, vote
-from ttrl.losses import kl_k3, policy_loss
+from ttrl.losses import kl_k3, policy_loss, value_loss
 from ttrl.metrics import (MetricsWriter, library_bars, log_rollouts, progress_bar, read_metrics, truncate_metrics,
                           truncate_rollouts)
 from ttrl.models import encode_problems, load_model, set_gradient_checkpointing
@@ -88,9 +90,49 @@ def gather_step(rollout: Rollout, groups: list[Group], dist: Dist) -> tuple[Roll
     return Rollout.concat([r for r, _ in parts]), [g for _, gs in parts for g in gs]
 
 
-def estimate_advantages(estimator: str, groups: list[Group]) -> list[torch.Tensor | None]:
-    """Stage 5: per group, the advantage of each trained sample [M]; None for a skipped group.
-    Batch-level estimators (reinforce_pp) see the kept groups only."""
+def critic_values(policy: Policy, rollout: Rollout, groups: list[Group], cfg: Config,
+                  dist: Dist) -> StepValues | None:
+    """Stage 5 with a critic (PPO; None without): its V(s_t) on every token of the step's trained
+    samples before any update (each rank its share of the prompts, then gathered), and GAE over them
+    (`algorithm.gamma`, `lam`) with each sample's vote reward at its last token."""
+    if policy.critic is None:
+        return None
+    algo, rows, samples = cfg.algorithm, [], []
+    for p, g in enumerate(groups):
+        rows.append(None if g.skipped else list(range(len(samples), len(samples) + len(g.train_idx))))
+        samples += [] if g.skipped else [rollout.group(p)[i] for i in g.train_idx]
+    lengths = [[len(rollout.completion_ids[i]) for i in samples[r[0]:r[-1] + 1]] if r else [] for r in rows]
+    prompt_lengths = [len(ids) for ids in rollout.prompt_ids]
+    mine = batches.pack(list(dist.share(len(groups))), lengths, prompt_lengths, algo.micro_batch_size,
+                        algo.micro_batch_tokens)
+    model = dist.unwrap(policy.critic.model).eval()
+    computed = []
+    with torch.no_grad(), dist.autocast():
+        for pieces in mine:
+            _, prompts, completions, sizes = _micro_batch(rollout, groups, pieces)
+            v, _ = token_values(model, prompts, completions, policy.pad_id, sizes)
+            computed.append(([rows[piece.prompt][j] for piece in pieces for j in piece.samples], v.float().cpu()))
+    width = max((len(rollout.completion_ids[i]) for i in samples), default=1)
+    values, mask = torch.zeros(len(samples), width), torch.zeros(len(samples), width)
+    for idx, v in dist.gather(computed):
+        values[idx, : v.shape[1]] = v
+    for r, i in enumerate(samples):
+        mask[r, : len(rollout.completion_ids[i])] = 1.0
+    rewards = last_token_rewards(torch.tensor([x for g in groups if not g.skipped for x in g.rewards]), mask)
+    advantages, returns = CRITIC_ESTIMATORS[algo.advantage](rewards, values, mask, algo.gamma, algo.lam)
+    return StepValues(values=values, advantages=advantages, returns=returns, mask=mask, rows=rows)
+
+
+def estimate_advantages(estimator: str, groups: list[Group], values: StepValues | None = None
+                        ) -> list[torch.Tensor | None]:
+    """Stage 5: per group, the advantage of each trained sample [M] (the group estimators) or of each
+    of its tokens [M, T] (ppo: the GAE of `values`, whitened over the step's tokens as verl does);
+    None for a skipped group. Batch-level estimators (reinforce_pp) see the kept groups only."""
+    if estimator in CRITIC_ESTIMATORS:
+        if values is None:
+            raise ValueError(f"algorithm.advantage={estimator} needs the critic's values (critic_values)")
+        adv = whiten(values.advantages, values.mask) if values.mask.sum() > 0 else values.advantages
+        return [None if r is None else adv[r] for r in values.rows]
     kept = [g for g in groups if not g.skipped]
     adv = iter(compute_advantages(estimator, torch.tensor([g.rewards for g in kept])) if kept else [])
     return [None if g.skipped else next(adv) for g in groups]
@@ -110,6 +152,16 @@ class Policy:
     pad_id: int
     good: LastGoodWeights | None = None
     """The weights before the last optimizer step, to undo a step that made the logits non-finite."""
+    critic: Critic | None = None
+    """PPO's value model, stepped beside the policy (None for the group estimators)."""
+
+
+@dataclass
+class Critic:
+    """PPO's value model (ttrl.critic) and its own optimizer (algorithm.critic_lr, constant)."""
+    model: object
+    """As the engine wraps it (DDP): forward and backward through this."""
+    optimizer: torch.optim.Optimizer
 
 
 class LastGoodWeights:
@@ -146,17 +198,23 @@ def finite_after_step(policy: Policy, rollout: Rollout, groups: list[Group], mic
 
 
 def update(policy: Policy, rollout: Rollout, groups: list[Group], advantages: list[torch.Tensor | None],
-           cfg: Config, dist: Dist | None = None) -> dict:
+           cfg: Config, dist: Dist | None = None, values: StepValues | None = None) -> dict:
     """Stage 6: clipped policy-gradient steps on the trained samples, `algorithm.ppo_epochs` passes
     of one optimizer step per mini-batch (ttrl.batches); the scheduler steps once per call.
 
     `rollout` and `groups` hold the whole step (every rank's prompts), so the token counts that
-    normalise the loss are global; this rank trains on its share of the prompts (`dist.share`)."""
+    normalise the loss are global; this rank trains on its share of the prompts (`dist.share`).
+    With PPO (`values`, `policy.critic`) the critic steps beside the policy on the same micro-batches:
+    one backward of the two losses' sum, whose parameters are disjoint, so each model gets exactly
+    its own loss's gradient (clipped to algorithm.max_grad_norm on its own)."""
     dist = dist or Dist()
     algo = cfg.algorithm
     if all(a is None for a in advantages):
         return {"loss/policy": 0.0, "train/updated": 0}
-    lengths = [[] if a is None else [len(rollout.completion_ids[p * rollout.n + i]) for i in g.train_idx]
+    critic = policy.critic if values is not None else None
+    models = [policy.model] + ([critic.model] if critic else [])
+    optimizers = [policy.optimizer] + ([critic.optimizer] if critic else [])
+    lengths = [[] if a is None else [len(rollout.completion_ids[rollout.group(p)[i]]) for i in g.train_idx]
                for p, (g, a) in enumerate(zip(groups, advantages))]
     prompt_lengths = [len(ids) for ids in rollout.prompt_ids]
     shares = [dist.share(len(groups), r) for r in range(dist.world)]
@@ -165,64 +223,99 @@ def update(policy: Policy, rollout: Rollout, groups: list[Group], advantages: li
     minis = [[plan[r][j] for r in range(dist.world)] for j in range(n_mini)]
     total_tokens = sum(map(sum, lengths))
     params = [p for p in policy.model.parameters() if p.requires_grad]
+    critic_params = [p for p in critic.model.parameters() if p.requires_grad] if critic else []
     totals = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/total": 0.0, "loss/clipfrac": 0.0, "loss/approx_kl": 0.0}
-    grad_norm, skipped = 0.0, 0
-    policy.model.train()
+    if critic:
+        totals.update({"loss/value": 0.0, "critic/vf_clipfrac": 0.0})
+    grad_norm, critic_norm, skipped = 0.0, 0.0, 0
+    for model in models:
+        model.train()
     for _ in range(algo.ppo_epochs):
         for mini in minis:
             n_tokens = batches.tokens_of(mini, lengths)
             if n_tokens == 0:
                 continue
             mine, n_micro = mini[dist.rank], max(len(m) for m in mini)
-            policy.optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             finite = True
             for k in range(n_micro):
-                with dist.accumulating(policy.model, sync=k == n_micro - 1):
+                with accumulating(dist, models, sync=k == n_micro - 1):
                     if k >= len(mine) or not finite:  # out of work (or after a NaN): still join the all-reduce
-                        dist.backward(zero_loss(policy.model, policy.pad_id, cfg.rollout.temperature))
+                        dist.backward(idle_loss(policy, critic, cfg))
                         continue
                     loss, stats = micro_batch_loss(policy, rollout, groups, advantages, mine[k], n_tokens, cfg, dist)
+                    if critic:
+                        v_loss, v_stats = value_micro_batch_loss(critic, rollout, groups, values, mine[k], n_tokens,
+                                                                 cfg, policy.pad_id)
+                        loss, stats = loss + v_loss, {**stats, **v_stats}
                     weight = n_tokens / (total_tokens * algo.ppo_epochs)  # step token-mean over the epochs
                     for key, value in stats.items():
                         totals[key] += value * weight
-                    finite = math.isfinite(stats["loss/total"])
+                    finite = math.isfinite(stats["loss/total"]) and math.isfinite(stats.get("loss/value", 0.0))
                     if not finite and dist.world == 1:
                         break
-                    dist.backward(zero_loss(policy.model, policy.pad_id, cfg.rollout.temperature) if not finite
+                    dist.backward(idle_loss(policy, critic, cfg) if not finite
                                   else loss * dist.world)  # the engine averages over ranks; ours is a share of a sum
             finite = dist.all_true(finite)  # one rank's NaN skips the optimizer step on all
             grad_norm = dist.clip_grad_norm_(params, algo.max_grad_norm) if finite else math.nan
-            if not math.isfinite(grad_norm):  # a NaN/inf loss or gradient must not reach the weights
+            if critic and math.isfinite(grad_norm):
+                critic_norm = dist.clip_grad_norm_(critic_params, algo.max_grad_norm)
+            if not (math.isfinite(grad_norm) and math.isfinite(critic_norm)):  # a NaN/inf must not reach the weights
                 skipped += 1
-                policy.optimizer.zero_grad(set_to_none=True)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
                 continue
             if policy.good is not None:
                 policy.good.save()
-            policy.optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
             if policy.good is not None and not dist.all_true(finite_after_step(policy, rollout, groups, mine, cfg)):
                 policy.good.restore()  # weights that blew up without a non-finite loss (a huge learning rate)
                 skipped += 1
     lr = policy.scheduler.get_last_lr()[0]  # the rate this step trained at
     policy.scheduler.step()
     totals = dict(zip(totals, dist.sum(list(totals.values()))))  # each rank summed its share of the tokens
+    critic_stats = {**values.stats(), "critic/grad_norm": critic_norm} if critic else {}
     return {**totals, "optim/grad_norm": grad_norm, "optim/lr": lr,
             "optim/skipped_updates": skipped, "optim/steps": n_mini * algo.ppo_epochs - skipped,
-            "train/updated": sum(a is not None for a in advantages)}
+            "train/updated": sum(a is not None for a in advantages), **critic_stats}
+
+
+@contextmanager
+def accumulating(dist: Dist, models: list, sync: bool):
+    """`dist.accumulating` for the policy and, with PPO, the critic: both all-reduce on the last micro-batch."""
+    with ExitStack() as stack:
+        for model in models:
+            stack.enter_context(dist.accumulating(model, sync=sync))
+        yield
+
+
+def idle_loss(policy: Policy, critic: Critic | None, cfg: Config) -> torch.Tensor:
+    """0 through every trained parameter (policy and critic), for a backward that must happen anyway."""
+    loss = zero_loss(policy.model, policy.pad_id, cfg.rollout.temperature)
+    return loss + zero_value_loss(critic.model, policy.pad_id) if critic else loss
+
+
+def _micro_batch(rollout: Rollout, groups: list[Group], pieces: batches.MicroBatch):
+    """(sample indices, prompts, completions, group sizes) of a micro-batch's pieces, as `score` takes them."""
+    samples = [rollout.group(piece.prompt)[groups[piece.prompt].train_idx[j]] for piece in pieces
+               for j in piece.samples]
+    return (samples, [rollout.prompt_ids[piece.prompt] for piece in pieces],
+            [rollout.completion_ids[i] for i in samples], [len(piece.samples) for piece in pieces])
 
 
 def micro_batch_loss(policy: Policy, rollout: Rollout, groups: list[Group], advantages: list,
                      pieces: batches.MicroBatch, n_tokens: int, cfg: Config, dist: Dist) -> tuple[torch.Tensor, dict]:
     """The loss of one micro-batch (its share of the mini-batch's token-mean) and its terms as floats."""
-    samples = [p * rollout.n + groups[p].train_idx[j] for piece in pieces for p in [piece.prompt]
-               for j in piece.samples]
-    completions = [rollout.completion_ids[i] for i in samples]
-    prompts = [rollout.prompt_ids[piece.prompt] for piece in pieces]
-    sizes = [len(piece.samples) for piece in pieces]
+    samples, prompts, completions, sizes = _micro_batch(rollout, groups, pieces)
     temperature = cfg.rollout.temperature
     chunk = cfg.algorithm.logprob_chunk_mb
     logp, mask = score(policy.model, prompts, completions, temperature, policy.pad_id, group_size=sizes, chunk_mb=chunk)
     old = torch.nn.utils.rnn.pad_sequence([rollout.logprobs[i] for i in samples], batch_first=True)
     adv = torch.cat([advantages[piece.prompt][list(piece.samples)] for piece in pieces])
+    if adv.dim() == 2:  # per token (PPO): from the step's longest answer to this micro-batch's
+        adv = adv[:, : logp.shape[1]]
     loss, stats = policy_loss(logp, old[:, : logp.shape[1]].to(logp.device), adv.to(logp.device), mask,
                               cfg.algorithm.clip_eps, n_tokens)
     terms = {"loss/policy": float(loss.detach()), "loss/kl": 0.0, "loss/clipfrac": stats["clipfrac"],
@@ -236,6 +329,17 @@ def micro_batch_loss(policy: Policy, rollout: Rollout, groups: list[Group], adva
         terms["loss/kl"] = float(kl.detach())
     terms["loss/total"] = float(loss.detach())
     return loss, terms
+
+
+def value_micro_batch_loss(critic: Critic, rollout: Rollout, groups: list[Group], values: StepValues,
+                           pieces: batches.MicroBatch, n_tokens: int, cfg: Config, pad_id: int) -> tuple[torch.Tensor, dict]:
+    """The critic's clipped value loss on one micro-batch (its share of the mini-batch's token-mean)."""
+    _, prompts, completions, sizes = _micro_batch(rollout, groups, pieces)
+    v, mask = token_values(critic.model, prompts, completions, pad_id, sizes)
+    rows = [values.rows[piece.prompt][j] for piece in pieces for j in piece.samples]
+    old, returns = (x[rows, : v.shape[1]].to(v.device) for x in (values.values, values.returns))
+    loss, stats = value_loss(v, old, returns, mask, cfg.algorithm.value_clip, n_tokens)
+    return loss, {"loss/value": float(loss.detach()), "critic/vf_clipfrac": stats["vf_clipfrac"]}
 
 
 # --- metrics --------------------------------------------------------------------------------------
@@ -276,14 +380,15 @@ class TrainingStopped(RuntimeError):
 
 # --- set-up and resume ----------------------------------------------------------------------------
 
-def resumed_state(run_dir: Path, cfg: Config, model, optimizer, scheduler) -> dict | None:
-    """Load the latest checkpoint; settings that differ from the checkpointed run are named
-    (model.* ones refused: the weights would not fit)."""
-    state = load_checkpoint(run_dir, model, optimizer, scheduler)
+def resumed_state(run_dir: Path, cfg: Config, model, optimizer, scheduler, critic: tuple | None = None) -> dict | None:
+    """Load the latest checkpoint (with PPO, `critic` = (value model, optimizer) too); settings that
+    differ from the checkpointed run are named (model.* ones refused: the weights would not fit).
+    A key the checkpointed run's version did not have counts as set to its default."""
+    state = load_checkpoint(run_dir, model, optimizer, scheduler, critic)
     if state is None:
         warn(f"no checkpoint in {run_dir}/{CHECKPOINTS}; starting from step 0")
         return None
-    old, new = _flatten(state["config"]), _flatten(cfg.to_dict())
+    old, new = {**_flatten(Config().to_dict()), **_flatten(state["config"])}, _flatten(cfg.to_dict())
     free = ("train.steps", "train.save_every", "train.keep_checkpoints", "algorithm.max_bad_steps",
             "train.wandb_project", "rollout.max_batch_rows", "rollout.memory_fraction", "eval.max_batch_rows",
             "eval.memory_fraction")
@@ -330,6 +435,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Run:
     makes a resumed run continue bit for bit."""
     problems, extra = load_sets(cfg)  # bad data fails before anything is written
     dist = Dist(make_accelerator())
+    check_critic_engine(cfg, dist)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
@@ -352,6 +458,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Run:
     # engine's wrapper (DDP, ...): forward/backward through it, sample from `model`.
     wrapped, optimizer = dist.prepare(model, optimizer)
     model = dist.unwrap(wrapped)
+    critic = make_critic(cfg, dist) if cfg.algorithm.advantage in CRITIC_ESTIMATORS else None
     if cfg.rollout.backend == "vllm":
         from ttrl.vllm_rollout import VLLMSampler
 
@@ -361,7 +468,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Run:
     # Resume: weights, optimizer, RNGs and eval history from the checkpoint (every rank loads it);
     # metrics rows logged after it (and a torn last line) are dropped, so the file reads as if
     # never interrupted.
-    state = resumed_state(run_dir, cfg, model, optimizer, scheduler) if resume else None
+    state = resumed_state(run_dir, cfg, model, optimizer, scheduler, critic_parts(critic, dist)) if resume else None
     writer = None
     if dist.is_main:
         if resume:
@@ -377,13 +484,38 @@ def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Run:
             warn(f"the checkpoint is at step {state['step']}, past train.steps={steps}: no step is run, and the "
                  f"final evaluation is logged as step {state['step']}")
     policy = Policy(model=wrapped, optimizer=optimizer, scheduler=scheduler, ref_model=ref_model,
-                    pad_id=tok.pad_token_id, good=None if dist.deepspeed else LastGoodWeights(model))
+                    pad_id=tok.pad_token_id, good=None if dist.deepspeed else LastGoodWeights(model), critic=critic)
     return Run(dist=dist, policy=policy, model=model, tok=tok, sampler=sampler,
                sampling=Sampling.of(cfg.rollout, n=cfg.rollout.n_votes), adapt=adapt,
                prompt_ids=encode_problems(tok, adapt, cfg), eval_sets=eval_sets,
                control=Control(cfg, max(steps, state["step"]) if state else steps, history,
                                state["bad_steps"] if state else 0),
                start=state["step"] if state else 0, evals=state["evals"] if state else {}, writer=writer)
+
+
+def check_critic_engine(cfg: Config, dist: Dist) -> None:
+    """PPO's critic runs in one process or under DDP: its checkpoints, and its gradient clipping
+    beside the policy's, are not written for sharded engines or fp16 loss scaling yet."""
+    mixed = getattr(dist.accelerator, "mixed_precision", "no")
+    if cfg.algorithm.advantage in CRITIC_ESTIMATORS and (dist.sharded or mixed == "fp16"):
+        raise ConfigError(f"config key 'algorithm.advantage' = {cfg.algorithm.advantage!r}: the critic runs in one "
+                          "process or under DDP, in fp32 or bf16; use the multi_gpu or single_gpu accelerate config "
+                          f"(this launch uses {'FSDP/DeepSpeed' if dist.sharded else 'fp16'}), or a group estimator "
+                          "such as grpo", "algorithm.advantage")
+
+
+def make_critic(cfg: Config, dist: Dist) -> Critic:
+    """PPO's value model on the policy's starting weights, with its own AdamW, wrapped like the policy."""
+    model = load_critic(cfg.model, seed=cfg.train.seed, device=dist.device,
+                        gradient_checkpointing=cfg.algorithm.gradient_checkpointing)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.algorithm.critic_lr,
+                                  weight_decay=cfg.algorithm.weight_decay)
+    return Critic(*dist.prepare(model, optimizer))
+
+
+def critic_parts(critic: Critic | None, dist: Dist) -> tuple | None:
+    """(plain value model, optimizer) as checkpoints save and load them (None without a critic)."""
+    return (dist.unwrap(critic.model), critic.optimizer) if critic else None
 
 
 def export_model(model, tok, run_dir: Path, state_dict=None) -> Path:
@@ -459,8 +591,9 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
                             groups = vote(rollout, [r.adapt[batch[k]].choices for k in mine])          # 3 votes
                             groups = reward(groups, rollout, cfg.reward, [seeds[k] for k in mine])     # 4 rewards
                             rollout, groups = gather_step(rollout, groups, dist)
-                            advantages = estimate_advantages(cfg.algorithm.advantage, groups)          # 5 advantages
-                            stats = update(r.policy, rollout, groups, advantages, cfg, dist)           # 6 update
+                            values = critic_values(r.policy, rollout, groups, cfg, dist)               # 5 advantages
+                            advantages = estimate_advantages(cfg.algorithm.advantage, groups, values)  #   (PPO: GAE)
+                            stats = update(r.policy, rollout, groups, advantages, cfg, dist, values)   # 6 update
                             r.sampler.sync(r.policy.model)
                             row = {"step": done, **rollout_metrics(rollout, groups, t_rollout),
                                    **stats, **diagnostics(groups, [r.adapt[i].answer for i in batch]),
@@ -529,7 +662,7 @@ def checkpoint(r: Run, cfg: Config, run_dir: Path, done: int) -> Path:
         warn(f"step {done}: no checkpoint under FSDP/DeepSpeed (not supported yet)")
     elif r.dist.is_main:
         path = save_checkpoint(run_dir, done, r.model, r.policy.optimizer, r.policy.scheduler,
-                               keep=cfg.train.keep_checkpoints,
+                               keep=cfg.train.keep_checkpoints, critic=critic_parts(r.policy.critic, r.dist),
                                state={"evals": r.evals, "bad_steps": r.control.bad_steps,
                                       "metric_rows": r.writer.n_rows, "config": cfg.to_dict()})
     r.dist.barrier()  # no rank may exit (and so end the job) while rank 0 is still writing
