@@ -15,7 +15,8 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 TRAIN_KEYS = ["train/reward", "train/majority_ratio", "train/label_accuracy", "train/reward_accuracy",
               "train/rollout_accuracy", "train/entropy", "train/response_length", "loss/policy", "loss/kl",
-              "optim/grad_norm", "optim/lr", "perf/step_seconds", "perf/tokens_per_second"]
+              "optim/grad_norm", "optim/lr", "perf/step_seconds", "perf/tokens_per_second", "train/votes_drawn",
+              "perf/rollout_tokens"]
 
 
 def test_tiny_config_through_the_cli(tmp_path):
@@ -247,3 +248,38 @@ def test_policy_loss_is_reported_apart_from_the_kl_term():
     assert stats["loss/kl"] > 0  # the 2nd and 3rd passes run on updated weights
     assert stats["loss/total"] == pytest.approx(stats["loss/policy"] + 0.5 * stats["loss/kl"], rel=1e-4, abs=1e-9)
     assert stats["loss/total"] != pytest.approx(stats["loss/policy"], rel=1e-6, abs=1e-12)
+
+
+def _subset(rollout, keep: list[list[int]]):
+    """The rollout with only the samples `keep[p]` (positions within prompt p's group) of each prompt."""
+    from ttrl.rollout import Rollout
+
+    rows = [rollout.group(p)[j] for p, js in enumerate(keep) for j in js]
+    pick = lambda name: [getattr(rollout, name)[i] for i in rows]  # noqa: E731
+    return Rollout(n=rollout.n, prompt_ids=rollout.prompt_ids, completion_ids=pick("completion_ids"),
+                   logprobs=pick("logprobs"), entropy=pick("entropy"), certainty=pick("certainty"),
+                   texts=pick("texts"), truncated=pick("truncated"), sizes=[len(js) for js in keep])
+
+
+def test_prompts_with_fewer_votes_vote_reward_and_train_on_their_own_samples():
+    """Sequential voting leaves prompts with different numbers of samples: votes, rewards, the update
+    and the step's concatenation must index each prompt's own samples."""
+    from dataclasses import replace
+
+    from ttrl.groups import reward, vote
+    from ttrl.trainer import estimate_advantages, update
+
+    cfg = load_config(TINY, STEP + ["reward.n_train_samples=2"])
+    weights = []
+    for keep in ([[0, 1, 2, 3], [0, 1, 2, 3]], [[0, 1], [0, 1, 2, 3]]):  # N = 4 each, or prompt 0 stopped at 2
+        policy, rollout, _, _ = _one_step(cfg)
+        rollout = _subset(rollout, keep)
+        groups = vote(rollout)
+        assert [len(g.answers) for g in groups] == [len(k) for k in keep]
+        drawn = reward(groups, rollout, cfg.reward, seeds=[5, 6])
+        assert all(set(g.train_idx) <= set(range(len(k))) and len(g.train_idx) == 2 for g, k in zip(drawn, keep))
+        fixed = [replace(groups[0], train_idx=[1, 0], rewards=[1.0, 0.0]),  # samples both sides have
+                 replace(groups[1], train_idx=[3, 1], rewards=[0.0, 1.0])]
+        update(policy, rollout, fixed, estimate_advantages("grpo", fixed), cfg)
+        weights.append(torch.cat([p.detach().flatten() for p in policy.model.parameters()]))
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)  # the same trained samples, wherever they sit

@@ -128,6 +128,13 @@ class RolloutConfig(SamplingConfig):
     """N: samples per prompt that vote on the pseudo-label (official TTRL scripts: 64)."""
     backend: str = "torch"
     """torch (built in, CPU and CUDA) or vllm (optional extra, GPU)."""
+    vote_round: int = 0
+    """Sequential voting (ttrl.sequential): draw a prompt's votes this many at a time (the first
+    round at least M) and stop once its vote is decided; at most n_votes. 0 = all N at once."""
+    vote_confidence: float = 0.0
+    """With vote_round: also stop a prompt once the posterior probability that its leading answer
+    beats the runner-up reaches this (e.g. 0.95); 0 = stop only when the leader can no longer be
+    overtaken, so the pseudo-label is exactly that of N votes."""
 
 
 @dataclass
@@ -291,6 +298,9 @@ def validate(cfg: Config) -> Config:
     checks = [
         ("rollout.n_votes", cfg.rollout.n_votes >= 2, "must be >= 2: a vote needs several samples"),
         *_sampler_checks(cfg),
+        ("rollout.vote_round", cfg.rollout.vote_round >= 0, "must be >= 0 (0 = all N votes at once)"),
+        ("rollout.vote_confidence", cfg.rollout.vote_confidence == 0 or 0.5 < cfg.rollout.vote_confidence < 1,
+         "must be 0 (stop only when the vote cannot be overtaken) or in (0.5, 1), e.g. 0.95"),
         ("reward.n_train_samples", 1 <= cfg.reward.n_train_samples <= cfg.rollout.n_votes,
          f"must be between 1 and rollout.n_votes ({cfg.rollout.n_votes}): M samples are drawn from the N votes"),
         ("reward.min_majority_ratio", 0 <= cfg.reward.min_majority_ratio <= 1, "must be in [0, 1]"),
