@@ -283,3 +283,22 @@ def test_prompts_with_fewer_votes_vote_reward_and_train_on_their_own_samples():
         update(policy, rollout, fixed, estimate_advantages("grpo", fixed), cfg)
         weights.append(torch.cat([p.detach().flatten() for p in policy.model.parameters()]))
     assert torch.allclose(weights[0], weights[1], atol=1e-6)  # the same trained samples, wherever they sit
+
+
+def test_the_reward_stage_hands_each_kind_its_settings():
+    from ttrl.config import Config
+    from ttrl.groups import reward, vote
+    from ttrl.rollout import Rollout
+
+    texts = ["4", "4", "4", "5"]
+    z = [torch.full((2,), float(i)) for i in range(4)]  # mean entropy 0, 1, 2, 3: "5" is the least sure
+    rollout = Rollout(n=4, prompt_ids=[[1]], completion_ids=[[1, 2]] * 4, logprobs=z, entropy=z, certainty=z,
+                      texts=texts, truncated=[False] * 4)
+    cfg = Config()
+    cfg.reward.n_train_samples = 4
+    for settings, expected in [({"kind": "penalized_majority", "penalty": 0.25}, -0.25),
+                               ({"kind": "penalized_majority", "penalty_min_ratio": 0.8}, 0.0),
+                               ({"kind": "soft_majority", "label_temperature": 1.0}, 0.25)]:
+        cfg.reward.__dict__.update(settings)
+        (group,) = reward(vote(rollout), rollout, cfg.reward, seeds=[0])
+        assert group.rewards[group.train_idx.index(3)] == pytest.approx(expected), settings

@@ -144,11 +144,23 @@ class RewardConfig:
     of rollout.n_votes (official TTRL scripts: 32 of 64)."""
     kind: str = "majority"
     """majority (TTRL: 1 if equivalent to the pseudo-label), similarity (ROUGE-L to the consensus text),
-    semantic_entropy (EMPO), neg_entropy (RENT) or self_certainty (Intuitor); the controls format
-    (1 for any answer) and random (a coin) measure what a reward that ignores the vote gives; see
-    ttrl/rewards.py and docs/method.md."""
+    semantic_entropy (EMPO), neg_entropy (RENT), self_certainty (Intuitor), soft_majority (RESTRAIN:
+    every answer a label weighted by its sharpened vote share) or penalized_majority (SCRL/TTPO: a
+    penalty for disagreeing with a confident vote); the controls format (1 for any answer) and
+    random (a coin) measure what a reward that ignores the vote gives; see ttrl/rewards.py and
+    docs/method.md."""
     random_p: float = 0.5
     """Probability of reward 1 under the random control (reward.kind=random)."""
+    label_temperature: float = 0.5
+    """soft_majority: answer class j earns share_j^(1/T), normalised over the classes; 1 = the vote
+    shares (as semantic_entropy), towards 0 = majority's all-or-nothing."""
+    penalty: float = 1.0
+    """penalized_majority: a sample that disagrees with a confident vote earns -penalty (not 0)."""
+    penalty_min_ratio: float = 0.5
+    """penalized_majority: the vote is confident, and disagreeing is penalised, from this majority ratio on."""
+    penalty_entropy_gate: bool = True
+    """penalized_majority: penalise only disagreeing samples whose mean token entropy is above their
+    prompt's mean (SCRL's gate: a sure minority answer may be right; needs the torch backend)."""
     min_majority_ratio: float = 0.0
     """Prompts whose majority ratio is below this are skipped for training."""
 
@@ -316,6 +328,9 @@ def validate(cfg: Config) -> Config:
         ("algorithm.max_grad_norm", cfg.algorithm.max_grad_norm > 0, "must be > 0"),
         ("algorithm.warmup_ratio", 0 <= cfg.algorithm.warmup_ratio < 1, "must be in [0, 1)"),
         ("reward.random_p", 0 <= cfg.reward.random_p <= 1, "must be in [0, 1]"),
+        ("reward.label_temperature", cfg.reward.label_temperature > 0, "must be > 0 (1 = the vote shares)"),
+        ("reward.penalty", cfg.reward.penalty >= 0, "must be >= 0: disagreeing samples earn -penalty"),
+        ("reward.penalty_min_ratio", 0 <= cfg.reward.penalty_min_ratio <= 1, "must be in [0, 1]"),
         ("algorithm.max_bad_steps", cfg.algorithm.max_bad_steps >= 1, "must be >= 1"),
         ("algorithm.gradient_checkpointing", isinstance(cfg.algorithm.gradient_checkpointing, bool)
          or cfg.algorithm.gradient_checkpointing == "auto", "must be true, false or auto (on with CUDA)"),

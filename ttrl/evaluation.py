@@ -103,7 +103,8 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
     seeds = torch.randint(0, 2**62, (len(problems),), generator=torch.Generator().manual_seed(seed)).tolist()
     sampling = Sampling.of(cfg, n=k)
     rollout = sampler.generate(model, prompt_ids, sampling, [seeds[i] for i in share])
-    answers = sample_answers(rollout.texts, rollout.truncated, [p.choices for p in mine for _ in range(k)])
+    answers = sample_answers(rollout.texts, rollout.truncated,
+                             [p.choices for p, size in zip(mine, rollout.group_sizes) for _ in range(size)])
     results = [score_group([answers[i] for i in rollout.group(p)], prob.answer, prob.id)
                for p, prob in enumerate(mine)]
     greedy = None

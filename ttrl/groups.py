@@ -54,7 +54,9 @@ def reward(groups: list[Group], rollout: Rollout, cfg: RewardConfig, seeds: list
         rewards = label_free_rewards(cfg.kind, g.vote, [rollout.texts[i] for i in idx],
                                      [float(rollout.entropy[i].mean()) for i in idx],
                                      [float(rollout.certainty[i].mean()) for i in idx], chosen,
-                                     seed=seeds[p] + 2, random_p=cfg.random_p)
+                                     seed=seeds[p] + 2, random_p=cfg.random_p, label_temperature=cfg.label_temperature,
+                                     penalty=cfg.penalty, penalty_min_ratio=cfg.penalty_min_ratio,
+                                     penalty_entropy_gate=cfg.penalty_entropy_gate)
         out.append(replace(g, train_idx=chosen, rewards=list(rewards),
                            skipped=g.vote.majority_ratio < cfg.min_majority_ratio))
     return out
