@@ -240,13 +240,22 @@ class TrainConfig:
     """How many of the latest checkpoints to keep in RUN_DIR/checkpoints."""
     stop_on: str = ""
     """Optional early stop on an unlabeled signal: majority_ratio or reward (plateau over
-    stop_window steps), or entropy (below entropy_floor). Never on gold-based metrics."""
+    stop_window steps), entropy (below entropy_floor), or collapse (the collapse watch, which
+    otherwise only warns: majority ratio saturated while entropy and length drift; see
+    collapse_ratio). Never on gold-based metrics."""
     stop_window: int = 5
     """Steps per window of the plateau rule: the mean of the last window is compared with the one before."""
     stop_min_delta: float = 0.01
     """The plateau rule stops when the windowed mean rose by less than this."""
     entropy_floor: float = 0.05
     """The entropy rule stops when the rollouts' mean token entropy (nats) falls below this."""
+    collapse_ratio: float = 0.9
+    """The collapse watch (ttrl.stopping.collapse_reason) warns, once, when the mean majority ratio of
+    the last stop_window steps reaches this while entropy and response length have drifted (below);
+    train.stop_on=collapse also stops there."""
+    collapse_drift: float = 0.5
+    """The collapse watch's drift: entropy fell by at least this share of its mean over the first
+    stop_window steps, and the mean response length moved by at least this share, either way."""
     wandb_project: str = ""
     """Also log every metrics row to this Weights & Biases project ("" = off; needs
     `pip install 'ttrl[wandb]'`; WANDB_MODE=offline logs without a network, under RUN_DIR/wandb)."""
@@ -348,6 +357,8 @@ def validate(cfg: Config) -> Config:
         ("train.stop_min_delta", cfg.train.stop_min_delta >= 0,
          "must be >= 0: the plateau rule stops when the signal rose by less than this"),
         ("train.entropy_floor", cfg.train.entropy_floor > 0, "must be > 0: entropy is never below 0"),
+        ("train.collapse_ratio", 0 < cfg.train.collapse_ratio <= 1, "must be in (0, 1]"),
+        ("train.collapse_drift", 0 < cfg.train.collapse_drift < 1, "must be in (0, 1): a share of the start"),
         ("data.holdout", 0 <= cfg.data.holdout < 1, "must be in [0, 1)"),
         ("data.limit", cfg.data.limit >= 0, "must be >= 0 (0 = all)"),
         ("data.template", "{problem}" in cfg.data.template, "must contain {problem}"),

@@ -540,6 +540,8 @@ def report_step(bar, task, row: dict, control: Control, done: int) -> None:
     if row.get("optim/skipped_updates"):
         warn(f"step {done}: NaN/inf loss, gradient or logits; update skipped "
              f"({control.bad_steps} in a row, algorithm.max_bad_steps={control.cfg.algorithm.max_bad_steps})")
+    if row.get("collapse_warning") and row.get("stop_reason") != row["collapse_warning"]:  # said once
+        warn(f"step {done}: {row['collapse_warning']}")
     if control.stopped_early and row.get("stop_reason"):
         warn(f"stopping early after step {done}: {control.stopped_early}")
 

@@ -39,7 +39,7 @@ class VLLMSampler:
             (cfg.reward.kind in ("neg_entropy", "self_certainty"), f"reward.kind={cfg.reward.kind}"),
             (cfg.reward.kind == "penalized_majority" and cfg.reward.penalty_entropy_gate,
              "reward.penalty_entropy_gate=true (set it false)"),
-            (cfg.train.stop_on == "entropy", "train.stop_on=entropy"),
+            (cfg.train.stop_on in ("entropy", "collapse"), f"train.stop_on={cfg.train.stop_on}"),
             (cfg.model.lora_rank > 0, "model.lora_rank > 0"),
             (dist.sharded, "FSDP / DeepSpeed (use DDP: configs/accelerate/multi_gpu.yaml)")] if bad]
         if unsupported:
