@@ -302,3 +302,15 @@ def test_the_reward_stage_hands_each_kind_its_settings():
         cfg.reward.__dict__.update(settings)
         (group,) = reward(vote(rollout), rollout, cfg.reward, seeds=[0])
         assert group.rewards[group.train_idx.index(3)] == pytest.approx(expected), settings
+
+
+def test_sequential_voting_through_the_loop_logs_the_votes_drawn(tmp_path):
+    cfg = load_config(TINY, ["train.steps=2", "eval.before=false", "rollout.vote_round=4",
+                             "rollout.vote_confidence=0.9"])
+    train(cfg, tmp_path / "run", quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
+    for row in (r for r in rows if "train/reward" in r):
+        votes = [x["n_votes"] for x in logged if x["step"] == row["step"]]
+        assert row["train/votes_drawn"] == sum(votes) / len(votes) and all(4 <= v <= 8 for v in votes)
+        assert row["perf/rollout_tokens"] > 0
