@@ -1,6 +1,7 @@
 """What the loop does between steps besides the algorithm: stop early on an unlabeled signal
-(and flag collapse on them), give up after repeated non-finite steps, evaluate and checkpoint on schedule, obey SIGINT and
-SIGTERM. Kept apart from the loop so the loop reads as the algorithm, and tested on its own."""
+(and flag collapse on them), give up after repeated non-finite steps, evaluate and checkpoint on
+schedule, obey SIGINT and SIGTERM. Kept apart from the loop so the loop reads as the algorithm,
+and tested on its own."""
 
 from __future__ import annotations
 
