@@ -98,7 +98,7 @@ def sample_in_rounds(sampler: Sampler, model, prompt_ids: list[list[int]], sampl
     answers are letters). `lockstep`: call the sampler every round even with no prompt left (a
     sharded model gathers its parameters in every call, a collective every rank must join)."""
     choices = list(choices) if choices is not None else [None] * len(prompt_ids)
-    samples: list[list[tuple]] = [[] for _ in prompt_ids]  # per prompt: (tokens, logprobs, entropy, ...)
+    rows: list[list[tuple[Rollout, int]]] = [[] for _ in prompt_ids]  # per prompt: (its round's rollout, index)
     answers: list[list[str | None]] = [[] for _ in prompt_ids]
     undecided, drawn = list(range(len(prompt_ids))), 0
     for r, upto in enumerate(rounds.boundaries()):
@@ -106,17 +106,16 @@ def sample_in_rounds(sampler: Sampler, model, prompt_ids: list[list[int]], sampl
             part = sampler.generate(model, [prompt_ids[p] for p in undecided], replace(sampling, n=upto - drawn),
                                     [round_seed(seeds[p], r) for p in undecided])
             for j, p in enumerate(undecided):
-                rows = part.group(j)
-                samples[p] += [(part.completion_ids[i], part.logprobs[i], part.entropy[i], part.certainty[i],
-                                part.texts[i], part.truncated[i]) for i in rows]
-                answers[p] += sample_answers([part.texts[i] for i in rows], [part.truncated[i] for i in rows],
-                                             [choices[p]] * len(rows))
+                rows[p] += [(part, i) for i in part.group(j)]
+                answers[p] += sample_answers([part.texts[i] for i in part.group(j)],
+                                             [part.truncated[i] for i in part.group(j)], [choices[p]] * (upto - drawn))
         drawn = upto
         undecided = [p for p in undecided
                      if not vote_decided(majority_vote(answers[p]).counts, drawn, rounds.n_max, rounds.confidence)]
-    columns = list(zip(*[s for per_prompt in samples for s in per_prompt])) or [()] * 6
-    sizes = [len(s) for s in samples]
-    return Rollout(n=rounds.n_max, prompt_ids=[list(p) for p in prompt_ids], completion_ids=list(columns[0]),
-                   logprobs=list(columns[1]), entropy=list(columns[2]), certainty=list(columns[3]),
-                   texts=list(columns[4]), truncated=list(columns[5]),
+    flat = [row for per_prompt in rows for row in per_prompt]
+    pick = lambda name: [getattr(part, name)[i] for part, i in flat]  # noqa: E731
+    sizes = [len(per_prompt) for per_prompt in rows]
+    return Rollout(n=rounds.n_max, prompt_ids=[list(p) for p in prompt_ids], completion_ids=pick("completion_ids"),
+                   logprobs=pick("logprobs"), entropy=pick("entropy"), certainty=pick("certainty"),
+                   texts=pick("texts"), truncated=pick("truncated"),
                    sizes=None if all(k == rounds.n_max for k in sizes) else sizes)
