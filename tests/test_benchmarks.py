@@ -94,3 +94,20 @@ def test_ppo_vs_grpo_smoke_run_on_tiny(tmp_path):
     prompts = [[json.loads(line)["prompt_id"] for line in (tmp_path / side / "rollouts.jsonl").open()] for side in
                ("grpo", "ppo")]
     assert prompts[0] == prompts[1]
+def test_adaptive_votes_replays_the_rule_on_prefixes_by_hand():
+    from adaptive_votes import replay, stop_point
+
+    from ttrl.sequential import VoteRounds
+
+    rounds = VoteRounds(n_max=8, min_votes=4, size=2)  # boundaries 4, 6, 8
+    unanimous = ["5"] * 8  # after 6: 6 > 0 + 2, decided
+    split = ["5", "6"] * 4  # never decided before N
+    late = ["5", "5", "6", "7", "5", "6", "6", "6"]  # after 4, 5 leads; all 8 elect 6
+    assert [stop_point(a, rounds) for a in (unanimous, split, late)] == [6, 8, 8]
+    sure = VoteRounds(8, 4, 2, confidence=0.68)  # after 4: unanimous 31/32, late (2, 1, 1) 11/16, split 1/2
+    assert [stop_point(a, sure) for a in (unanimous, split, late)] == [4, 8, 4]
+    r = replay([unanimous, split, late], [[1] * 8, [2] * 8, [3] * 8], ["5", "5", "6"], sure)
+    assert r["votes_drawn"] == (4 + 8 + 4) / 3
+    assert r["tokens"] == 4 * 1 + 8 * 2 + 4 * 3 and r["token_saving"] == pytest.approx(1 - 32 / 48)
+    assert r["agreement"] == pytest.approx(2 / 3)  # `late` stopped on 5, while all 8 elect 6
+    assert r["label_accuracy_full"] == 1.0 and r["label_accuracy_early"] == pytest.approx(2 / 3)

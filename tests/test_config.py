@@ -37,6 +37,12 @@ def test_overrides_are_typed():
     ({"algorithm": {"advantage": "ppo2"}}, "algorithm.advantage"),
     ({"train": {"steps": 1.5}}, "train.steps"),
     ({"model": "gpt"}, "model"),
+    ({"rollout": {"vote_round": -1}}, "rollout.vote_round"),
+    ({"rollout": {"vote_confidence": 0.5}}, "rollout.vote_confidence"),  # a tie already "leads" at 0.5
+    ({"reward": {"label_temperature": 0}}, "reward.label_temperature"),
+    ({"reward": {"penalty": -1}}, "reward.penalty"),
+    ({"reward": {"penalty_min_ratio": 1.5}}, "reward.penalty_min_ratio"),
+    ({"train": {"stop_on": "collapsed"}}, "train.stop_on"),
 ])
 def test_bad_values_name_the_key(raw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -118,3 +118,24 @@ def test_a_short_run_is_checked_at_its_last_step():
     for s in range(1, 4):
         c.after_step(s, {"train/no_answer": 0.9, "train/truncated": 0.9, "train/majority_ratio": 0.05})
     assert c.signal_warnings(2) == [] and c.signal_warnings(3)
+def _collapsing_rows(n: int) -> list[dict]:
+    """Majority ratio climbing to 1 while entropy and length fall: the collapse watch's pattern."""
+    return [{"train/majority_ratio": min(1.0, 0.1 * s), "train/entropy": 2.0 / s, "train/response_length": 8.0 / s}
+            for s in range(1, n + 1)]
+
+
+def test_the_collapse_watch_warns_once_and_stops_only_when_asked():
+    c = _control(train__stop_window=2)
+    rows = _collapsing_rows(12)
+    for s, row in enumerate(rows, 1):
+        c.after_step(s, row)
+    warned = [s for s, row in enumerate(rows, 1) if "collapse_warning" in row]
+    # Step 10: ratio (0.9 + 1.0) / 2 >= 0.9 (step 9: 0.85); entropy 1.5 -> 0.21, length 6 -> 0.84 long before.
+    assert warned == [10] and not c.finished
+    stopping = _control(train__stop_window=2, train__stop_on="collapse")
+    rows = _collapsing_rows(12)
+    for s, row in enumerate(rows, 1):
+        stopping.after_step(s, row)
+        if stopping.finished:
+            break
+    assert stopping.steps == warned[0] and rows[s - 1]["stop_reason"] == rows[s - 1]["collapse_warning"]

@@ -211,6 +211,7 @@ KEYS = ["model.name", "model.lora_rank", "model.architecture", "model.lora_targe
         "data.holdout", "data.template", "data.too_long", "data.arithmetic.n", "data.arithmetic.ops", "rollout.n_votes",
         "rollout.temperature", "rollout.top_p", "reward.n_train_samples", "reward.kind", "algorithm.lr",
         "algorithm.max_bad_steps", "eval.n_samples", "train.steps", "train.save_every", "train.keep_checkpoints",
+        "rollout.vote_round", "rollout.vote_confidence", "reward.label_temperature", "reward.penalty",
         "model", "rollout", "bogus", "train.bogus", "data.arithmetic"]
 scalars = (st.none() | st.booleans() | st.integers(-10**400, 10**400) | st.floats() | st.text(max_size=6)
            | st.lists(st.integers() | st.text(max_size=3), max_size=2)

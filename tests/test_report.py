@@ -387,3 +387,20 @@ def test_environment_command_is_shell_quoted(monkeypatch):
     command = environment()["command"]
     assert shlex.split(command) == ["ttrl"] + argv[1:]
     assert "'data.template=Question: {problem}'" in command
+
+
+def test_the_collapse_watch_recorded_by_the_trainer_is_in_the_headline(tmp_path):
+    from ttrl.stopping import collapse_reason
+
+    run = recorded_run(tmp_path)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/reward" in r]
+    for i, row in enumerate(train_rows):  # the recorded run's 4 steps, made to saturate and shrink
+        row.update({"train/majority_ratio": [0.3, 0.4, 0.95, 1.0][i], "train/entropy": [2.0, 2.0, 0.2, 0.1][i],
+                    "train/response_length": [6.0, 6.0, 2.0, 2.0][i]})
+    train_rows[-1]["collapse_warning"] = collapse_reason(train_rows, window=2)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(run)
+    for text in ((run / "report.html").read_text(), (run / "report.md").read_text()):
+        assert "Collapse watch, step 4" in text and "entropy fell 92%" in text
+        assert text.index("Collapse watch") < text.index("Does training beat just voting?")

@@ -1,7 +1,9 @@
-"""Label-free rewards: majority reward and the ROUGE-L similarity reward."""
+"""Label-free rewards, each against hand-computed values."""
 
 import random
 import time
+
+import pytest
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -120,3 +122,41 @@ def test_random_control_is_a_seeded_coin_per_sample():
     assert random_rewards(64, [5, 9], 0.25, 3) == [r[5], r[9]]  # a sample's coin whichever are rewarded
     assert r != random_rewards(64, list(range(64)), 0.25, 4)
     assert random_rewards(8, range(8), 0.0, 1) == [0.0] * 8 and random_rewards(8, range(8), 1.0, 1) == [1.0] * 8
+
+
+def test_soft_majority_weights_every_answer_by_its_sharpened_share():
+    from ttrl.rewards import label_free_rewards, soft_majority_rewards
+    from ttrl.voting import majority_vote
+
+    vote = majority_vote(["4", "4", "4", "4", "5", "5", "6", None])  # classes of 4, 2 and 1 votes
+    idx = [0, 4, 6, 7]
+    assert soft_majority_rewards(vote, idx, 0.5) == pytest.approx([16 / 21, 4 / 21, 1 / 21, 0.0])  # 4², 2², 1² / 21
+    assert soft_majority_rewards(vote, idx, 1.0) == pytest.approx([4 / 7, 2 / 7, 1 / 7, 0.0])  # the shares of 7
+    z = [0.0] * 8
+    semantic = label_free_rewards("semantic_entropy", vote, ["x"] * 8, z, z, idx)
+    assert [r * 8 / 7 for r in semantic] == pytest.approx(soft_majority_rewards(vote, idx, 1.0))  # EMPO's, rescaled
+    assert soft_majority_rewards(vote, idx, 0.01) == pytest.approx([1.0, 0.0, 0.0, 0.0])  # T -> 0: majority
+    assert label_free_rewards("soft_majority", vote, ["x"] * 8, z, z, idx, label_temperature=0.5) == \
+        soft_majority_rewards(vote, idx, 0.5)
+    assert soft_majority_rewards(majority_vote(["4", "5"]), [0, 1], 0.01) == [0.5, 0.5]  # tied leaders share
+    assert soft_majority_rewards(majority_vote([None, None]), [0, 1], 0.5) == [0.0, 0.0]
+    assert soft_majority_rewards(majority_vote(["7"] * 64), [0], 1e-3) == [1.0]  # no overflow at tiny T
+
+
+def test_penalized_majority_penalises_disagreeing_with_a_confident_vote():
+    from ttrl.rewards import label_free_rewards
+    from ttrl.voting import majority_vote
+
+    vote = majority_vote(["4", "4", "4", "5", "6", None])  # majority ratio 3 / 6 = 0.5
+    entropy = [0.1, 0.2, 0.3, 0.9, 0.1, 2.0]  # mean 0.6: "5" was sampled unsurely, "6" surely
+    z, idx = [0.0] * 6, list(range(6))
+
+    def rewards(**settings):
+        return label_free_rewards("penalized_majority", vote, ["x"] * 6, entropy, z, idx, **settings)
+
+    assert rewards() == [1.0, 1.0, 1.0, -1.0, 0.0, 0.0]  # the unsure dissenter only; no answer: 0
+    assert rewards(penalty_entropy_gate=False) == [1.0, 1.0, 1.0, -1.0, -1.0, 0.0]
+    assert rewards(penalty=0.5) == [1.0, 1.0, 1.0, -0.5, 0.0, 0.0]
+    assert rewards(penalty_min_ratio=0.6) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]  # not confident: majority's reward
+    assert label_free_rewards("penalized_majority", majority_vote([None] * 3), ["x"] * 3, [1.0] * 3, [0.0] * 3,
+                              [0, 1, 2], penalty_min_ratio=0.0) == [0.0, 0.0, 0.0]

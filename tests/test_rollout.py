@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ttrl.models import ModelError, encode_prompts, set_gradient_checkpointing
-from ttrl.rollout import Sampling, decode_rows, generate, kv_bytes_per_token, score, tempered_logprobs
+from ttrl.rollout import Rollout, Sampling, decode_rows, generate, kv_bytes_per_token, score, tempered_logprobs
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -380,3 +380,22 @@ def test_a_model_that_changes_its_logits_after_the_head_is_refused():
         assert torch.allclose(lp[0], ref.gather(-1, torch.tensor([[4], [5], [6]])).squeeze(-1), atol=1e-5)
         with pytest.raises(ModelError, match="changes its logits after the LM head"):
             score(capped, [[1, 2, 3]], [[4, 5, 6]], 1.0, 0)
+
+
+def _texts_rollout(texts: list[str], n: int, sizes=None, prompts=None) -> Rollout:
+    z = [torch.zeros(1) for _ in texts]
+    prompts = prompts if prompts is not None else [[1]] * (len(sizes) if sizes else len(texts) // n)
+    return Rollout(n=n, prompt_ids=prompts, completion_ids=[[1]] * len(texts), logprobs=z, entropy=z, certainty=z,
+                   texts=texts, truncated=[False] * len(texts), sizes=sizes)
+
+
+def test_groups_of_different_sizes_index_and_concatenate_in_prompt_order():
+    fixed = _texts_rollout(["a", "b", "c", "d"], n=2)
+    assert fixed.group_sizes == [2, 2] and list(fixed.group(1)) == [2, 3]  # sizes=None: n each, as before
+    varied = _texts_rollout(["a", "b", "c", "d", "e", "f"], n=4, sizes=[1, 4, 1])
+    assert [list(varied.group(p)) for p in range(3)] == [[0], [1, 2, 3, 4], [5]]
+    # Ranks' parts, one with a prompt that stopped early, one with every prompt at N: one step, in order.
+    whole = Rollout.concat([varied, _texts_rollout(["g", "h", "i", "j"], n=4, prompts=[[2]])])
+    assert whole.group_sizes == [1, 4, 1, 4] and whole.n == 4
+    assert [whole.texts[i] for i in whole.group(3)] == ["g", "h", "i", "j"]
+    assert Rollout.concat([fixed, _texts_rollout(["e", "f"], n=2)]).sizes is None  # all at N: no sizes kept

@@ -60,7 +60,7 @@ def test_gold_fields_never_read_and_do_not_change_the_decision():
     for r in rows:
         dict.__setitem__(r, "train/label_accuracy", 1.0)
     assert _first_stop(rows, "reward", window=2, min_delta=0.01) == a
-    assert all("accuracy" not in key for key in SIGNALS.values())
+    assert all("accuracy" not in key for keys in SIGNALS.values() for key in keys)
 
 
 def test_plateau_pure_function():
@@ -68,3 +68,25 @@ def test_plateau_pure_function():
     assert plateaued([1, 1, 1, 1], 2, 0.5) is True
     with pytest.raises(ValueError, match="unknown stopping rule"):
         stop_reason([{"train/reward": 1}], "label_accuracy")
+
+
+def _run(ratios, entropies, lengths):
+    return [GoldGuard({"step": i + 1, "train/majority_ratio": r, "train/entropy": e, "train/response_length": n,
+                       "train/label_accuracy": 0.0}) for i, (r, e, n) in enumerate(zip(ratios, entropies, lengths))]
+
+
+def test_collapse_watch_needs_saturation_and_both_drifts():
+    from ttrl.stopping import collapse_reason
+
+    # window 2: first-window means entropy 1.0, length 8.0; last-window means below.
+    saturated = _run([0.2, 0.3, 0.9, 0.95], [1.2, 0.8, 0.3, 0.2], [8, 8, 3, 3])
+    reason = collapse_reason(saturated, window=2, ratio=0.9, drift=0.5)
+    # ratio (0.9 + 0.95) / 2 = 0.925; entropy 1.0 -> 0.25 (-75%); length 8 -> 3 (-62%)
+    assert "0.93 over the last 2 steps" in reason and "fell 75%" in reason and "-62%" in reason
+    assert collapse_reason(saturated, window=2, ratio=0.95, drift=0.5) is None  # not saturated enough
+    assert collapse_reason(saturated, window=2, ratio=0.9, drift=0.8) is None  # entropy fell 75% < 80%
+    assert collapse_reason(_run([0.2, 0.3, 0.9, 0.95], [1.2, 0.8, 0.3, 0.2], [8, 8, 7, 7]), 2) is None  # length held
+    assert collapse_reason(_run([0.2, 0.3, 0.9, 0.95], [1.2, 0.8, 1.0, 1.0], [8, 8, 3, 3]), 2) is None  # entropy held
+    assert collapse_reason(_run([0.2, 0.3, 0.9, 0.95], [1.2, 0.8, 0.3, 0.2], [4, 4, 9, 9]), 2) is not None  # longer
+    assert collapse_reason(saturated[:3], window=2) is None  # two windows needed
+    assert stop_reason(saturated, "collapse", window=2, collapse_ratio=0.9, collapse_drift=0.5) == reason

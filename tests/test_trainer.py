@@ -15,7 +15,8 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 TRAIN_KEYS = ["train/reward", "train/majority_ratio", "train/label_accuracy", "train/reward_accuracy",
               "train/rollout_accuracy", "train/entropy", "train/response_length", "loss/policy", "loss/kl",
-              "optim/grad_norm", "optim/lr", "perf/step_seconds", "perf/tokens_per_second"]
+              "optim/grad_norm", "optim/lr", "perf/step_seconds", "perf/tokens_per_second", "train/votes_drawn",
+              "perf/rollout_tokens"]
 
 
 def test_tiny_config_through_the_cli(tmp_path):
@@ -368,3 +369,67 @@ def test_ppo_under_a_sharded_engine_is_a_config_error_before_any_model_loads():
     with pytest.raises(ConfigError, match="algorithm.advantage.*DDP.*FSDP/DeepSpeed") as e:
         check_critic_engine(load_config(TINY, ["algorithm.advantage=ppo"]), sharded)
     assert e.value.key == "algorithm.advantage"
+def _subset(rollout, keep: list[list[int]]):
+    """The rollout with only the samples `keep[p]` (positions within prompt p's group) of each prompt."""
+    from ttrl.rollout import Rollout
+
+    rows = [rollout.group(p)[j] for p, js in enumerate(keep) for j in js]
+    pick = lambda name: [getattr(rollout, name)[i] for i in rows]  # noqa: E731
+    return Rollout(n=rollout.n, prompt_ids=rollout.prompt_ids, completion_ids=pick("completion_ids"),
+                   logprobs=pick("logprobs"), entropy=pick("entropy"), certainty=pick("certainty"),
+                   texts=pick("texts"), truncated=pick("truncated"), sizes=[len(js) for js in keep])
+
+
+def test_prompts_with_fewer_votes_vote_reward_and_train_on_their_own_samples():
+    """Sequential voting leaves prompts with different numbers of samples: votes, rewards, the update
+    and the step's concatenation must index each prompt's own samples."""
+    from dataclasses import replace
+
+    from ttrl.groups import reward, vote
+    from ttrl.trainer import estimate_advantages, update
+
+    cfg = load_config(TINY, STEP + ["reward.n_train_samples=2"])
+    weights = []
+    for keep in ([[0, 1, 2, 3], [0, 1, 2, 3]], [[0, 1], [0, 1, 2, 3]]):  # N = 4 each, or prompt 0 stopped at 2
+        policy, rollout, _, _ = _one_step(cfg)
+        rollout = _subset(rollout, keep)
+        groups = vote(rollout)
+        assert [len(g.answers) for g in groups] == [len(k) for k in keep]
+        drawn = reward(groups, rollout, cfg.reward, seeds=[5, 6])
+        assert all(set(g.train_idx) <= set(range(len(k))) and len(g.train_idx) == 2 for g, k in zip(drawn, keep))
+        fixed = [replace(groups[0], train_idx=[1, 0], rewards=[1.0, 0.0]),  # samples both sides have
+                 replace(groups[1], train_idx=[3, 1], rewards=[0.0, 1.0])]
+        update(policy, rollout, fixed, estimate_advantages("grpo", fixed), cfg)
+        weights.append(torch.cat([p.detach().flatten() for p in policy.model.parameters()]))
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)  # the same trained samples, wherever they sit
+
+
+def test_the_reward_stage_hands_each_kind_its_settings():
+    from ttrl.config import Config
+    from ttrl.groups import reward, vote
+    from ttrl.rollout import Rollout
+
+    texts = ["4", "4", "4", "5"]
+    z = [torch.full((2,), float(i)) for i in range(4)]  # mean entropy 0, 1, 2, 3: "5" is the least sure
+    rollout = Rollout(n=4, prompt_ids=[[1]], completion_ids=[[1, 2]] * 4, logprobs=z, entropy=z, certainty=z,
+                      texts=texts, truncated=[False] * 4)
+    cfg = Config()
+    cfg.reward.n_train_samples = 4
+    for settings, expected in [({"kind": "penalized_majority", "penalty": 0.25}, -0.25),
+                               ({"kind": "penalized_majority", "penalty_min_ratio": 0.8}, 0.0),
+                               ({"kind": "soft_majority", "label_temperature": 1.0}, 0.25)]:
+        cfg.reward.__dict__.update(settings)
+        (group,) = reward(vote(rollout), rollout, cfg.reward, seeds=[0])
+        assert group.rewards[group.train_idx.index(3)] == pytest.approx(expected), settings
+
+
+def test_sequential_voting_through_the_loop_logs_the_votes_drawn(tmp_path):
+    cfg = load_config(TINY, ["train.steps=2", "eval.before=false", "rollout.vote_round=4",
+                             "rollout.vote_confidence=0.9"])
+    train(cfg, tmp_path / "run", quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
+    for row in (r for r in rows if "train/reward" in r):
+        votes = [x["n_votes"] for x in logged if x["step"] == row["step"]]
+        assert row["train/votes_drawn"] == sum(votes) / len(votes) and all(4 <= v <= 8 for v in votes)
+        assert row["perf/rollout_tokens"] > 0

@@ -128,6 +128,13 @@ class RolloutConfig(SamplingConfig):
     """N: samples per prompt that vote on the pseudo-label (official TTRL scripts: 64)."""
     backend: str = "torch"
     """torch (built in, CPU and CUDA) or vllm (optional extra, GPU)."""
+    vote_round: int = 0
+    """Sequential voting (ttrl.sequential): draw a prompt's votes this many at a time (the first
+    round at least M) and stop once its vote is decided; at most n_votes. 0 = all N at once."""
+    vote_confidence: float = 0.0
+    """With vote_round: also stop a prompt once the posterior probability that its leading answer
+    beats the runner-up reaches this (e.g. 0.95); 0 = stop only when the leader can no longer be
+    overtaken, so the pseudo-label is exactly that of N votes."""
 
 
 @dataclass
@@ -137,11 +144,23 @@ class RewardConfig:
     of rollout.n_votes (official TTRL scripts: 32 of 64)."""
     kind: str = "majority"
     """majority (TTRL: 1 if equivalent to the pseudo-label), similarity (ROUGE-L to the consensus text),
-    semantic_entropy (EMPO), neg_entropy (RENT) or self_certainty (Intuitor); the controls format
-    (1 for any answer) and random (a coin) measure what a reward that ignores the vote gives; see
-    ttrl/rewards.py and docs/method.md."""
+    semantic_entropy (EMPO), neg_entropy (RENT), self_certainty (Intuitor), soft_majority (RESTRAIN:
+    every answer a label weighted by its sharpened vote share) or penalized_majority (SCRL/TTPO: a
+    penalty for disagreeing with a confident vote); the controls format (1 for any answer) and
+    random (a coin) measure what a reward that ignores the vote gives; see ttrl/rewards.py and
+    docs/method.md."""
     random_p: float = 0.5
     """Probability of reward 1 under the random control (reward.kind=random)."""
+    label_temperature: float = 0.5
+    """soft_majority: answer class j earns share_j^(1/T), normalised over the classes; 1 = the vote
+    shares (as semantic_entropy), towards 0 = majority's all-or-nothing."""
+    penalty: float = 1.0
+    """penalized_majority: a sample that disagrees with a confident vote earns -penalty (not 0)."""
+    penalty_min_ratio: float = 0.5
+    """penalized_majority: the vote is confident, and disagreeing is penalised, from this majority ratio on."""
+    penalty_entropy_gate: bool = True
+    """penalized_majority: penalise only disagreeing samples whose mean token entropy is above their
+    prompt's mean (SCRL's gate: a sure minority answer may be right; needs the torch backend)."""
     min_majority_ratio: float = 0.0
     """Prompts whose majority ratio is below this are skipped for training."""
 
@@ -231,13 +250,22 @@ class TrainConfig:
     """How many of the latest checkpoints to keep in RUN_DIR/checkpoints."""
     stop_on: str = ""
     """Optional early stop on an unlabeled signal: majority_ratio or reward (plateau over
-    stop_window steps), or entropy (below entropy_floor). Never on gold-based metrics."""
+    stop_window steps), entropy (below entropy_floor), or collapse (the collapse watch, which
+    otherwise only warns: majority ratio saturated while entropy and length drift; see
+    collapse_ratio). Never on gold-based metrics."""
     stop_window: int = 5
     """Steps per window of the plateau rule: the mean of the last window is compared with the one before."""
     stop_min_delta: float = 0.01
     """The plateau rule stops when the windowed mean rose by less than this."""
     entropy_floor: float = 0.05
     """The entropy rule stops when the rollouts' mean token entropy (nats) falls below this."""
+    collapse_ratio: float = 0.9
+    """The collapse watch (ttrl.stopping.collapse_reason) warns, once, when the mean majority ratio of
+    the last stop_window steps reaches this while entropy and response length have drifted (below);
+    train.stop_on=collapse also stops there."""
+    collapse_drift: float = 0.5
+    """The collapse watch's drift: entropy fell by at least this share of its mean over the first
+    stop_window steps, and the mean response length moved by at least this share, either way."""
     wandb_project: str = ""
     """Also log every metrics row to this Weights & Biases project ("" = off; needs
     `pip install 'ttrl[wandb]'`; WANDB_MODE=offline logs without a network, under RUN_DIR/wandb)."""
@@ -301,6 +329,9 @@ def validate(cfg: Config) -> Config:
     checks = [
         ("rollout.n_votes", cfg.rollout.n_votes >= 2, "must be >= 2: a vote needs several samples"),
         *_sampler_checks(cfg),
+        ("rollout.vote_round", cfg.rollout.vote_round >= 0, "must be >= 0 (0 = all N votes at once)"),
+        ("rollout.vote_confidence", cfg.rollout.vote_confidence == 0 or 0.5 < cfg.rollout.vote_confidence < 1,
+         "must be 0 (stop only when the vote cannot be overtaken) or in (0.5, 1), e.g. 0.95"),
         ("reward.n_train_samples", 1 <= cfg.reward.n_train_samples <= cfg.rollout.n_votes,
          f"must be between 1 and rollout.n_votes ({cfg.rollout.n_votes}): M samples are drawn from the N votes"),
         ("reward.min_majority_ratio", 0 <= cfg.reward.min_majority_ratio <= 1, "must be in [0, 1]"),
@@ -316,6 +347,9 @@ def validate(cfg: Config) -> Config:
         ("algorithm.max_grad_norm", cfg.algorithm.max_grad_norm > 0, "must be > 0"),
         ("algorithm.warmup_ratio", 0 <= cfg.algorithm.warmup_ratio < 1, "must be in [0, 1)"),
         ("reward.random_p", 0 <= cfg.reward.random_p <= 1, "must be in [0, 1]"),
+        ("reward.label_temperature", cfg.reward.label_temperature > 0, "must be > 0 (1 = the vote shares)"),
+        ("reward.penalty", cfg.reward.penalty >= 0, "must be >= 0: disagreeing samples earn -penalty"),
+        ("reward.penalty_min_ratio", 0 <= cfg.reward.penalty_min_ratio <= 1, "must be in [0, 1]"),
         ("algorithm.max_bad_steps", cfg.algorithm.max_bad_steps >= 1, "must be >= 1"),
         ("algorithm.critic_lr", cfg.algorithm.critic_lr > 0, "must be > 0"),
         ("algorithm.value_clip", cfg.algorithm.value_clip > 0, "must be > 0"),
@@ -337,6 +371,8 @@ def validate(cfg: Config) -> Config:
         ("train.stop_min_delta", cfg.train.stop_min_delta >= 0,
          "must be >= 0: the plateau rule stops when the signal rose by less than this"),
         ("train.entropy_floor", cfg.train.entropy_floor > 0, "must be > 0: entropy is never below 0"),
+        ("train.collapse_ratio", 0 < cfg.train.collapse_ratio <= 1, "must be in (0, 1]"),
+        ("train.collapse_drift", 0 < cfg.train.collapse_drift < 1, "must be in (0, 1): a share of the start"),
         ("data.holdout", 0 <= cfg.data.holdout < 1, "must be in [0, 1)"),
         ("data.limit", cfg.data.limit >= 0, "must be >= 0 (0 = all)"),
         ("data.template", "{problem}" in cfg.data.template, "must contain {problem}"),

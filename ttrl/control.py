@@ -1,6 +1,7 @@
-"""What the loop does between steps besides the algorithm: stop early on an unlabeled signal,
-give up after repeated non-finite steps, evaluate and checkpoint on schedule, obey SIGINT and
-SIGTERM. Kept apart from the loop so the loop reads as the algorithm, and tested on its own."""
+"""What the loop does between steps besides the algorithm: stop early on an unlabeled signal
+(and flag collapse on them), give up after repeated non-finite steps, evaluate and checkpoint on
+schedule, obey SIGINT and SIGTERM. Kept apart from the loop so the loop reads as the algorithm,
+and tested on its own."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ttrl.config import Config
 from ttrl.health import no_signal_warnings
-from ttrl.stopping import stop_reason
+from ttrl.stopping import collapse_reason, stop_reason
 
 
 HEALTH_WINDOW = 10
@@ -38,14 +39,22 @@ class Control:
     stopped_early: str | None = None
     said: set = field(default_factory=set)
     """Kinds of no-signal warning already given ("No signal", "Weak signal")."""
+    collapse_warned: bool = False
+    """The collapse watch has fired (it is said once a run)."""
 
     def after_step(self, done: int, row: dict) -> bool:
         """Record step `done`'s metrics row (a `stop_reason` is added to it when a stopping rule
-        fires); True when an evaluation is due now."""
+        fires, a `collapse_warning` the first time the collapse watch does); True when an evaluation
+        is due now."""
         t = self.cfg.train
         self.history.append(row)
         self.bad_steps = self.bad_steps + 1 if row.get("optim/skipped_updates") else 0
-        reason = stop_reason(self.history, t.stop_on, t.stop_window, t.stop_min_delta, t.entropy_floor)
+        if not self.collapse_warned:
+            watch = collapse_reason(self.history, t.stop_window, t.collapse_ratio, t.collapse_drift)
+            if watch:
+                row["collapse_warning"], self.collapse_warned = watch, True
+        reason = stop_reason(self.history, t.stop_on, t.stop_window, t.stop_min_delta, t.entropy_floor,
+                             t.collapse_ratio, t.collapse_drift)
         if reason:
             row["stop_reason"] = self.stopped_early = reason
             self.steps = done

@@ -106,7 +106,8 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
     labelled = [i for i, p in enumerate(mine) if p.answer is not None] if cfg.greedy else []
     count = _Count(progress, len(mine) + len(labelled))
     rollout = _in_chunks(sampler, model, prompt_ids, sampling, [seeds[i] for i in share], count)
-    answers = sample_answers(rollout.texts, rollout.truncated, [p.choices for p in mine for _ in range(k)])
+    answers = sample_answers(rollout.texts, rollout.truncated,
+                             [p.choices for p, size in zip(mine, rollout.group_sizes) for _ in range(size)])
     results = [score_group([answers[i] for i in rollout.group(p)], prob.answer, prob.id)
                for p, prob in enumerate(mine)]
     greedy = None

@@ -21,7 +21,8 @@ class Group:
     """One prompt's vote and the M samples chosen for training, with their rewards."""
     vote: Vote
     answers: list[str | None]
-    """The answer extracted from each of the N samples (None: no answer, or cut off)."""
+    """The answer extracted from each of the prompt's samples, N of them or fewer when sequential
+    voting stopped early (None: no answer, or cut off)."""
     train_idx: list[int] = field(default_factory=list)
     """Indices (within the group) of the M samples that are rewarded and trained on."""
     rewards: list[float] = field(default_factory=list)
@@ -31,10 +32,10 @@ class Group:
 
 
 def vote(rollout: Rollout, choices: list[tuple[str, ...] | None] | None = None) -> list[Group]:
-    """Stage 3: each prompt's N answers elect its pseudo-label by majority vote. `choices`: per
+    """Stage 3: each prompt's answers elect its pseudo-label by majority vote. `choices`: per
     prompt, a multiple-choice problem's options (its samples then vote on letters)."""
     answers = sample_answers(rollout.texts, rollout.truncated,
-                             [c for c in choices for _ in range(rollout.n)] if choices else None)
+                             [c for c, k in zip(choices, rollout.group_sizes) for _ in range(k)] if choices else None)
     groups = []
     for p in range(len(rollout.prompt_ids)):
         mine = [answers[i] for i in rollout.group(p)]
@@ -43,17 +44,19 @@ def vote(rollout: Rollout, choices: list[tuple[str, ...] | None] | None = None) 
 
 
 def reward(groups: list[Group], rollout: Rollout, cfg: RewardConfig, seeds: list[int]) -> list[Group]:
-    """Stage 4: draw each prompt's M trained samples (from its own seed, so the draw does not
-    depend on batching) and score them with the label-free reward `cfg.kind`."""
+    """Stage 4: draw each prompt's M trained samples from its samples (from its own seed, so the
+    draw does not depend on batching) and score them with the label-free reward `cfg.kind`."""
     out = []
     for p, g in enumerate(groups):
         idx = rollout.group(p)
         pick = torch.Generator().manual_seed(seeds[p] + 1)  # not the sampling stream itself
-        chosen = torch.randperm(rollout.n, generator=pick)[: cfg.n_train_samples].tolist()
+        chosen = torch.randperm(len(idx), generator=pick)[: cfg.n_train_samples].tolist()
         rewards = label_free_rewards(cfg.kind, g.vote, [rollout.texts[i] for i in idx],
                                      [float(rollout.entropy[i].mean()) for i in idx],
                                      [float(rollout.certainty[i].mean()) for i in idx], chosen,
-                                     seed=seeds[p] + 2, random_p=cfg.random_p)
+                                     seed=seeds[p] + 2, random_p=cfg.random_p, label_temperature=cfg.label_temperature,
+                                     penalty=cfg.penalty, penalty_min_ratio=cfg.penalty_min_ratio,
+                                     penalty_entropy_gate=cfg.penalty_entropy_gate)
         out.append(replace(g, train_idx=chosen, rewards=list(rewards),
                            skipped=g.vote.majority_ratio < cfg.min_majority_ratio))
     return out

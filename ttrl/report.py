@@ -115,6 +115,10 @@ def headline(run: Run, doc: Doc) -> None:
     no_signal = no_signal_warnings(run.steps)
     for warning in no_signal:  # before any number, so that nobody reads a no-signal run as a result
         doc.add("warn", f"**{warning.split(':', 1)[0]}.** {warning.split(':', 1)[1].strip()}")
+    collapse = next((r for r in run.steps if isinstance(r.get("collapse_warning"), str)), None)
+    if collapse:  # recorded by the trainer the step ttrl.stopping.collapse_reason first fired
+        doc.add("warn", f"**Collapse watch, step {collapse['step']}.** "
+                        f"{collapse['collapse_warning'].removeprefix('collapse watch: ')}.")
     cards = []
     for name in run.evals:  # the headline number of each eval set: avg@k, base -> after
         base, final, metric = run.base(name), run.final(name), f"avg@{k}"

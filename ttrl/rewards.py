@@ -7,6 +7,7 @@ consensus text (the medoid of the group).
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from typing import TYPE_CHECKING, Sequence
@@ -88,7 +89,8 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return len(a) - v.bit_count()
 
 
-KINDS = ("majority", "similarity", "semantic_entropy", "neg_entropy", "self_certainty", "format", "random")
+KINDS = ("majority", "similarity", "semantic_entropy", "neg_entropy", "self_certainty", "soft_majority",
+         "penalized_majority", "format", "random")
 """Label-free rewards selectable by `reward.kind`, all computed from one prompt's samples:
 - majority: TTRL, 1 if in the majority vote's equivalence class;
 - similarity: ROUGE-L F1 to the consensus text, for open-ended outputs;
@@ -96,6 +98,10 @@ KINDS = ("majority", "similarity", "semantic_entropy", "neg_entropy", "self_cert
   votes), so minimising semantic entropy over answers;
 - neg_entropy: RENT, minus the sample's mean token entropy;
 - self_certainty: Intuitor, the sample's mean KL(uniform || next-token distribution);
+- soft_majority: RESTRAIN's pseudo-label weighting, every answer a label weighted by its
+  sharpened vote share (`soft_majority_rewards`);
+- penalized_majority: SCRL / TTPO, majority's 1 for agreeing, and a penalty for disagreeing
+  with a confident vote (`penalized_majority_rewards`);
 - format (a CONTROL, never a method): 1 if the sample has an answer at all, whatever it is;
 - random (a CONTROL): 1 with probability `random_p`, a seeded coin per sample.
 The controls tell a gain from the vote apart from one any reward would give (a format effect,
@@ -115,13 +121,58 @@ def random_rewards(n: int, indices: Sequence[int], p: float, seed: int) -> list[
     return [1.0 if coins[i] else 0.0 for i in indices]
 
 
+def soft_majority_rewards(vote: Vote, indices: Sequence[int], temperature: float) -> list[float]:
+    """Labels that know how sure they are (RESTRAIN, arXiv 2510.02172: pseudo-label weighting):
+    every answer class is a pseudo-label of weight w_j = share_j^(1/T) / sum_k share_k^(1/T), and
+    a sample earns its class's weight (0 without an answer). The weights sum to 1, so a clear
+    majority earns nearly 1 and a split vote little: across prompts the reward says how sure the
+    vote is. T = 1 gives the vote shares (EMPO's semantic_entropy reward, up to a factor per
+    prompt); T -> 0 gives TTRL's majority reward (tied leaders share the weight)."""
+    if vote.winner < 0:
+        return [0.0] * len(indices)
+    top = max(vote.counts)
+    powered = [math.exp((math.log(c) - math.log(top)) / temperature) for c in vote.counts]  # no overflow
+    weights = [w / sum(powered) for w in powered]
+    return [weights[vote.cluster_of[i]] if vote.cluster_of[i] >= 0 else 0.0 for i in indices]
+
+
+def penalized_majority_rewards(vote: Vote, entropy: Sequence[float], indices: Sequence[int], penalty: float,
+                               min_ratio: float, entropy_gate: bool) -> list[float]:
+    """TTRL's reward plus a penalty for disagreeing with a confident majority (TTPO, arXiv
+    2608.27448, penalises disagreeing rollouts; SCRL, arXiv 2603.19880, gates its negative labels
+    by generation entropy): 1 for the majority's answer; -`penalty` for another answer when the
+    vote is confident (majority ratio >= `min_ratio`) and, with `entropy_gate`, the sample was
+    less sure than its group (mean token entropy above the mean over all the prompt's samples);
+    else 0, as for samples without an answer. Under GRPO a group of two reward values gets the
+    same advantages whatever the values, so the penalty matters where a group mixes agreeing,
+    penalised and unpenalised samples, and under dr_grpo / rloo / reinforce_pp (scale matters)."""
+    confident = vote.winner >= 0 and vote.majority_ratio >= min_ratio
+    mean_entropy = sum(entropy) / len(entropy) if entropy else 0.0
+    out = []
+    for i in indices:
+        c = vote.cluster_of[i]
+        if vote.winner >= 0 and c == vote.winner:
+            out.append(1.0)
+        elif c >= 0 and confident and (not entropy_gate or entropy[i] > mean_entropy):
+            out.append(-penalty)
+        else:
+            out.append(0.0)
+    return out
+
+
 def label_free_rewards(kind: str, vote: Vote, texts: Sequence[str], entropy: Sequence[float],
                        certainty: Sequence[float], indices: Sequence[int], seed: int = 0,
-                       random_p: float = 0.5) -> list[float]:
+                       random_p: float = 0.5, *, label_temperature: float = 0.5, penalty: float = 1.0,
+                       penalty_min_ratio: float = 0.5, penalty_entropy_gate: bool = True) -> list[float]:
     """Rewards of the samples at `indices` of one group; entropy and certainty are per-sample
-    means over tokens; `seed` and `random_p` serve the random control only."""
+    means over tokens; `seed` and `random_p` serve the random control only, `label_temperature`
+    soft_majority, the `penalty*` settings penalized_majority (the reward.* keys of those names)."""
     if kind == "majority":
         return majority_rewards(vote, indices)
+    if kind == "soft_majority":
+        return soft_majority_rewards(vote, indices, label_temperature)
+    if kind == "penalized_majority":
+        return penalized_majority_rewards(vote, entropy, indices, penalty, penalty_min_ratio, penalty_entropy_gate)
     if kind == "similarity":
         return similarity_rewards(texts, indices)
     if kind == "semantic_entropy":

@@ -41,8 +41,11 @@ class Sampling(SamplingConfig):
 
 @dataclass
 class Rollout:
-    """Samples of a batch of prompts; sample i belongs to prompt i // n."""
+    """Samples of a batch of prompts, each prompt's samples consecutive: sample i belongs to prompt
+    i // n, unless `sizes` gives the prompts different numbers of samples (sequential voting).
+    Index a prompt's samples through `group(p)`, never by arithmetic on `n`."""
     n: int
+    """Samples per prompt as configured (N); with `sizes`, the most any prompt may have."""
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
     """Per sample, the generated tokens (the end-of-sequence token included when emitted)."""
@@ -55,9 +58,21 @@ class Rollout:
     texts: list[str]
     truncated: list[bool]
     """True where max_new_tokens was hit before end-of-sequence."""
+    sizes: list[int] | None = None
+    """Samples of each prompt when they differ (sequential voting stops decided prompts early);
+    None = `n` each."""
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """Samples of each prompt, in order."""
+        return [self.n] * len(self.prompt_ids) if self.sizes is None else list(self.sizes)
 
     def group(self, p: int) -> range:
-        return range(p * self.n, (p + 1) * self.n)
+        """Indices of prompt p's samples."""
+        if self.sizes is None:
+            return range(p * self.n, (p + 1) * self.n)
+        start = sum(self.sizes[:p])
+        return range(start, start + self.sizes[p])
 
     @property
     def n_tokens(self) -> int:
@@ -69,9 +84,12 @@ class Rollout:
         if len(parts) == 1:
             return parts[0]
         join = lambda name: [x for r in parts for x in getattr(r, name)]  # noqa: E731
-        return Rollout(n=parts[0].n, prompt_ids=join("prompt_ids"), completion_ids=join("completion_ids"),
+        n = max(r.n for r in parts)
+        sizes = [s for r in parts for s in r.group_sizes]
+        return Rollout(n=n, prompt_ids=join("prompt_ids"), completion_ids=join("completion_ids"),
                        logprobs=join("logprobs"), entropy=join("entropy"), certainty=join("certainty"),
-                       texts=join("texts"), truncated=join("truncated"))
+                       texts=join("texts"), truncated=join("truncated"),
+                       sizes=None if all(s == n for s in sizes) else sizes)
 
 
 class NonFiniteError(FloatingPointError):

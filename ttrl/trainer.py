@@ -36,6 +36,7 @@ from ttrl.metrics import (MetricsWriter, library_bars, log_rollouts, progress_ba
 from ttrl.models import encode_problems, load_model, set_gradient_checkpointing
 from ttrl.rollout import NonFiniteError, Rollout, Sampler, Sampling, TorchSampler, score
 from ttrl.schedule import make_scheduler
+from ttrl.sequential import VoteRounds, sample_in_rounds
 
 
 def seed_everything(seed: int) -> None:
@@ -72,12 +73,18 @@ def total_steps(cfg: Config, n_prompts: int) -> int:
 # --- stages 2 and 5 -------------------------------------------------------------------------------
 
 def sample(sampler: Sampler, model, prompt_ids: list[list[int]], seeds: list[int], sampling: Sampling,
-           dist: Dist) -> Rollout | None:
-    """Stage 2: each rank samples all N votes of its share of the step's prompts. None on every
-    rank when any rank's model produced non-finite logits (its weights have blown up)."""
+           dist: Dist, rounds: VoteRounds | None = None, choices: list | None = None) -> Rollout | None:
+    """Stage 2: each rank samples the votes of its share of the step's prompts: all N, or with
+    `rounds` (sequential voting) until each prompt's vote is decided. None on every rank when any
+    rank's model produced non-finite logits (its weights have blown up)."""
     share = dist.share(len(prompt_ids))
+    mine = lambda items: [items[k] for k in share]  # noqa: E731
     try:
-        rollout = sampler.generate(model, [prompt_ids[k] for k in share], sampling, [seeds[k] for k in share])
+        if rounds is None:
+            rollout = sampler.generate(model, mine(prompt_ids), sampling, mine(seeds))
+        else:
+            rollout = sample_in_rounds(sampler, model, mine(prompt_ids), sampling, mine(seeds), rounds,
+                                       mine(choices) if choices else None, lockstep=dist.sharded)
     except NonFiniteError:
         rollout = None
     return rollout if dist.all_true(rollout is not None) else None
@@ -190,7 +197,7 @@ def finite_after_step(policy: Policy, rollout: Rollout, groups: list[Group], mic
     if not micro_batches:
         return True
     piece = micro_batches[0][0]
-    i = piece.prompt * rollout.n + groups[piece.prompt].train_idx[piece.samples[0]]
+    i = rollout.group(piece.prompt)[groups[piece.prompt].train_idx[piece.samples[0]]]
     with torch.no_grad():
         logp, _ = score(policy.model, [rollout.prompt_ids[piece.prompt]], [rollout.completion_ids[i]],
                         cfg.rollout.temperature, policy.pad_id, chunk_mb=cfg.algorithm.logprob_chunk_mb)
@@ -356,6 +363,8 @@ def rollout_metrics(rollout: Rollout, groups: list[Group], seconds: float) -> di
         "train/entropy": float(ent.mean()),
         "train/response_length": float(np.mean(lengths)),
         "train/truncated": float(np.mean(rollout.truncated)),
+        "train/votes_drawn": float(np.mean(rollout.group_sizes)),
+        "perf/rollout_tokens": sum(lengths),
         "perf/rollout_seconds": seconds,
         "perf/tokens_per_second": sum(lengths) / max(seconds, 1e-9),
     }
@@ -364,7 +373,7 @@ def rollout_metrics(rollout: Rollout, groups: list[Group], seconds: float) -> di
 def rollout_rows(step: int, ids: list[str], groups: list[Group], rollout: Rollout, keep: int = 4) -> list[dict]:
     """rollouts.jsonl rows of a step: per trained prompt its vote, rewards and first samples."""
     return [{"step": step, "prompt_id": pid, "pseudo_label": g.vote.pseudo_label,
-             "majority_ratio": g.vote.majority_ratio, "rewards": g.rewards,
+             "majority_ratio": g.vote.majority_ratio, "n_votes": len(g.answers), "rewards": g.rewards,
              "samples": [rollout.texts[i] for i in list(rollout.group(p))[:keep]]}
             for p, (pid, g) in enumerate(zip(ids, groups))]
 
@@ -421,6 +430,8 @@ class Run:
     tok: object
     sampler: Sampler
     sampling: Sampling
+    rounds: VoteRounds | None
+    """Sequential voting's rounds (None: all N votes at once)."""
     adapt: list[Problem]
     prompt_ids: list[list[int]]
     eval_sets: dict[str, list[Problem]]
@@ -486,7 +497,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Run:
     policy = Policy(model=wrapped, optimizer=optimizer, scheduler=scheduler, ref_model=ref_model,
                     pad_id=tok.pad_token_id, good=None if dist.deepspeed else LastGoodWeights(model), critic=critic)
     return Run(dist=dist, policy=policy, model=model, tok=tok, sampler=sampler,
-               sampling=Sampling.of(cfg.rollout, n=cfg.rollout.n_votes), adapt=adapt,
+               sampling=Sampling.of(cfg.rollout, n=cfg.rollout.n_votes), rounds=VoteRounds.of(cfg), adapt=adapt,
                prompt_ids=encode_problems(tok, adapt, cfg), eval_sets=eval_sets,
                control=Control(cfg, max(steps, state["step"]) if state else steps, history,
                                state["bad_steps"] if state else 0),
@@ -580,7 +591,7 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
                         batch = batch_order(len(r.adapt), cfg.train.prompts_per_step, step, cfg.train.seed)
                         seeds = [prompt_seed(cfg.train.seed, step, i) for i in batch]                  # 1 prompts
                         rollout = sample(r.sampler, r.policy.model, [r.prompt_ids[i] for i in batch],  # 2 samples
-                                         seeds, r.sampling, dist)
+                                         seeds, r.sampling, dist, r.rounds, [r.adapt[i].choices for i in batch])
                         t_rollout = time.perf_counter() - t0
                         if rollout is None:  # the last optimizer step blew the weights up: undo it
                             r.policy.good.restore()
@@ -649,6 +660,8 @@ def report_step(bar, task, row: dict, control: Control, done: int) -> None:
     if row.get("optim/skipped_updates"):
         warn(f"step {done}: NaN/inf loss, gradient or logits; update skipped "
              f"({control.bad_steps} in a row, algorithm.max_bad_steps={control.cfg.algorithm.max_bad_steps})")
+    if row.get("collapse_warning") and row.get("stop_reason") != row["collapse_warning"]:  # said once
+        warn(f"step {done}: {row['collapse_warning']}")
     if control.stopped_early and row.get("stop_reason"):
         warn(f"stopping early after step {done}: {control.stopped_early}")
     for message in control.signal_warnings(done):

@@ -37,7 +37,9 @@ class VLLMSampler:
             raise ModelError("rollout.backend=vllm needs a CUDA GPU; on CPU use rollout.backend=torch")
         unsupported = [why for bad, why in [
             (cfg.reward.kind in ("neg_entropy", "self_certainty"), f"reward.kind={cfg.reward.kind}"),
-            (cfg.train.stop_on == "entropy", "train.stop_on=entropy"),
+            (cfg.reward.kind == "penalized_majority" and cfg.reward.penalty_entropy_gate,
+             "reward.penalty_entropy_gate=true (set it false)"),
+            (cfg.train.stop_on in ("entropy", "collapse"), f"train.stop_on={cfg.train.stop_on}"),
             (cfg.model.lora_rank > 0, "model.lora_rank > 0"),
             (dist.sharded, "FSDP / DeepSpeed (use DDP: configs/accelerate/multi_gpu.yaml)")] if bad]
         if unsupported:
