@@ -1,6 +1,7 @@
 """Is the gain the vote? TTRL (majority-vote reward) beside two control arms whose reward ignores
 the vote — `format` (1 for any answer) and `random` (a fair coin) — on the demo config, same
-seed and step budget, each run in its own process; repeated over seeds.
+seed and step budget, each run in its own process; repeated over seeds. Runs live in
+DIR/seed-S/ARM and finished ones are reused (benchmarks/_arms.py): reward_zoo.py shares them.
 
     .venv/bin/python benchmarks/controls.py [--seeds 0,1] [--output-dir DIR] [key=value ...]
 
@@ -21,21 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _child import in_child  # noqa: E402
+from _arms import DEMO, arm_dir, arm_overrides, eval_k, run_arm  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("majority", "format", "random")
-
-
-def run_arm(args, queue) -> None:
-    """One arm in a fresh process: train, then put the evaluations on `queue`."""
-    config, overrides, run_dir = args
-    from ttrl.config import load_config
-    from ttrl.trainer import train
-
-    t0 = time.time()
-    summary = train(load_config(config, overrides), run_dir, quiet=True)
-    queue.put({"evals": summary["evals"], "wall_s": round(time.time() - t0, 1)})
 
 
 def figures(evals: dict, k: int, when: int) -> dict:
@@ -50,7 +39,7 @@ def figures(evals: dict, k: int, when: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--config", default=str(DEMO))
     ap.add_argument("--output-dir", help="keep the runs here (default: a temporary directory)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -60,14 +49,14 @@ def main():
     for seed in seeds:
         runs = {}
         for arm in ARMS:
-            run_dir = root / f"seed-{seed}" / arm
-            overrides = [f"reward.kind={arm}", f"train.seed={seed}", *args.overrides]
-            runs[arm] = in_child(run_arm, (args.config, overrides, str(run_dir)))
-            print(f"seed {seed} {arm}: done in {runs[arm]['wall_s']:.0f} s", flush=True)
-        k = _k(runs)
+            overrides = [*arm_overrides(arm), f"train.seed={seed}", *args.overrides]
+            runs[arm] = run_arm(arm_dir(root, seed, arm), overrides, args.config)
+            print(f"seed {seed} {arm}: {'reused' if runs[arm]['reused'] else 'trained'}, "
+                  f"{runs[arm]['train_s']:.0f} s of training steps", flush=True)
+        k = eval_k(runs["majority"]["evals"])
         base = figures(runs["majority"]["evals"], k, 0)
         after = {arm: figures(r["evals"], k, -1) for arm, r in runs.items()}
-        row = {"seed": seed, "base": base, "after": after, "wall_s": {a: r["wall_s"] for a, r in runs.items()}}
+        row = {"seed": seed, "base": base, "after": after, "train_s": {a: r["train_s"] for a, r in runs.items()}}
         for name in ("adapt", "heldout"):
             ttrl = after["majority"][name]["avg"]
             best_control = max(after[a][name]["avg"] for a in ARMS if a != "majority")
@@ -86,11 +75,6 @@ def main():
                       "machine": f"{platform.machine()} {platform.processor()}".strip(),
                       "date": time.strftime("%Y-%m-%d"), "results": results,
                       "min_margin_over_best_control": {n: min(v) for n, v in margins.items()}}))
-
-
-def _k(runs: dict) -> int:
-    keys = next(iter(runs.values()))["evals"]["adapt"][0]
-    return int(next(key for key in keys if key.startswith("avg@"))[4:])
 
 
 def _print_seed(row: dict, k: int) -> None:

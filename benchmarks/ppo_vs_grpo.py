@@ -1,12 +1,14 @@
 """PPO with a critic against GRPO, the two algorithms the TTRL paper runs, on the demo config: the
 same seed, prompts, votes, rewards and step budget; only `algorithm.advantage` differs (PPO's
-critic at the official scripts' 9e-6). Each side runs in its own process.
+critic at the official scripts' 9e-6). Each side runs in its own process, into DIR/seed-S/ARM
+with the arm names of reward_zoo.py (`majority` is GRPO, `majority+algorithm.advantage=ppo` PPO),
+and finished runs there are reused (benchmarks/_arms.py).
 
     .venv/bin/python benchmarks/ppo_vs_grpo.py [--seed 0] [--output-dir DIR] [key=value ...]
 
 Prints, per side, the adapted and held-out avg@16 / maj@16 before and after, seconds per step
 (mean of `perf/step_seconds`, and its update part) and the critic's last explained variance; the
-last line is one JSON object. `ttrl compare DIR/grpo DIR/ppo` puts the two runs side by side.
+last line is one JSON object. `ttrl compare DIR/seed-0/majority*` puts the two runs side by side.
 """
 
 from __future__ import annotations
@@ -21,23 +23,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _child import in_child  # noqa: E402
+from _arms import DEMO, arm_dir, arm_overrides, eval_k, run_arm  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-SIDES = ("grpo", "ppo")
-
-
-def run_side(args, queue) -> None:
-    """One side in a fresh process: train, then put its evaluations and per-step rows on `queue`."""
-    config, overrides, run_dir = args
-    from ttrl.config import load_config
-    from ttrl.metrics import read_metrics
-    from ttrl.trainer import train
-
-    t0 = time.time()
-    summary = train(load_config(config, overrides), run_dir, quiet=True)
-    rows = [r for r in read_metrics(Path(run_dir)) if "train/reward" in r]
-    queue.put({"evals": summary["evals"], "rows": rows, "wall_s": round(time.time() - t0, 1)})
+SIDES = {"grpo": "majority", "ppo": "majority+algorithm.advantage=ppo"}
 
 
 def figures(run: dict, k: int) -> dict:
@@ -59,25 +47,26 @@ def figures(run: dict, k: int) -> dict:
         ev = [r["critic/explained_variance"] for r in rows[-5:] if r.get("critic/explained_variance") is not None]
         out["critic_explained_variance_last5"] = round(statistics.mean(ev), 3) if ev else None
         out["critic_values_last"] = round(rows[-1]["critic/values"], 3)
-    out["wall_s"] = run["wall_s"]
+    out["train_s"] = run["train_s"]
     return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--config", default=str(DEMO))
     ap.add_argument("--output-dir", help="keep the runs here (default: a temporary directory)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     root = Path(args.output_dir or tempfile.mkdtemp(prefix="ttrl-ppo-vs-grpo-"))
     results = {}
-    for side in SIDES:
-        overrides = [f"algorithm.advantage={side}", f"train.seed={args.seed}", *args.overrides]
-        run = in_child(run_side, (args.config, overrides, str(root / side)))
-        k = int(next(key for key in run["evals"]["adapt"][0] if key.startswith("avg@"))[4:])
+    for side, arm in SIDES.items():
+        overrides = [*arm_overrides(arm), f"algorithm.advantage={side}", f"train.seed={args.seed}", *args.overrides]
+        run = run_arm(arm_dir(root, args.seed, arm), overrides, args.config)
+        k = eval_k(run["evals"])
         results[side] = figures(run, k)
-        print(f"{side}: done in {run['wall_s']:.0f} s", flush=True)
+        print(f"{side}: {'reused' if run['reused'] else 'trained'}, {run['train_s']:.0f} s of training steps",
+              flush=True)
     print(f"\n{'':6} {'adapt avg@' + str(k):>13} {'maj':>6} {'held-out avg':>13} {'maj':>6} {'s/step':>7} "
           f"{'update s':>9}")
     base = results["grpo"]
@@ -86,7 +75,7 @@ def main():
     for side, r in results.items():
         print(f"{side:6} {r['adapt']['avg']:13.3f} {r['adapt']['maj']:6.3f} {r['heldout']['avg']:13.3f} "
               f"{r['heldout']['maj']:6.3f} {r['step_seconds']:7.2f} {r['update_seconds']:9.2f}")
-    print(f"runs in {root} (ttrl compare {root}/grpo {root}/ppo)")
+    print(f"runs in {root} (ttrl compare {root}/seed-{args.seed}/majority*)")
     print(json.dumps({"config": Path(args.config).name, "overrides": args.overrides, "seed": args.seed,
                       "machine": f"{platform.machine()} {platform.processor()}".strip(),
                       "date": time.strftime("%Y-%m-%d"), **results,

@@ -2,7 +2,7 @@
 configs/demo.yaml: 32 prompts adapted on, 32 held out), one run per arm and seed, each in a fresh
 process, GRPO. Prints a table per seed and the mean and spread over seeds; the last line is JSON.
 
-    .venv/bin/python benchmarks/reward_zoo.py [--steps 30] [--seeds 0,1,2] [--arms majority,soft_majority]
+    .venv/bin/python benchmarks/reward_zoo.py [--config demo.yaml] [--steps 30] [--seeds 0,1,2] [--arms majority,soft_majority]
         [--threads 1] [--output-dir DIR] [key=value ...]
 
 An arm is a reward kind (ttrl.rewards.KINDS, the controls `format` and `random` included),
@@ -10,7 +10,9 @@ optionally followed by `+key=value` settings for that arm alone, e.g.
 `majority+rollout.vote_round=4+rollout.vote_confidence=0.95` (TTRL with sequential voting).
 Per arm: adapted and held-out avg@16 after training, the mean label accuracy over steps (gold,
 read only here), the last step's train majority ratio, the votes and rollout tokens per step,
-seconds per step, and the step at which the collapse watch fired (if it did).
+seconds per step, and the step at which the collapse watch fired (if it did). Runs live in
+DIR/seed-S/ARM and finished ones are reused (benchmarks/_arms.py): controls.py and ppo_vs_grpo.py
+train some of the same arms into the same layout.
 """
 
 from __future__ import annotations
@@ -25,46 +27,30 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _child import in_child  # noqa: E402
+from _arms import DEMO, arm_dir, arm_overrides, eval_k, run_arm  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ARMS = "majority,soft_majority,penalized_majority,semantic_entropy,similarity,neg_entropy,self_certainty," \
                "format,random"
 
 
-def arm_overrides(arm: str) -> list[str]:
-    """`kind+key=value+...` -> [reward.kind=kind, key=value, ...]."""
-    kind, *extra = arm.split("+")
-    return [f"reward.kind={kind}", *extra]
-
-
-def run_arm(args, queue) -> None:
-    """One arm and seed in a fresh process: train, then put its figures on `queue`."""
-    overrides, run_dir, threads = args
-    import torch
-
-    from ttrl.config import load_config
-    from ttrl.metrics import read_metrics
-    from ttrl.trainer import train
-
-    if threads:
-        torch.set_num_threads(threads)
-    t0 = time.time()
-    cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
-    summary = train(cfg, run_dir, quiet=True)
-    rows = [r for r in read_metrics(Path(run_dir)) if "train/reward" in r]
+def figures(run: dict) -> dict:
+    """An arm's figures from its run: avg@k after, the base model's (step 0), and per-step signals."""
+    evals, rows = run["evals"], run["rows"]
+    k = eval_k(evals)
     mean = lambda key: statistics.fmean(r[key] for r in rows if r.get(key) is not None)  # noqa: E731
-    k = cfg.eval.n_samples
-    evals = summary["evals"]
-    collapse = next((r["step"] for r in rows if r.get("collapse_warning")), None)
-    queue.put({"base": {s: {"avg": evals[s][0][f"avg@{k}"], "maj": evals[s][0][f"maj@{k}"]}
-                        for s in ("adapt", "heldout") if evals[s][0]["step"] == 0},
-               "adapt_avg": evals["adapt"][-1][f"avg@{k}"], "heldout_avg": evals["heldout"][-1][f"avg@{k}"],
-               "adapt_maj": evals["adapt"][-1][f"maj@{k}"],
-               "label_accuracy": mean("train/label_accuracy"), "final_majority_ratio": rows[-1]["train/majority_ratio"],
-               "votes_drawn": mean("train/votes_drawn"), "rollout_tokens": mean("perf/rollout_tokens"),
-               "rollout_s": mean("perf/rollout_seconds"), "step_s": mean("perf/step_seconds"),
-               "collapse_step": collapse, "wall_s": round(time.time() - t0, 1)})
+    for r in rows:  # runs from before these two were logged drew all N votes of every prompt
+        votes, prompts = run["config"]["rollout"]["n_votes"], run["config"]["train"]["prompts_per_step"]
+        r.setdefault("train/votes_drawn", votes)
+        r.setdefault("perf/rollout_tokens", r["train/response_length"] * votes * prompts)
+    return {"base": {s: {"avg": evals[s][0][f"avg@{k}"], "maj": evals[s][0][f"maj@{k}"]}
+                     for s in ("adapt", "heldout") if evals[s][0]["step"] == 0},
+            "adapt_avg": evals["adapt"][-1][f"avg@{k}"], "heldout_avg": evals["heldout"][-1][f"avg@{k}"],
+            "adapt_maj": evals["adapt"][-1][f"maj@{k}"],
+            "label_accuracy": mean("train/label_accuracy"), "final_majority_ratio": rows[-1]["train/majority_ratio"],
+            "votes_drawn": mean("train/votes_drawn"), "rollout_tokens": mean("perf/rollout_tokens"),
+            "rollout_s": mean("perf/rollout_seconds"), "step_s": mean("perf/step_seconds"),
+            "collapse_step": next((r["step"] for r in rows if r.get("collapse_warning")), None),
+            "train_s": run["train_s"]}
 
 
 def spread(values: list[float]) -> dict:
@@ -74,6 +60,7 @@ def spread(values: list[float]) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(DEMO))
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--arms", "--rewards", default=DEFAULT_ARMS, help="comma-separated arms (see above)")
@@ -87,16 +74,15 @@ def main():
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     base = {}
     for seed in seeds:
-        for i, arm in enumerate(arms):
+        for arm in arms:
             overrides = [*arm_overrides(arm), f"train.steps={args.steps}", f"algorithm.advantage={args.advantage}",
-                         f"train.seed={seed}", "eval.greedy=false", f"eval.before={'true' if i == 0 else 'false'}",
-                         *args.overrides]
-            out = in_child(run_arm, (overrides, str(root / f"seed-{seed}" / arm), args.threads))
-            base.setdefault(seed, out.pop("base"))  # the base model's figures come with a seed's first arm
+                         f"train.seed={seed}", *args.overrides]
+            out = figures(run_arm(arm_dir(root, seed, arm), overrides, args.config, args.threads))
+            base.setdefault(seed, out.pop("base"))
             runs[arm].append({"seed": seed, **out})
             print(f"seed {seed} {arm}: adapt avg@16 {base[seed]['adapt']['avg']:.3f} -> {out['adapt_avg']:.3f}, "
                   f"held-out {out['heldout_avg']:.3f}, {out['votes_drawn']:.1f} votes, "
-                  f"{out['step_s']:.1f} s/step, {out['wall_s']:.0f} s", flush=True)
+                  f"{out['step_s']:.1f} s/step", flush=True)
     summary = {arm: {key: spread([r[key] for r in rs]) for key in
                      ("adapt_avg", "heldout_avg", "label_accuracy", "final_majority_ratio", "votes_drawn",
                       "rollout_tokens", "rollout_s", "step_s")} for arm, rs in runs.items()}

@@ -91,8 +91,8 @@ def test_ppo_vs_grpo_smoke_run_on_tiny(tmp_path):
     assert grpo["steps"] == ppo["steps"] == 2 and grpo["adapt"]["base_avg"] == ppo["adapt"]["base_avg"]
     assert "critic_explained_variance_last5" in ppo and "critic_explained_variance_last5" not in grpo
     assert result["step_seconds_ratio"] > 0
-    prompts = [[json.loads(line)["prompt_id"] for line in (tmp_path / side / "rollouts.jsonl").open()] for side in
-               ("grpo", "ppo")]
+    prompts = [[json.loads(line)["prompt_id"] for line in (tmp_path / "seed-0" / arm / "rollouts.jsonl").open()]
+               for arm in ("majority", "majority+algorithm.advantage=ppo")]
     assert prompts[0] == prompts[1]
 def test_adaptive_votes_replays_the_rule_on_prefixes_by_hand():
     from adaptive_votes import replay, stop_point
@@ -111,3 +111,22 @@ def test_adaptive_votes_replays_the_rule_on_prefixes_by_hand():
     assert r["tokens"] == 4 * 1 + 8 * 2 + 4 * 3 and r["token_saving"] == pytest.approx(1 - 32 / 48)
     assert r["agreement"] == pytest.approx(2 / 3)  # `late` stopped on 5, while all 8 elect 6
     assert r["label_accuracy_full"] == 1.0 and r["label_accuracy_early"] == pytest.approx(2 / 3)
+
+
+def test_a_benchmark_arm_reuses_a_finished_run_with_its_settings_and_retrains_otherwise(tmp_path):
+    """Benchmarks share runs through DIR/seed-S/ARM: the same settings read the finished run back
+    without training, other settings (or an unfinished run) train afresh."""
+    from _arms import arm_dir, run_arm
+
+    tiny = Path(__file__).parent.parent / "configs" / "tiny.yaml"
+    quick = ["train.steps=1", "eval.n_samples=1", "eval.greedy=false", "reward.kind=majority"]
+    run = arm_dir(tmp_path, 0, "majority")
+    first = run_arm(run, quick, tiny)
+    assert not first["reused"] and [r["step"] for r in first["rows"]] == [1] and first["evals"]["adapt"]
+    stamp = (run / "summary.json").stat().st_mtime_ns
+    again = run_arm(run, quick, tiny)
+    assert again["reused"] and again["rows"] == first["rows"] and (run / "summary.json").stat().st_mtime_ns == stamp
+    other = run_arm(run, quick + ["train.seed=3"], tiny)
+    assert not other["reused"] and (run / "summary.json").stat().st_mtime_ns != stamp
+    (run / "summary.json").unlink()  # killed before the end: trained again
+    assert not run_arm(run, quick + ["train.seed=3"], tiny)["reused"]
