@@ -1,7 +1,7 @@
 """The paper's training step on one GPU, phase by phase: a model of Qwen2.5-1.5B's or -7B's shape
 (random weights, bf16), 8 prompts x N=64 votes sampled to 3,072 new tokens each (end-of-sequence
 ignored: every answer runs to the limit, the worst case), then the trainer's update
-(ttrl.trainer.update) on M=32 samples of each prompt: teacher-forced log-probs, GRPO loss and
+(ttrl.update.update) on M=32 samples of each prompt: teacher-forced log-probs, GRPO loss and
 backward in micro-batches of `--micro-batch` samples (a prompt's M samples split over several),
 with activation checkpointing and chunked log-probs. The optimizer is plain SGD at lr 0 (AdamW's
 state for a full 7B would not fit 80 GB besides weights and gradients; use --lora-rank for that).
@@ -75,8 +75,8 @@ def run_step(args, queue):
     from ttrl.groups import Group
     from ttrl.models import encode_prompts, load_model, set_gradient_checkpointing
     from ttrl.rollout import Sampling, generate
-    from ttrl.trainer import Policy
-    from ttrl.trainer import update as trainer_update
+    from ttrl.update import Policy
+    from ttrl.update import update as trainer_update
     from ttrl.voting import Vote
 
     torch.manual_seed(0)
@@ -116,7 +116,7 @@ def run_step(args, queue):
         figures["rollout"]["tokens_per_s"] = round(rollout.n_tokens / figures["rollout"]["seconds"], 1)
 
         def update():
-            # The trainer's own update (ttrl.trainer.update: micro-batches by sequences and tokens,
+            # The trainer's own update (ttrl.update.update: micro-batches by sequences and tokens,
             # a prompt's M samples split over several), on random advantages in place of the vote's;
             # plain SGD at lr 0 stands in for AdamW, whose state a full 7B could not hold here.
             n, m = args.votes, args.train_samples

@@ -174,7 +174,8 @@ def _one_step(cfg, n_prompts=2):
     from ttrl.groups import reward, vote
     from ttrl.models import encode_prompts, load_model
     from ttrl.rollout import Sampling, generate
-    from ttrl.trainer import Policy, estimate_advantages
+    from ttrl.trainer import estimate_advantages
+    from ttrl.update import Policy
 
     model, tok = load_model(ModelConfig(architecture=cfg.model.architecture), seed=0)
     prompts = encode_prompts(tok, ["What is 2 + 3?", "Add 7 and 8.", "Hi"][:n_prompts])
@@ -195,7 +196,7 @@ STEP = ["reward.kind=similarity", "rollout.n_votes=4", "reward.n_train_samples=4
 
 def test_splitting_groups_over_micro_batches_leaves_the_update_unchanged():
     """Whole groups in one micro-batch vs pieces of at most 3 sequences / 20 tokens: one gradient."""
-    from ttrl.trainer import update
+    from ttrl.update import update
 
     weights, stats = [], []
     for extra in (["algorithm.micro_batch_size=16"], ["algorithm.micro_batch_size=3", "algorithm.micro_batch_tokens=20"]):
@@ -212,7 +213,7 @@ def test_splitting_groups_over_micro_batches_leaves_the_update_unchanged():
 def test_one_prompt_per_optimizer_step_equals_single_prompt_updates():
     """algorithm.mini_batch_prompts=1: one update over two prompts = two updates of one prompt each."""
     from ttrl.rollout import Rollout
-    from ttrl.trainer import update
+    from ttrl.update import update
 
     cfg = load_config(TINY, STEP + ["algorithm.mini_batch_prompts=1"])
     policy, rollout, groups, adv = _one_step(cfg)
@@ -239,7 +240,7 @@ def test_one_prompt_per_optimizer_step_equals_single_prompt_updates():
 def test_policy_loss_is_reported_apart_from_the_kl_term():
     from ttrl.config import ModelConfig
     from ttrl.models import load_model
-    from ttrl.trainer import update
+    from ttrl.update import update
 
     cfg = load_config(TINY, STEP + ["algorithm.kl_coef=0.5", "algorithm.ppo_epochs=3"])
     policy, rollout, groups, adv = _one_step(cfg)
@@ -269,7 +270,7 @@ def _with_critic(policy, cfg, head_seed=1):
     and return the step's values for `_one_step`'s rollout."""
     from ttrl.config import ModelConfig
     from ttrl.critic import load_critic
-    from ttrl.trainer import Critic
+    from ttrl.update import Critic
 
     model = load_critic(ModelConfig(architecture=cfg.model.architecture), seed=0)
     with torch.random.fork_rng():
@@ -295,7 +296,7 @@ def _flat(model):
 def test_ppo_advantages_are_per_token_and_micro_batches_leave_the_update_unchanged():
     """Token-level advantages cut to each micro-batch's width: pieces of at most 3 sequences / 20
     tokens give the policy and the critic the gradient of whole groups in one micro-batch."""
-    from ttrl.trainer import update
+    from ttrl.update import update
 
     out = []
     for extra in (["algorithm.micro_batch_size=16"], ["algorithm.micro_batch_size=3", "algorithm.micro_batch_tokens=20"]):
@@ -315,7 +316,7 @@ def test_ppo_advantages_are_per_token_and_micro_batches_leave_the_update_unchang
 def test_ppo_critic_loss_does_not_reach_the_policy():
     """One backward of policy loss + value loss: the policy moves exactly as with the same
     advantages and no critic, and the critic moves by its own loss."""
-    from ttrl.trainer import update
+    from ttrl.update import update
 
     cfg = load_config(TINY, STEP + ["algorithm.advantage=ppo", "algorithm.critic_lr=1.0"])
     policy, rollout, groups, adv, values = _ppo_step(cfg)
@@ -386,7 +387,8 @@ def test_prompts_with_fewer_votes_vote_reward_and_train_on_their_own_samples():
     from dataclasses import replace
 
     from ttrl.groups import reward, vote
-    from ttrl.trainer import estimate_advantages, update
+    from ttrl.trainer import estimate_advantages
+    from ttrl.update import update
 
     cfg = load_config(TINY, STEP + ["reward.n_train_samples=2"])
     weights = []
