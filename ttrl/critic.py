@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ttrl.config import ModelConfig
-from ttrl.rollout import _cache_kwarg, _checkpointing, _pad
+from ttrl.rollout import _cache_kwarg, _checkpointing, group_inputs
 
 
 class ValueModel(nn.Module):
@@ -70,13 +70,8 @@ def token_values(model, prompts: list[list[int]], completions: list[list[int]], 
     mask [B, T])."""
     from transformers import DynamicCache
 
-    sizes = [group_size] * len(prompts) if isinstance(group_size, int) else list(group_size)
-    if len(sizes) != len(prompts) or sum(sizes) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts with group sizes {group_size} != {len(completions)} completions")
     device = next(model.parameters()).device
-    p_ids, p_mask = _pad(prompts, pad_id, device, left=True)
-    c_ids, c_mask = _pad(completions, pad_id, device, left=False)
-    rows = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+    sizes, rows, (p_ids, p_mask), (c_ids, c_mask) = group_inputs(prompts, completions, pad_id, group_size, device)
     width = c_ids.shape[1]
     if model.training and torch.is_grad_enabled() and _checkpointing(model):
         mask = torch.cat([p_mask[rows], c_mask[:, :-1]], 1)

@@ -409,6 +409,17 @@ LOGPROB_CHUNK_MB = 64
 Qwen2.5's 151,936-token vocabulary, 1,365 of SmolLM2's 49,152)."""
 
 
+def group_inputs(prompts: list[list[int]], completions: list[list[int]], pad_id: int, group_size: int | list[int],
+                 device) -> tuple[list[int], torch.Tensor, tuple, tuple]:
+    """What teacher-forcing a batch of groups needs: the group sizes, each completion's prompt row,
+    (ids, mask) of the left-padded prompts and of the right-padded completions."""
+    sizes = [group_size] * len(prompts) if isinstance(group_size, int) else list(group_size)
+    if len(sizes) != len(prompts) or sum(sizes) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts with group sizes {group_size} != {len(completions)} completions")
+    rows = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+    return sizes, rows, _pad(prompts, pad_id, device, left=True), _pad(completions, pad_id, device, left=False)
+
+
 def score(model, prompts: list[list[int]], completions: list[list[int]], temperature: float,
           pad_id: int, group_size: int | list[int] = 1,
           chunk_mb: float = LOGPROB_CHUNK_MB) -> tuple[torch.Tensor, torch.Tensor]:
@@ -425,16 +436,11 @@ def score(model, prompts: list[list[int]], completions: list[list[int]], tempera
     """
     from transformers import DynamicCache
 
-    sizes = [group_size] * len(prompts) if isinstance(group_size, int) else list(group_size)
-    if len(sizes) != len(prompts) or sum(sizes) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts with group sizes {group_size} != {len(completions)} completions")
     device = next(model.parameters()).device
-    p_ids, p_mask = _pad(prompts, pad_id, device, left=True)
-    c_ids, c_mask = _pad(completions, pad_id, device, left=False)
+    sizes, rows, (p_ids, p_mask), (c_ids, c_mask) = group_inputs(prompts, completions, pad_id, group_size, device)
     plain = _plain(model)
     head = plain.get_output_embeddings()
     per_chunk = chunk_positions(chunk_mb, plain.config.vocab_size)
-    rows = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
     # Completion token t is predicted at position t-1: the prompt's last position, then the completion's own.
     if model.training and torch.is_grad_enabled() and _checkpointing(model):
         ids = torch.cat([p_ids[rows], c_ids[:, :-1]], 1)
