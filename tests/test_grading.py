@@ -99,13 +99,23 @@ def test_grader_agrees_with_the_hand_checked_table():
         ("\\boxed{5} although the answer is 6", "5"),
         ("\\boxed{ 10 \\text{ cm} }", "10 \\text{ cm}"),
         ("\\boxed{5\x00\x07}", "5"),
+        ("7 + 8 = 15", "15"),
+        ("4+6=10.", "10"),
+        ("-3", "-3"),
+        ("1/2", "1/2"),
+        ("8 - 3 is 5", "5"),
+        ("The sum (3 + 4) is 7", "7"),
     ],
 )
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "I cannot solve this.", "\\boxed{}", "$$", "The answer is .", "#### "])
+@pytest.mark.parametrize("text", ["", "I cannot solve this.", "\\boxed{}", "$$", "The answer is .", "#### ",
+                                  # the question restated: a SmolLM2 TTRL run (seed 1 of benchmarks/controls.py)
+                                  # learnt to answer "What is 9 + 8?" with "9 + 8", which voted 8
+                                  "9 + 8", "9+8", "2 + 5.", "8 - 3", "8-3", "4 * 6", "3 × 4", "5 plus 2",
+                                  "To add 8 + 1,"])
 def test_extract_answer_returns_none_when_there_is_no_answer(text):
     assert extract_answer(text) is None
 

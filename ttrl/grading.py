@@ -69,7 +69,8 @@ def extract_answer(text: str) -> str | None:
     """Final answer of a completion; None = no answer (never wins a vote, reward 0).
 
     Tries, in order: the last `\\boxed{}`/`\\fbox{}`; the later of "the answer is X" /
-    "Answer: X" and "#### X"; the last number (or "(B)") near the end.
+    "Answer: X" and "#### X"; the last number (or "(B)") near the end, unless it is the
+    right operand of an expression left unevaluated ("9 + 8": no answer).
     """
     if not isinstance(text, str) or not text:
         return None
@@ -162,11 +163,23 @@ def _answer_phrase(text: str) -> str | None:
 _NUMBER = re.compile(rf"-?\d+(?:,\d{{3}})*(?:\.\d+)?(?:/\d+)?|\(({_CHOICE})\)")
 
 
+# "9 + 8" ends on an operand, not an answer: what precedes the last number when it is one.
+_OPERAND_BEFORE = re.compile(r"[\w)]\s*(?:[+*×÷]|-\s|\s-|plus|minus|times)\s*$|[\w)]-$")
+_MINUS_OF = re.compile(r"[\w)]$")  # "8-3": the number matched is "-3", the minus is the operator
+
+
 def _last_number(text: str) -> str | None:
+    """The last number near the end, unless it is the right operand of an unevaluated sum,
+    difference or product: a policy that restates the question ("9 + 8") must not vote 8."""
+    tail = text[-NUMBER_TAIL_CHARS:]
     last = None
-    for last in _NUMBER.finditer(text[-NUMBER_TAIL_CHARS:]):
+    for last in _NUMBER.finditer(tail):
         pass
     if last is None:
+        return None
+    before = tail[max(0, last.start() - 40) : last.start()]
+    if last.group(1) is None and (_OPERAND_BEFORE.search(before)
+                                  or (last.group(0).startswith("-") and _MINUS_OF.search(before))):
         return None
     return last.group(1) or last.group(0).replace(",", "")
 
