@@ -130,16 +130,16 @@ def test_non_finite_loss_skips_updates_then_stops_with_a_checkpoint(tmp_path, ca
     import torch
     from safetensors.torch import load_file
 
-    import ttrl.trainer
+    import ttrl.update
     from ttrl.models import load_model
 
-    real = ttrl.trainer.policy_loss
+    real = ttrl.update.policy_loss
 
     def nan_loss(*args, **kwargs):
         loss, stats = real(*args, **kwargs)
         return loss * float("nan"), stats
 
-    monkeypatch.setattr(ttrl.trainer, "policy_loss", nan_loss)
+    monkeypatch.setattr(ttrl.update, "policy_loss", nan_loss)
     out = tmp_path / "run"
     code = main(["train", "--config", TINY, "--output-dir", str(out), "--quiet", *QUICK, "train.steps=4",
                  "algorithm.max_bad_steps=2"])
