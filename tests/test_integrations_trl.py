@@ -219,8 +219,9 @@ def test_grpo_trainer_one_step(tmp_path):
 
 def test_completions_cut_off_at_the_length_limit_have_no_answer():
     # Token ids as TRL passes them: up to and including the first end-of-sequence (id 2). The first
-    # completion fills the limit but ended; the last three were cut off and would outvote it.
-    prompts, texts = ["p"] * 5, ["9", "9", "To add 8 + 1,", "To add 8 + 1,", "To add 8 + 1,"]
+    # completion fills the limit but ended; the last three were cut off mid-number ("... is 1" of
+    # "is 17") and would outvote it.
+    prompts, texts = ["p"] * 5, ["9", "9", "The sum is 1", "The sum is 1", "The sum is 1"]
     ids = [[5, 5, 5, 2], [5, 2], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]
     assert MajorityVoteReward()(prompts, texts, completion_ids=ids) == [0.0, 0.0, 1.0, 1.0, 1.0]
     reward = MajorityVoteReward(max_completion_length=4, eos_token_id=2)
