@@ -78,3 +78,18 @@ def test_critic_learns_the_expected_reward_of_a_bandit():
     with torch.no_grad():
         final, _ = token_values(critic, prompt, answers[:1], 0)
     assert final[0].tolist() == pytest.approx([0.7, 0.7, 0.7], abs=0.03)
+
+
+def test_explained_variance_by_hand_and_undefined_for_a_unanimous_step():
+    from ttrl.critic import StepValues
+
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    returns = torch.tensor([[1.0, 1.0], [0.0, 0.0]])  # token mean 2/3, Var(R) = 2/9
+    values = torch.tensor([[1.0, 0.5], [0.0, 9.0]])  # R - V over the mask: 0, 0.5, 0 -> Var = 1/18
+    s = StepValues(values=values, advantages=returns - values, returns=returns, mask=mask, rows=[[0, 1]]).stats()
+    assert s["critic/explained_variance"] == pytest.approx(1 - (1 / 18) / (2 / 9))
+    assert s["critic/returns"] == pytest.approx(2 / 3) and s["critic/values"] == pytest.approx(0.5)
+    # Every sample agreed: returns 1 everywhere, up to float rounding (0.1 * 10 sums), no variance to explain.
+    noisy = torch.full((2, 2), sum([0.1] * 10)) + torch.tensor([[0.0, 1e-9], [0.0, 0.0]])
+    s = StepValues(values=values, advantages=noisy - values, returns=noisy, mask=mask, rows=[[0, 1]]).stats()
+    assert s["critic/explained_variance"] is None

@@ -120,10 +120,11 @@ class StepValues:
     def stats(self) -> dict:
         """critic/values, critic/returns (token means) and critic/explained_variance =
         1 - Var(R - V) / Var(R) over the step's tokens: 1 is a perfect critic, <= 0 no better than
-        predicting the mean (None when every return is equal)."""
+        predicting the mean (None when every return is equal: a unanimous step, common late in TTRL,
+        whose float rounding would otherwise divide by ~1e-15)."""
         m, n = self.mask, self.mask.sum().clamp(min=1)
         mean = lambda x: float((x * m).sum() / n)  # noqa: E731
         var = lambda x: mean((x - mean(x)) ** 2)  # noqa: E731
         var_r = var(self.returns)
         return {"critic/values": mean(self.values), "critic/returns": mean(self.returns),
-                "critic/explained_variance": 1 - var(self.returns - self.values) / var_r if var_r > 0 else None}
+                "critic/explained_variance": 1 - var(self.returns - self.values) / var_r if var_r > 1e-8 else None}
