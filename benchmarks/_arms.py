@@ -45,25 +45,15 @@ def _train(args, queue) -> None:
     queue.put({})
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def matches(run_dir: Path, config: str | Path, overrides: list[str]) -> bool:
     """A finished run in `run_dir` trained with these settings (keys its version did not have aside)."""
-    from ttrl.config import load_config
+    from ttrl.config import flatten, load_config
 
     path = Path(run_dir)
     if not (path / "summary.json").is_file() or not (path / "config.json").is_file():
         return False
-    done = _flatten(json.loads((path / "config.json").read_text()))
-    want = _flatten(json.loads(json.dumps(load_config(config, overrides).to_dict(), default=str)))
+    done = flatten(json.loads((path / "config.json").read_text()))
+    want = flatten(json.loads(json.dumps(load_config(config, overrides).to_dict(), default=str)))
     return all(done[k] == v for k, v in want.items() if k in done)
 
 
@@ -81,8 +71,8 @@ def run_arm(run_dir: str | Path, overrides: list[str], config: str | Path = DEMO
         in_child(_train, (str(config), overrides, str(run_dir), threads))
     run = load_run(run_dir)
     rows = [r for r in run.steps if "train/reward" in r]
-    return {"evals": run.evals, "rows": rows, "config": run.config, "train_s": round(sum(r.get("perf/step_seconds", 0.0) for r in rows), 1),
-            "reused": reused}
+    train_s = round(sum(r.get("perf/step_seconds", 0.0) for r in rows), 1)
+    return {"evals": run.evals, "rows": rows, "config": run.config, "train_s": train_s, "reused": reused}
 
 
 def eval_k(evals: dict) -> int:

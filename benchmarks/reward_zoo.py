@@ -38,8 +38,8 @@ def figures(run: dict) -> dict:
     evals, rows = run["evals"], run["rows"]
     k = eval_k(evals)
     mean = lambda key: statistics.fmean(r[key] for r in rows if r.get(key) is not None)  # noqa: E731
+    votes, prompts = run["config"]["rollout"]["n_votes"], run["config"]["train"]["prompts_per_step"]
     for r in rows:  # runs from before these two were logged drew all N votes of every prompt
-        votes, prompts = run["config"]["rollout"]["n_votes"], run["config"]["train"]["prompts_per_step"]
         r.setdefault("train/votes_drawn", votes)
         r.setdefault("perf/rollout_tokens", r["train/response_length"] * votes * prompts)
     return {"base": {s: {"avg": evals[s][0][f"avg@{k}"], "maj": evals[s][0][f"maj@{k}"]}

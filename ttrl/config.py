@@ -612,6 +612,14 @@ def _where(key: str | None, path: Path | None, lines: dict[str, int], overrides:
     return ""
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config dict (`Config.to_dict()`, a run's config.json) as {"section.key": value}."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
 def config_from_dict(raw: dict) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of sections (model:, data:, ...), got {type(raw).__name__}")

@@ -163,9 +163,10 @@ def _answer_phrase(text: str) -> str | None:
 _NUMBER = re.compile(rf"-?\d+(?:,\d{{3}})*(?:\.\d+)?(?:/\d+)?|\(({_CHOICE})\)")
 
 
-# "9 + 8" ends on an operand, not an answer: what precedes the last number when it is one.
-_OPERAND_BEFORE = re.compile(r"[\w)]\s*(?:[+*×÷]|-\s|\s-|plus|minus|times)\s*$|[\w)]-$")
-_MINUS_OF = re.compile(r"[\w)]$")  # "8-3": the number matched is "-3", the minus is the operator
+# "9 + 8" ends on an operand, not an answer: what precedes the last number when it is one. A
+# minus touching the digits is part of the number ("-3"), so "8-3" is caught by _MINUS_OF.
+_OPERAND_BEFORE = re.compile(r"[\w)]\s*(?:[-+*×÷]|plus|minus|times)\s*$")
+_MINUS_OF = re.compile(r"[\w)]$")
 
 
 def _last_number(text: str) -> str | None:

@@ -22,7 +22,7 @@ import torch
 from ttrl import batches
 from ttrl.advantages import CRITIC_ESTIMATORS, compute_advantages, last_token_rewards, whiten
 from ttrl.checkpoint import CHECKPOINTS, CheckpointError, load_checkpoint, save_checkpoint
-from ttrl.config import Config, ConfigError
+from ttrl.config import Config, ConfigError, flatten
 from ttrl.critic import StepValues, load_critic, token_values
 from ttrl.control import Control, StopSignals
 from ttrl.data import Problem, load_sets, run_sets
@@ -192,7 +192,7 @@ def resumed_state(run_dir: Path, cfg: Config, model, optimizer, scheduler, criti
     if state is None:
         warn(f"no checkpoint in {run_dir}/{CHECKPOINTS}; starting from step 0")
         return None
-    old, new = {**_flatten(Config().to_dict()), **_flatten(state["config"])}, _flatten(cfg.to_dict())
+    old, new = {**flatten(Config().to_dict()), **flatten(state["config"])}, flatten(cfg.to_dict())
     free = ("train.steps", "train.save_every", "train.keep_checkpoints", "algorithm.max_bad_steps",
             "train.wandb_project", "rollout.max_batch_rows", "rollout.memory_fraction", "eval.max_batch_rows",
             "eval.memory_fraction")
@@ -206,13 +206,6 @@ def resumed_state(run_dir: Path, cfg: Config, model, optimizer, scheduler, criti
     if is_main_process():
         print(f"resuming from {state['path']} (step {state['step']})", file=sys.stderr)
     return state
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
 
 
 @dataclass
