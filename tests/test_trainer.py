@@ -435,3 +435,17 @@ def test_sequential_voting_through_the_loop_logs_the_votes_drawn(tmp_path):
         votes = [x["n_votes"] for x in logged if x["step"] == row["step"]]
         assert row["train/votes_drawn"] == sum(votes) / len(votes) and all(4 <= v <= 8 for v in votes)
         assert row["perf/rollout_tokens"] > 0
+
+
+def test_contrastive_labels_through_the_loop_are_logged_with_their_diversity(tmp_path):
+    cfg = load_config(TINY, ["train.steps=2", "eval.before=false", "reward.contrast=true"])
+    train(cfg, tmp_path / "run", quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/reward" in r]
+    assert len(steps) == 2
+    for row in steps:
+        labels = [x["pseudo_label"] for x in logged if x["step"] == row["step"]]
+        assert row["train/distinct_labels"] == len(set(labels) - {None}) / len(labels)
+        for x in (x for x in logged if x["step"] == row["step"] and x["pseudo_label"] is None):
+            assert x["majority_ratio"] == 0.0 and set(x["rewards"]) <= {0.0}  # no label: nothing rewarded

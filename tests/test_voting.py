@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from ttrl.grading import is_equivalent
 from ttrl.rewards import majority_rewards
-from ttrl.voting import Vote, majority_vote
+from ttrl.voting import Vote, contrastive_vote, majority_vote
 
 # Written forms of five values; the real grader judges them (cached after the first example).
 FORMS = ["\\frac12", "0.5", "1/2", "\\dfrac{1}{2}", "3", "3.0", "03", "x=3", "(1,2)", "(2,1)", "B", "(B)", "7"]
@@ -101,3 +101,46 @@ def test_rewards_are_one_exactly_for_the_winning_class(samples):
         in_winner = samples[i] is not None and label is not None and same_mod_3(samples[i], label)
         assert r == float(in_winner)
         assert samples[i] is not None or r == 0.0
+
+
+def test_contrastive_vote_hand_computed():
+    """Lift = share here - mean share among the other prompts (voting.contrastive_vote)."""
+    votes = [majority_vote(a) for a in (["1"] * 8 + ["7"] * 4 + [None] * 4,   # "1": .5 - (.625+.375)/2 = 0; "7": .25
+                                        ["1"] * 10 + [None] * 6,              # "1": .625 - (.5+.375)/2 = .1875
+                                        ["1"] * 6 + ["9"] * 6 + [None] * 4)]  # "1": .375 - .5625 < 0; "9": .375
+    assert [v.pseudo_label for v in votes] == ["1", "1", "1"]  # plain majority (ties: the shorter)
+    elected = contrastive_vote(votes)
+    assert [(v.pseudo_label, v.majority_ratio) for v in elected] == [("7", 0.25), ("1", 0.625), ("9", 0.375)]
+    assert [v.counts for v in elected] == [v.counts for v in votes]  # only the election changes
+
+
+def test_contrastive_vote_is_the_majority_where_answers_differ_and_none_where_all_agree():
+    differ = [majority_vote(a) for a in (["\\frac12", "0.5", "3"], ["4", "4", "5"], ["x=3", "2"])]
+    assert [(v.pseudo_label, v.majority_ratio) for v in contrastive_vote(differ)] == \
+        [(v.pseudo_label, v.majority_ratio) for v in differ]
+    assert [v.pseudo_label for v in contrastive_vote(differ[1:2])] == ["4"]  # alone: nothing to contrast with
+    same = [majority_vote(["1", "1", "2"]), majority_vote(["1", "1", "2"])]  # "2" lifts 0, "1" lifts 0
+    assert [(v.pseudo_label, v.winner, v.majority_ratio) for v in contrastive_vote(same)] == [(None, -1, 0.0)] * 2
+    assert majority_rewards(contrastive_vote(same)[0], [0, 1, 2]) == [0.0, 0.0, 0.0]
+
+
+def test_contrast_of_a_share_of_the_prompts_is_that_share_of_the_whole():
+    """Each rank re-elects its own prompts against the whole step's votes (trainer: dist.gather)."""
+    from ttrl.groups import Group, contrast
+
+    answers = [["1", "1", "7"], ["1", "1", "1"], ["2", "1", None], ["5", "5", "1"]]
+    votes = [majority_vote(a) for a in answers]
+    whole = contrast([Group(v, a) for v, a in zip(votes, answers)], votes, range(4))
+    assert [g.vote.pseudo_label for g in whole] == ["7", "1", "2", "5"]
+    share = contrast([Group(v, a) for v, a in zip(votes[2:], answers[2:])], votes, range(2, 4))
+    assert [g.vote for g in share] == [g.vote for g in whole[2:]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.none(), st.sampled_from(["1", "2", "3", "1.0"])), min_size=1, max_size=12),
+                min_size=2, max_size=6))
+def test_no_answer_is_the_contrastive_label_of_every_prompt(step):
+    """An answer's lifts over a step's prompts sum to 0, so none is positive everywhere: the state
+    the demo's seed 1 collapsed into (one label for every sum) is never a contrastive label set."""
+    elected = [v.pseudo_label for v in contrastive_vote([majority_vote(a) for a in step])]
+    assert not (None not in elected and all(is_equivalent(label, elected[0]) for label in elected))

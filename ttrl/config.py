@@ -163,6 +163,11 @@ class RewardConfig:
     prompt's mean (SCRL's gate: a sure minority answer may be right; needs the torch backend)."""
     min_majority_ratio: float = 0.0
     """Prompts whose majority ratio is below this are skipped for training."""
+    contrast: bool = False
+    """Elect each pseudo-label by its lift over the step's other prompts (its share here minus its
+    mean share there) instead of its share alone, so an answer the policy gives to every question
+    earns nothing (`voting.contrastive_vote`); changes the label of the kinds that use one
+    (majority, penalized_majority). Off: the paper's plain majority vote."""
 
 
 @dataclass
@@ -350,6 +355,9 @@ def validate(cfg: Config) -> Config:
         ("reward.label_temperature", cfg.reward.label_temperature > 0, "must be > 0 (1 = the vote shares)"),
         ("reward.penalty", cfg.reward.penalty >= 0, "must be >= 0: disagreeing samples earn -penalty"),
         ("reward.penalty_min_ratio", 0 <= cfg.reward.penalty_min_ratio <= 1, "must be in [0, 1]"),
+        ("reward.contrast", not cfg.reward.contrast or cfg.reward.kind in ("majority", "penalized_majority"),
+         f"changes the pseudo-label, which reward.kind={cfg.reward.kind} does not use: use majority or "
+         "penalized_majority, or drop reward.contrast"),
         ("algorithm.max_bad_steps", cfg.algorithm.max_bad_steps >= 1, "must be >= 1"),
         ("algorithm.critic_lr", cfg.algorithm.critic_lr > 0, "must be > 0"),
         ("algorithm.value_clip", cfg.algorithm.value_clip > 0, "must be > 0"),

@@ -13,7 +13,7 @@ from ttrl.config import RewardConfig
 from ttrl.grading import is_equivalent, sample_answers
 from ttrl.rewards import label_free_rewards
 from ttrl.rollout import Rollout
-from ttrl.voting import Vote, majority_vote
+from ttrl.voting import Vote, contrastive_vote, majority_vote
 
 
 @dataclass
@@ -41,6 +41,13 @@ def vote(rollout: Rollout, choices: list[tuple[str, ...] | None] | None = None) 
         mine = [answers[i] for i in rollout.group(p)]
         groups.append(Group(vote=majority_vote(mine), answers=mine))
     return groups
+
+
+def contrast(groups: list[Group], votes: list[Vote], mine: range) -> list[Group]:
+    """Stage 3 with `reward.contrast`: this rank's groups (at positions `mine` of the step) with
+    labels elected against `votes`, every prompt of the step's vote (`voting.contrastive_vote`)."""
+    elected = contrastive_vote(votes)
+    return [replace(g, vote=elected[k]) for g, k in zip(groups, mine)]
 
 
 def reward(groups: list[Group], rollout: Rollout, cfg: RewardConfig, seeds: list[int]) -> list[Group]:

@@ -28,7 +28,7 @@ from ttrl.control import Control, StopSignals
 from ttrl.data import Problem, load_sets, run_sets
 from ttrl.distributed import Dist, is_main_process, make_accelerator, warn
 from ttrl.evaluation import run_evals
-from ttrl.groups import Group, diagnostics, reward, vote
+from ttrl.groups import Group, contrast, diagnostics, reward, vote
 from ttrl.metrics import (MetricsWriter, library_bars, log_rollouts, progress_bar, read_metrics, truncate_metrics,
                           truncate_rollouts)
 from ttrl.models import encode_problems, load_model, set_gradient_checkpointing
@@ -153,6 +153,7 @@ def rollout_metrics(rollout: Rollout, groups: list[Group], seconds: float) -> di
     return {
         "train/reward": float(np.mean(trained)) if trained else 0.0,
         "train/majority_ratio": float(np.mean([g.vote.majority_ratio for g in groups])),
+        "train/distinct_labels": len({g.vote.pseudo_label for g in groups} - {None}) / max(len(groups), 1),
         "train/skipped_prompts": sum(g.skipped for g in groups),
         "train/no_answer": float(np.mean([a is None for g in groups for a in g.answers])),
         "train/entropy": float(ent.mean()),
@@ -388,6 +389,8 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
                         else:
                             mine = dist.share(len(batch))
                             groups = vote(rollout, [r.adapt[batch[k]].choices for k in mine])          # 3 votes
+                            if cfg.reward.contrast:
+                                groups = contrast(groups, dist.gather([g.vote for g in groups]), mine)
                             groups = reward(groups, rollout, cfg.reward, [seeds[k] for k in mine])     # 4 rewards
                             rollout, groups = gather_step(rollout, groups, dist)
                             values = critic_values(r.policy, rollout, groups, cfg, dist)               # 5 advantages

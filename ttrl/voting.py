@@ -15,7 +15,7 @@ are letters, equal only when identical.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from ttrl.grading import is_equivalent
@@ -64,3 +64,32 @@ def majority_vote(
         representatives=tuple(representatives),
         winner=winner,
     )
+
+
+def contrastive_vote(votes: Sequence[Vote], equivalent: Callable[[str, str], bool] = is_equivalent) -> list[Vote]:
+    """Each prompt's pseudo-label re-elected by lift, for a step's `votes` (one per prompt, pure).
+
+    An answer that every question gets is no evidence about this question: when a policy drifts
+    towards one answer for all prompts (the demo's seed 1 voted "1" for every sum by step 14),
+    majority voting rewards the drift. Here class k of prompt p scores its share of p's samples
+    minus the mean share of answers equivalent to it among the other prompts' samples; the label
+    is the class of highest positive score (ties: more votes, then `sort_key`), and a prompt with
+    none has no label (winner -1, ratio 0: its majority rewards are all 0). Where the prompts'
+    answers differ, as on real problem sets, the scores are the shares and the vote is the
+    majority's. `majority_ratio` is the elected class's share. Needs the whole step's votes, so
+    the labels depend on which prompts share a step (the samples still do not)."""
+    def share(vote: Vote, answer: str) -> float:
+        n = len(vote.cluster_of)
+        return sum(c for rep, c in zip(vote.representatives, vote.counts) if equivalent(answer, rep)) / n if n else 0.0
+
+    out = []
+    for p, v in enumerate(votes):
+        others = [o for q, o in enumerate(votes) if q != p]
+        n = len(v.cluster_of)
+        lift = [c / n - (sum(share(o, rep) for o in others) / len(others) if others else 0.0)
+                for rep, c in zip(v.representatives, v.counts)]
+        best = min((k for k in range(len(lift)) if lift[k] > 0),
+                   key=lambda k: (-lift[k], -v.counts[k], *sort_key(v.representatives[k])), default=-1)
+        out.append(replace(v, winner=best, pseudo_label=v.representatives[best] if best >= 0 else None,
+                           majority_ratio=v.counts[best] / n if best >= 0 else 0.0))
+    return out
