@@ -3,11 +3,12 @@ the vote — `format` (1 for any answer) and `random` (a fair coin) — on the d
 seed and step budget, each run in its own process; repeated over seeds. Runs live in
 DIR/seed-S/ARM and finished ones are reused (benchmarks/_arms.py): reward_zoo.py shares them.
 
-    .venv/bin/python benchmarks/controls.py [--seeds 0,1] [--output-dir DIR] [key=value ...]
+    .venv/bin/python benchmarks/controls.py [--seeds 0,1,2,3] [--ttrl ARM,...] [--output-dir DIR] [key=value ...]
 
-Prints per seed and arm the adapted and held-out avg@16 / maj@16, the margin of TTRL over the
-best control, and TTRL's margins over the base model's greedy answer and maj@16 (the bar to beat
-is the better of the two). `ttrl compare DIR/seed-0/*` puts a seed's arms side by side. The last
+The TTRL arms (--ttrl) are plain majority voting (the paper's) and majority voting with labels
+contrasted across prompts (`reward.contrast`, docs/method.md). Prints per seed and arm the
+adapted and held-out avg@16 / maj@16, each TTRL arm's margin over the best control, and its
+margins over the base model's greedy answer and maj@16 (the bar to beat is the better of the two). `ttrl compare DIR/seed-0/*` puts a seed's arms side by side. The last
 line is one JSON object.
 """
 
@@ -24,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _arms import DEMO, arm_dir, arm_overrides, eval_k, run_arm  # noqa: E402
 
-ARMS = ("majority", "format", "random")
+CONTROLS = ("format", "random")
+TTRL = "majority,majority+reward.contrast=true"
 
 
 def figures(evals: dict, k: int, when: int) -> dict:
@@ -38,59 +40,68 @@ def figures(evals: dict, k: int, when: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--seeds", default="0,1,2,3")
+    ap.add_argument("--ttrl", default=TTRL, help="TTRL arms, comma-separated `kind+key=value` (default: %(default)s)")
     ap.add_argument("--config", default=str(DEMO))
     ap.add_argument("--output-dir", help="keep the runs here (default: a temporary directory)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     root = Path(args.output_dir or tempfile.mkdtemp(prefix="ttrl-controls-"))
     seeds = [int(s) for s in args.seeds.split(",")]
+    ttrl_arms = args.ttrl.split(",")
+    arms = (*ttrl_arms, *CONTROLS)
     results = []
     for seed in seeds:
         runs = {}
-        for arm in ARMS:
+        for arm in arms:
             overrides = [*arm_overrides(arm), f"train.seed={seed}", *args.overrides]
             runs[arm] = run_arm(arm_dir(root, seed, arm), overrides, args.config)
             print(f"seed {seed} {arm}: {'reused' if runs[arm]['reused'] else 'trained'}, "
                   f"{runs[arm]['train_s']:.0f} s of training steps", flush=True)
-        k = eval_k(runs["majority"]["evals"])
-        base = figures(runs["majority"]["evals"], k, 0)
+        k = eval_k(runs[ttrl_arms[0]]["evals"])
+        base = figures(runs[ttrl_arms[0]]["evals"], k, 0)
         after = {arm: figures(r["evals"], k, -1) for arm, r in runs.items()}
-        row = {"seed": seed, "base": base, "after": after, "train_s": {a: r["train_s"] for a, r in runs.items()}}
-        for name in ("adapt", "heldout"):
-            ttrl = after["majority"][name]["avg"]
-            best_control = max(after[a][name]["avg"] for a in ARMS if a != "majority")
-            bar = max(v for v in (base[name]["greedy"], base[name]["maj"]) if v is not None)
-            row[f"{name}_margin_over_best_control"] = ttrl - best_control
-            row[f"{name}_margin_over_base_greedy"] = None if base[name]["greedy"] is None else ttrl - base[name]["greedy"]
-            row[f"{name}_margin_over_base_maj"] = ttrl - base[name]["maj"]
-            row[f"{name}_margin_over_bar"] = ttrl - bar
+        row = {"seed": seed, "base": base, "after": after, "train_s": {a: r["train_s"] for a, r in runs.items()},
+               "margins": {arm: margins(after[arm], after, base) for arm in ttrl_arms}}
         results.append(row)
-        _print_seed(row, k)
-    margins = {name: [r[f"{name}_margin_over_best_control"] for r in results] for name in ("adapt", "heldout")}
-    print("\nmargin of TTRL avg@k over the best control: "
-          + "; ".join(f"{n} {min(v):+.3f} .. {max(v):+.3f}" for n, v in margins.items()))
+        _print_seed(row, k, arms)
+    least = {arm: {n: min(r["margins"][arm][n]["over_best_control"] for r in results) for n in ("adapt", "heldout")}
+             for arm in ttrl_arms}
+    for arm, m in least.items():
+        print(f"\n{arm}: smallest margin of avg@{k} over the best control: adapt {m['adapt']:+.3f}, "
+              f"held-out {m['heldout']:+.3f}")
     print(f"runs in {root} (ttrl compare {root}/seed-{seeds[0]}/*)")
     print(json.dumps({"config": Path(args.config).name, "overrides": args.overrides, "seeds": seeds,
                       "machine": f"{platform.machine()} {platform.processor()}".strip(),
                       "date": time.strftime("%Y-%m-%d"), "results": results,
-                      "min_margin_over_best_control": {n: min(v) for n, v in margins.items()}}))
+                      "min_margin_over_best_control": least}))
 
 
-def _print_seed(row: dict, k: int) -> None:
+def margins(ttrl: dict, after: dict, base: dict) -> dict:
+    """A TTRL arm's avg@k minus: the best control's, the base greedy answer, the base maj@k, and
+    the better of those two (the bar to beat), per set."""
+    out = {}
+    for name in ("adapt", "heldout"):
+        avg, greedy = ttrl[name]["avg"], base[name]["greedy"]
+        out[name] = {"over_best_control": avg - max(after[a][name]["avg"] for a in CONTROLS),
+                     "over_base_greedy": None if greedy is None else avg - greedy,
+                     "over_base_maj": avg - base[name]["maj"],
+                     "over_bar": avg - max(v for v in (greedy, base[name]["maj"]) if v is not None)}
+    return out
+
+
+def _print_seed(row: dict, k: int, arms: tuple) -> None:
     print(f"\nseed {row['seed']}          adapt avg@{k}  maj@{k}   held-out avg@{k}  maj@{k}")
     base = row["base"]
-    for name, src in [("base greedy", None), ("base", base)] + [(arm, row["after"][arm]) for arm in ARMS]:
-        if src is None:
-            a, h = base["adapt"]["greedy"], base["heldout"]["greedy"]
-            print(f"  {name:<14} {a if a is None else f'{a:10.3f}':>10} {'':>7}   {h if h is None else f'{h:14.3f}':>14}")
-            continue
-        print(f"  {name:<14} {src['adapt']['avg']:10.3f} {src['adapt']['maj']:7.3f}   "
+    a, h = base["adapt"]["greedy"], base["heldout"]["greedy"]
+    print(f"  {'base greedy':<32} {a if a is None else f'{a:10.3f}':>10} {'':>7}   {h if h is None else f'{h:14.3f}':>14}")
+    for name, src in [("base", base)] + [(arm, row["after"][arm]) for arm in arms]:
+        print(f"  {name:<32} {src['adapt']['avg']:10.3f} {src['adapt']['maj']:7.3f}   "
               f"{src['heldout']['avg']:14.3f} {src['heldout']['maj']:7.3f}")
-    for name in ("adapt", "heldout"):
-        print(f"  {name}: TTRL - best control {row[f'{name}_margin_over_best_control']:+.3f}, "
-              f"- base maj {row[f'{name}_margin_over_base_maj']:+.3f}, - best of base greedy/maj "
-              f"{row[f'{name}_margin_over_bar']:+.3f}")
+    for arm, m in row["margins"].items():
+        print(f"  {arm}: " + "; ".join(
+            f"{n} - best control {m[n]['over_best_control']:+.3f}, - base maj {m[n]['over_base_maj']:+.3f}, "
+            f"- bar {m[n]['over_bar']:+.3f}" for n in ("adapt", "heldout")))
 
 
 if __name__ == "__main__":
