@@ -230,3 +230,46 @@ def test_a_share_of_the_evaluation_samples_what_the_whole_does(tiny):
     _, part = evaluate(model, tok, problems, cfg.eval, cfg.data.template, seed=11, dist=Rank1Of2())
     assert [r.id for r in part] == [p.id for p in problems[3:]]
     assert [r.histogram for r in part] == [r.histogram for r in whole[3:]]
+
+
+LENGTH_VOTES = '''
+import sys
+import ttrl.trainer as T
+from ttrl.cli import main
+from ttrl.groups import Group
+from ttrl.voting import majority_vote
+
+
+def vote(rollout, choices=None):
+    """Answers from the real samples' lengths (a random model writes no numbers): 2 values, shared
+    across prompts, so contrasting them against the step's other prompts changes labels."""
+    groups = []
+    for p in range(len(rollout.prompt_ids)):
+        mine = [str(len(rollout.texts[i]) % 2) for i in rollout.group(p)]
+        groups.append(Group(vote=majority_vote(mine), answers=mine))
+    return groups
+
+T.vote = vote
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_contrasted_labels_under_two_processes_match_one(tmp_path):
+    """reward.contrast elects each label against the whole step's votes: every rank gathers them,
+    so two processes elect, log and train what one does."""
+    script = tmp_path / "length_votes.py"
+    script.write_text(LENGTH_VOTES)
+    args = ["reward.kind=majority", "reward.contrast=true", "data.arithmetic.n=8", "data.holdout=0",
+            "train.steps=2", "eval.before=false", "eval.n_samples=1", "eval.greedy=false"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _ttrl(one, *args, script=script)
+    _ttrl(two, *args, procs=2, script=script)
+    logged = [[json.loads(line) for line in (d / "rollouts.jsonl").read_text().splitlines()] for d in (one, two)]
+    assert [(r["step"], r["prompt_id"], r["pseudo_label"], r["rewards"]) for r in logged[0]] == \
+           [(r["step"], r["prompt_id"], r["pseudo_label"], r["rewards"]) for r in logged[1]]
+    plain = tmp_path / "plain"
+    _ttrl(plain, *[a for a in args if a != "reward.contrast=true"], "train.steps=1", script=script)
+    first = [[r["pseudo_label"] for r in runs if r["step"] == 1]
+             for runs in (logged[0], map(json.loads, (plain / "rollouts.jsonl").read_text().splitlines()))]
+    assert first[0] != first[1], first  # step 1 has the same samples: contrast changed labels
+    _assert_same_run(one, two)
