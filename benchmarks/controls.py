@@ -3,7 +3,7 @@ the vote — `format` (1 for any answer) and `random` (a fair coin) — on the d
 seed and step budget, each run in its own process; repeated over seeds. Runs live in
 DIR/seed-S/ARM and finished ones are reused (benchmarks/_arms.py): reward_zoo.py shares them.
 
-    .venv/bin/python benchmarks/controls.py [--seeds 0,1,2,3] [--ttrl ARM,...] [--output-dir DIR] [key=value ...]
+    .venv/bin/python benchmarks/controls.py [--seeds 0,1,2,3,4] [--ttrl ARM,...] [--output-dir DIR] [key=value ...]
 
 The TTRL arms (--ttrl) are plain majority voting (the paper's) and majority voting with labels
 contrasted across prompts (`reward.contrast`, docs/method.md). Prints per seed and arm the
@@ -40,7 +40,7 @@ def figures(evals: dict, k: int, when: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", default="0,1,2,3")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--ttrl", default=TTRL, help="TTRL arms, comma-separated `kind+key=value` (default: %(default)s)")
     ap.add_argument("--config", default=str(DEMO))
     ap.add_argument("--output-dir", help="keep the runs here (default: a temporary directory)")
