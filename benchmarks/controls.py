@@ -8,8 +8,9 @@ DIR/seed-S/ARM and finished ones are reused (benchmarks/_arms.py): reward_zoo.py
 The TTRL arms (--ttrl) are plain majority voting (the paper's) and majority voting with labels
 contrasted across prompts (`reward.contrast`, docs/method.md). Prints per seed and arm the
 adapted and held-out avg@16 / maj@16, each TTRL arm's margin over the best control, and its
-margins over the base model's greedy answer and maj@16 (the bar to beat is the better of the two). `ttrl compare DIR/seed-0/*` puts a seed's arms side by side. The last
-line is one JSON object.
+margins over the base model's greedy answer and maj@16 (the bar to beat is the better of the
+two). `ttrl compare DIR/seed-0/*` puts a seed's arms side by side. The last line is one JSON
+object.
 """
 
 from __future__ import annotations
