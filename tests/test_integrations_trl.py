@@ -57,6 +57,18 @@ def test_gold_never_changes_the_reward_and_only_feeds_the_diagnostics():
     assert MajorityVoteReward(gold_column=None)(PROMPTS, COMPLETIONS, answer=golds) == REWARDS
 
 
+def test_diagnostics_cover_the_labelled_prompts_of_a_partly_labelled_step():
+    """A prompt without a gold answer drops out of the gold metrics; the others still count."""
+    reward = MajorityVoteReward()
+    reward(PROMPTS[:4], COMPLETIONS[:4], answer=["0.5"] * 4)
+    alone = {k: v for k, v in reward.last_metrics.items() if k.endswith("_accuracy")}
+    reward(PROMPTS, COMPLETIONS, answer=["0.5"] * 4 + [None] * 4)
+    assert {k: v for k, v in reward.last_metrics.items() if k.endswith("_accuracy")} == alone
+    assert set(alone) == {"ttrl/label_accuracy", "ttrl/reward_accuracy", "ttrl/rollout_accuracy"}
+    reward(PROMPTS, COMPLETIONS, answer=[None] * 8)
+    assert not any(k.endswith("_accuracy") for k in reward.last_metrics)
+
+
 def test_logs_through_trls_hooks():
     metrics, extra = {}, {}
     reward = MajorityVoteReward()

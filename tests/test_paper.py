@@ -1,15 +1,18 @@
 """The paper configs (configs/paper/*.yaml): they validate as shipped, and one step of each runs
 on a tiny random model with the paper's optimizer settings (one prompt per optimizer step)."""
 
+import fnmatch
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from ttrl.config import load_config
+from ttrl.config import CONFIGS_DIR, ConfigError, bundled_configs, find_config, load_config
 from ttrl.trainer import train
 
-PAPER = Path(__file__).parent.parent / "configs" / "paper"
+ROOT = Path(__file__).parent.parent
+PAPER = ROOT / "configs" / "paper"
 TINY_ARCH = "{num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4, num_key_value_heads: 2}"
 
 
@@ -34,3 +37,20 @@ def test_a_paper_config_runs_a_step_of_a_tiny_model(tmp_path):
               if "train/reward" in line]
     assert row["optim/steps"] == 2  # one optimizer step per prompt, as ppo_mini_batch_size=1
     assert row["optim/lr"] == 5e-7  # a 1-step run has int(0.03 * 1) = 0 warm-up steps: the cosine's start
+
+
+@pytest.mark.parametrize("spelling", ["paper/amc", "paper/amc.yaml", "configs/paper/amc.yaml"])
+def test_a_paper_config_is_found_by_name_from_any_directory(spelling, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as after `pip install ttrl`: no configs/ folder here
+    assert find_config(spelling).resolve() == (PAPER / "amc.yaml").resolve()
+    with pytest.raises(ConfigError, match="paper/aime2024"):  # the error lists what is bundled
+        find_config("paper/no-such")
+
+
+def test_every_bundled_config_ships_in_the_wheel():
+    """package-data must cover each config, or `--config paper/amc` works only from a clone."""
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ttrl"]
+    files = [p.relative_to(CONFIGS_DIR.parent).as_posix() for p in CONFIGS_DIR.rglob("*.yaml")]
+    assert {"configs/paper/amc.yaml", "configs/demo.yaml"} <= set(files)
+    assert [f for f in files if not any(fnmatch.fnmatchcase(f, g) for g in globs)] == []
+    assert "paper/math500" in bundled_configs() and not any("accelerate" in n for n in bundled_configs())

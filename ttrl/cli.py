@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ttrl import __version__
-from ttrl.config import CONFIGS_DIR, ConfigError, config_keys, load_config
+from ttrl.config import CONFIGS_DIR, ConfigError, bundled_configs, config_keys, load_config
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 """OSErrors that end a command with one `error:` line rather than a traceback: the disk, and a
@@ -195,7 +195,8 @@ def cmd_compare(args) -> int:
     return 0
 
 
-CONFIG_HELP = "YAML config file, or a bundled one by name: demo, tiny (`ttrl config --keys` lists the settings)"
+CONFIG_HELP = (f"YAML config file, or a bundled one by name: {', '.join(bundled_configs())} "
+               "(`ttrl config --keys` lists the settings)")
 OVERRIDES_HELP = "key.sub=value settings, anywhere on the line, e.g. rollout.n_votes=16"
 
 

@@ -83,7 +83,7 @@ class DataConfig:
     answer_field: str = "answer"
     """Gold answers: read for diagnostics and evaluation only, never for training."""
     id_field: str = "id"
-    """Field that names each record in logs and reports (the line number when absent)."""
+    """Field that names each record in logs and reports (its position in the file, from 0, when absent)."""
     choices_field: str = "choices"
     """Multiple-choice options: a list of 2..26 texts, A, B, ... in order; a record without the
     field is an open question. Its gold may be a letter or an option's text. "" = never read."""
@@ -241,7 +241,8 @@ class EvalConfig(SamplingConfig):
 @dataclass
 class TrainConfig:
     steps: int = 0
-    """Optimiser steps; 0 = run `epochs` passes over the prompts."""
+    """Training steps, each a rollout batch of `prompts_per_step` prompts (and one optimizer step,
+    or several: algorithm.mini_batch_prompts); 0 = run `epochs` passes over the prompts."""
     epochs: int = 1
     """Passes over the prompts when steps = 0."""
     prompts_per_step: int = 8
@@ -517,19 +518,28 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped in the package (`demo`, `paper/aime2024`, ...); the
+    accelerate launcher configs are not ttrl configs."""
+    return sorted(p.relative_to(CONFIGS_DIR).with_suffix("").as_posix() for p in CONFIGS_DIR.rglob("*.yaml")
+                  if p.parent.name != "accelerate")
+
+
 def find_config(name: str | Path) -> Path:
-    """A config file by path, or a bundled one by name (`demo`, `demo.yaml`, `configs/demo.yaml`
-    when no such local file exists), so the documented commands work from any directory."""
+    """A config file by path, or a bundled one by name (`demo`, `demo.yaml`, `configs/demo.yaml`,
+    `paper/aime2024`, `configs/paper/aime2024.yaml` when no such local file exists), so the
+    documented commands work from any directory and from an installed wheel."""
     path = Path(name).expanduser()
     if path.is_file():
         return path
-    if path.parent in (Path("."), Path("configs")):
-        for candidate in (CONFIGS_DIR / path.name, CONFIGS_DIR / f"{path.name}.yaml"):
+    if not path.is_absolute():
+        parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+        bundled = CONFIGS_DIR.joinpath(*parts) if parts else CONFIGS_DIR
+        for candidate in (bundled, bundled.with_name(bundled.name + ".yaml")):
             if candidate.is_file():
                 return candidate
     what = "is a directory" if path.is_dir() else "not found"
-    bundled = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
-    raise ConfigError(f"config file {name} {what}; give a YAML file or a bundled config: {bundled}")
+    raise ConfigError(f"config file {name} {what}; give a YAML file or a bundled config: {', '.join(bundled_configs())}")
 
 
 class _KeyLines(yaml.SafeLoader):

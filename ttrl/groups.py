@@ -70,10 +70,12 @@ def reward(groups: list[Group], rollout: Rollout, cfg: RewardConfig, seeds: list
 
 
 def diagnostics(groups: list[Group], golds: list[str | None]) -> dict:
-    """Gold-based metrics (label accuracy, reward accuracy, rollout accuracy); read-only, and
-    only where every prompt of the step has a gold answer."""
-    if any(g is None for g in golds):
+    """Gold-based metrics (label accuracy, reward accuracy, rollout accuracy); read-only, over the
+    step's prompts that have a gold answer (none: no metrics), as evaluation counts labelled prompts."""
+    pairs = [(g, gold) for g, gold in zip(groups, golds) if gold is not None]
+    if not pairs:
         return {}
+    groups, golds = [g for g, _ in pairs], [gold for _, gold in pairs]
     label_ok = [is_equivalent(g.vote.pseudo_label, gold) for g, gold in zip(groups, golds)]
     rollout_ok = [is_equivalent(a, gold) for g, gold in zip(groups, golds) for a in g.answers]
     reward_ok = []

@@ -222,7 +222,7 @@ def _clock(seconds: float) -> str:
 
 class PlainProgress:
     """rich's Progress.add_task / update, written as plain lines for a log file:
-    `ttrl train 3/30 (10%) reward 0.41 maj 0.20 · elapsed 0:00:31 · eta 0:04:30`."""
+    `ttrl train 3/30 (10%) reward 0.41 majority ratio 0.20 · elapsed 0:00:31 · eta 0:04:30`."""
 
     def __init__(self, stream, interval: float = 10.0, clock=time.monotonic):
         self.stream, self.interval, self.clock = stream, interval, clock
