@@ -72,16 +72,13 @@ def reward(groups: list[Group], rollout: Rollout, cfg: RewardConfig, seeds: list
 def diagnostics(groups: list[Group], golds: list[str | None]) -> dict:
     """Gold-based metrics (label accuracy, reward accuracy, rollout accuracy); read-only, over the
     step's prompts that have a gold answer (none: no metrics), as evaluation counts labelled prompts."""
-    pairs = [(g, gold) for g, gold in zip(groups, golds) if gold is not None]
-    if not pairs:
+    labelled = [(g, gold) for g, gold in zip(groups, golds) if gold is not None]
+    if not labelled:
         return {}
-    groups, golds = [g for g, _ in pairs], [gold for _, gold in pairs]
-    label_ok = [is_equivalent(g.vote.pseudo_label, gold) for g, gold in zip(groups, golds)]
-    rollout_ok = [is_equivalent(a, gold) for g, gold in zip(groups, golds) for a in g.answers]
-    reward_ok = []
-    for g, gold in zip(groups, golds):
-        for i, r in zip(g.train_idx, g.rewards):
-            reward_ok.append(float(is_equivalent(g.answers[i], gold)) == r)
+    label_ok = [is_equivalent(g.vote.pseudo_label, gold) for g, gold in labelled]
+    rollout_ok = [is_equivalent(a, gold) for g, gold in labelled for a in g.answers]
+    reward_ok = [float(is_equivalent(g.answers[i], gold)) == r
+                 for g, gold in labelled for i, r in zip(g.train_idx, g.rewards)]
     return {"train/label_accuracy": float(np.mean(label_ok)),
             "train/reward_accuracy": float(np.mean(reward_ok)) if reward_ok else None,
             "train/rollout_accuracy": float(np.mean(rollout_ok))}
