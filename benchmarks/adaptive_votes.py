@@ -112,7 +112,7 @@ def run_set(name: str, args) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="", help="a model directory (default: the config's, SmolLM2-135M)")
     ap.add_argument("--sets", default="demo,hard")
     ap.add_argument("--votes", type=int, default=16, help="N; M is N/2 as in the demo")

@@ -40,7 +40,7 @@ def figures(evals: dict, k: int, when: int) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--ttrl", default=TTRL, help="TTRL arms, comma-separated `kind+key=value` (default: %(default)s)")
     ap.add_argument("--config", default=str(DEMO))

@@ -150,7 +150,7 @@ def run_step(args, queue):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="qwen1.5b,qwen7b", help="comma-separated: qwen1.5b, qwen7b, tiny")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--prompts", type=int, default=8)

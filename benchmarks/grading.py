@@ -93,7 +93,7 @@ def clear_all_caches() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic completions")
     args = parser.parse_args()

@@ -61,7 +61,7 @@ def one_update(args, queue):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="128,256,512,1024", help="answer lengths (tokens per sample)")
     ap.add_argument("--rows", type=int, default=2, help="samples in the micro-batch (one prompt's group)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")

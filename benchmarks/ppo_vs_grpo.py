@@ -52,7 +52,7 @@ def figures(run: dict, k: int) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", default=str(DEMO))
     ap.add_argument("--output-dir", help="keep the runs here (default: a temporary directory)")

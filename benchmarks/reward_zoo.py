@@ -59,7 +59,7 @@ def spread(values: list[float]) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(DEMO))
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--seeds", default="0")

@@ -120,7 +120,7 @@ def _gpu_mem(args) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)

@@ -165,7 +165,7 @@ def _per_step(seconds: list[float]) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps on each side")
     ap.add_argument("--prompts", type=int, default=32, help="arithmetic prompts (ttrl.data.arithmetic_problems)")
     ap.add_argument("--prompts-per-step", type=int, default=8, help="prompts per optimizer step")
