@@ -84,8 +84,8 @@ def resolve(name: str) -> Path:
         hint = f"; did you mean {path / 'model'}? (a run directory keeps its trained model there)"
     if not (path / "config.json").is_file():
         raise ModelError(f"model.name = {name!r} is neither '{EMBEDDED}' nor a local Hugging Face model directory "
-                         "(with config.json)" + (hint or "; download the model first, this tool never fetches "
-                                                 "from a hub"))
+                         "(with config.json)" + (hint or "; download the model first (this tool never fetches "
+                                                 "from a hub) and pass its directory: model.name=/path/to/model"))
     try:
         raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
