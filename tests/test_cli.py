@@ -270,6 +270,14 @@ def test_console_table_says_how_many_prompts_were_graded():
     assert "no prompt has a gold answer" in before_after_table({"adapt": [{"n_prompts": 8, "n_labelled": 0}]}, 4)
 
 
+def test_console_table_gives_the_change_with_twice_its_paired_standard_error():
+    ids = ["a", "b", "c", "d"]
+    base = {"n_prompts": 4, "n_labelled": 4, "avg@4": 0.25, "maj@4": 0.25, "scores": {"id": ids, "avg@4": [0, 0, 0, 1]}}
+    after = {**base, "avg@4": 0.625, "scores": {"id": ids, "avg@4": [0.5, 0.5, 0.5, 1]}}  # changes .5 .5 .5 0
+    line = before_after_table({"adapt": [base, after]}, 4).splitlines()[1]
+    assert line.endswith("+0.375 ± 0.250")  # SE of (.5, .5, .5, 0): sqrt(0.1875 / 3 / 4) = 0.125
+
+
 # --- the Python API, as the README shows it ---------------------------------------------------------
 
 @pytest.mark.slow  # ~20 s idle, ~50 s on a busy machine: a whole tiny run, its report and a second evaluation

@@ -2,17 +2,22 @@
 
 from ttrl.config import EvalConfig
 from ttrl.data import Problem
-from ttrl.evaluation import ProblemResult, evaluate, pass_at_k, summarize
+from math import sqrt
+
+import pytest
+
+from ttrl.evaluation import ProblemResult, evaluate, paired_change, pass_at_k, scores, standard_error, summarize
 
 
-def _result(gold, n_correct, maj, ratio=0.5):
-    return ProblemResult(id="", gold=gold, pseudo_label="1", majority_ratio=ratio, n_correct=n_correct, n_samples=4,
-                         maj_correct=maj, histogram=[])
+def _result(gold, n_correct, maj, ratio=0.5, greedy=None, pid=""):
+    return ProblemResult(id=pid, gold=gold, pseudo_label="1", majority_ratio=ratio, n_correct=n_correct, n_samples=4,
+                         maj_correct=maj, histogram=[], greedy_correct=greedy)
 
 
 def test_partly_labelled_problems_are_graded_over_the_labelled_ones():
-    results = [_result("1", 4, True), _result("2", 1, False), _result(None, None, None, ratio=1.0)]
-    out = summarize(results, k=2, greedy=[True, False, None])
+    results = [_result("1", 4, True, greedy=True), _result("2", 1, False, greedy=False),
+               _result(None, None, None, ratio=1.0)]
+    out = summarize(results, k=2)
     assert out["n_prompts"] == 3 and out["n_labelled"] == 2
     assert out["avg@2"] == (4 / 4 + 1 / 4) / 2
     assert out["maj@2"] == 0.5 and out["greedy"] == 0.5
@@ -21,7 +26,7 @@ def test_partly_labelled_problems_are_graded_over_the_labelled_ones():
 
 
 def test_no_gold_means_no_accuracy_keys():
-    out = summarize([_result(None, None, None)], k=2, greedy=None)
+    out = summarize([_result(None, None, None)], k=2)
     assert out == {"n_prompts": 1, "n_labelled": 0, "majority_ratio": 0.5}
 
 
@@ -34,6 +39,45 @@ def test_evaluate_grades_greedy_on_the_labelled_prompts(tiny):
     assert summary["n_prompts"] == 3 and summary["n_labelled"] == 2
     assert {"avg@2", "maj@2", "pass@2", "greedy"} <= summary.keys()
     assert [r.n_correct is None for r in results] == [False, True, False]
+    assert results[1].greedy_correct is None and {results[0].greedy_correct, results[2].greedy_correct} <= {True, False}
+    assert summary["greedy"] == (results[0].greedy_correct + results[2].greedy_correct) / 2
+
+
+def test_standard_error_hand_computed():
+    # mean 0.5, sample variance 4 * 0.25 / 3 = 1/3, so SE = sqrt(1/3 / 4)
+    assert standard_error([1, 0, 1, 0]) == pytest.approx(sqrt(1 / 12))
+    assert standard_error([0.25, 1.0]) == pytest.approx(0.375)  # two values: |a - b| / 2
+    assert standard_error([0.7, 0.7, 0.7]) == 0.0
+    assert standard_error([0.5]) is None and standard_error([]) is None
+
+
+def test_summary_gives_standard_errors_over_the_graded_problems():
+    results = [_result("1", 4, True), _result("2", 1, False), _result(None, None, None)]
+    out = summarize(results, k=4)
+    assert out["avg@4_se"] == pytest.approx(0.375)  # per-problem avg@4 1.0 and 0.25
+    assert out["maj@4_se"] == pytest.approx(0.5)  # maj 1 and 0
+    assert "avg@4_se" not in summarize(results[:1], k=4)  # one graded problem: no error to give
+
+
+def test_scores_and_paired_change_match_problems_by_id():
+    before = scores([_result("3", 0, False, pid="a", greedy=False), _result("5", 4, True, pid="b", greedy=True),
+                     _result("7", 0, False, pid="c"), _result(None, None, None, pid="u")], k=4)
+    assert before == {"id": ["a", "b", "c"], "avg@4": [0.0, 1.0, 0.0], "maj@4": [0, 1, 0], "greedy": [0, 1, None]}
+    after = {"scores": {"id": ["c", "a", "d"], "avg@4": [1.0, 0.5, 0.25]}}
+    mean, se, n = paired_change({"scores": before}, after, "maj@4", "avg@4")
+    assert n == 2 and mean == pytest.approx(0.75) and se == pytest.approx(0.25)  # a: +0.5, c: +1.0; "d" unmatched
+    assert paired_change({"scores": before}, after, "greedy", "avg@4")[2] == 1  # c has no greedy answer
+    assert paired_change({}, after, "maj@4", "avg@4") is None
+    assert paired_change({"scores": before}, after, "pass@4", "avg@4") is None
+
+
+def test_pairing_removes_what_the_problems_share():
+    """Easy problems stay easy: the change's error is far below what two independent errors make."""
+    base = [0.0, 0.1, 0.9, 1.0, 0.2, 0.8]
+    after = [b + 0.1 if b < 0.9 else b for b in base]
+    ids = [str(i) for i in range(6)]
+    _, se, _ = paired_change({"scores": {"id": ids, "avg@4": base}}, {"scores": {"id": ids, "avg@4": after}}, "avg@4")
+    assert se < 0.1 * sqrt(standard_error(base) ** 2 + standard_error(after) ** 2)
 
 
 def test_pass_at_k_hand_computed():

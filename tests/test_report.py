@@ -173,6 +173,10 @@ def test_report_of_a_tiny_run(tmp_path):
     assert env["device"] and env["torch"]
     assert_self_contained(out / "report.html", sorted((out / "report").glob("*.png")))
     assert (out / "report.md").is_file()
+    base, final = (json.loads((out / "summary.json").read_text())["evals"]["adapt"][i] for i in (0, -1))
+    assert len(base["scores"]["id"]) == base["n_labelled"] and base["scores"]["id"] == final["scores"]["id"]
+    assert sum(final["scores"]["avg@4"]) / final["n_labelled"] == pytest.approx(final["avg@4"])
+    assert "two standard errors of no change" in (out / "report.md").read_text()
 
 
 def _chromium() -> str | None:
@@ -215,6 +219,9 @@ DAMAGE = {
         {"step": 4, "avg@4": 0.5, "maj@4": float("inf"),
          "examples": [[1], {"id": "a", "gold": {"x": 1}, "histogram": [["3", "two"]]}]}]}}).encode(),
         "evals.adapt[0] is not an evaluation"),
+    "summary bad scores": ("summary.json", "write", json.dumps({"evals": {"adapt": [
+        {"step": 0, "avg@4": 0.5, "scores": [1]}, {"step": 4, "avg@4": 0.5, "scores": {"id": ["a"], "avg@4": [1, 0]}}
+    ]}}).encode(), "scores.avg@4 is not one number per problem"),
     "config list": ("config.json", "write", b"[1, 2]", "config.json: a JSON list"),
     "config wrong types": ("config.json", "write", b'{"eval": {"n_samples": "four"}, "algorithm": {"kl_coef": "x"},'
                            b' "rollout": [1]}', "eval.n_samples is \"four\""),
@@ -361,6 +368,22 @@ def test_the_bar_to_beat_is_the_better_of_base_greedy_and_maj():
     assert "majority vote of 4 samples (40.0% maj@4" in beats_voting(run(0.5, 0.4, greedy=0.3))
     assert run(0.5, 0.4, greedy=0.55).bar() == (0.55, "base greedy")
     assert run(0.5, 0.4).bar() == (0.4, "base maj@4")
+    assert "a few points are noise" not in beats_voting(run(0.5, 0.4))  # 100 prompts, no per-problem scores
+
+
+def test_the_verdict_weighs_the_gain_against_its_paired_standard_error():
+    def run(after: list[float], base_maj: list[int]):
+        ids = [str(i) for i in range(len(after))]
+        base = {"step": 0, "n_prompts": len(ids), "avg@4": 0.1, "maj@4": sum(base_maj) / len(ids),
+                "scores": {"id": ids, "maj@4": base_maj}}
+        final = {"step": 5, "n_prompts": len(ids), "avg@4": sum(after) / len(ids), "maj@4": 0.9,
+                 "scores": {"id": ids, "avg@4": after}}
+        return Run(Path("x"), "x", {"eval": {"n_samples": 4}}, {}, [], {"adapt": [base, final]}, True)
+
+    steady = beats_voting(run([0.75] * 8 + [1.0] * 8, [0] * 8 + [1] * 8))  # +0.375: +0.75 on half, 0 on half
+    assert "**Yes.**" in steady and "beyond two standard errors" in steady
+    noisy = beats_voting(run([1.0, 0.0, 1.0, 0.0, 1.0, 1.0], [0, 1, 1, 0, 0, 1]))  # +1/6 from +1s and -1s
+    assert "**Yes.**" in noisy and "within two standard errors" in noisy and "over these 6 prompts" in noisy
 
 
 def test_report_names_the_bar_pass_at_k_and_both_majority_ratios(tmp_path):

@@ -40,17 +40,23 @@ def _quiet_libraries() -> None:
 
 def before_after_table(evals: dict, k: int) -> str:
     """Plain-text table: per eval set, base vs TTRL avg@k and maj@k, over the `graded` prompts
-    (those with a gold answer)."""
+    (those with a gold answer), and the change in avg@k with twice its standard error over those
+    prompts (paired by problem) where the evaluations kept per-problem scores."""
+    from ttrl.evaluation import paired_change
+
     lines = [f"{'set':<10} {'prompts':>7} {'graded':>7} {'base avg@' + str(k):>12} {'base maj@' + str(k):>12} "
-             f"{'TTRL avg@' + str(k):>12} {'TTRL maj@' + str(k):>12} {'change':>8}"]
+             f"{'TTRL avg@' + str(k):>12} {'TTRL maj@' + str(k):>12} {'change ± 2 se':>15}"]
     for name, rows in evals.items():
         if not rows or f"avg@{k}" not in rows[-1]:
             continue
         first, last = rows[0], rows[-1]
+        change = paired_change(first, last, f"avg@{k}")
+        noise = f" ± {2 * change[1]:.3f}" if change and change[1] is not None else ""
+        delta = f"{last[f'avg@{k}'] - first[f'avg@{k}']:+.3f}{noise}"
         lines.append(f"{name:<10} {last['n_prompts']:>7} {last.get('n_labelled', last['n_prompts']):>7} "
                      f"{first[f'avg@{k}']:>12.3f} {first[f'maj@{k}']:>12.3f} "
                      f"{last[f'avg@{k}']:>12.3f} {last[f'maj@{k}']:>12.3f} "
-                     f"{last[f'avg@{k}'] - first[f'avg@{k}']:>+8.3f}")
+                     f"{delta:>15}")
     if len(lines) == 1:
         return "no prompt has a gold answer, so no accuracy was computed (the run's metrics are in metrics.jsonl)"
     return "\n".join(lines)

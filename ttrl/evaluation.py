@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
-from math import comb
+from math import comb, sqrt
+from statistics import stdev
 
 import torch
 
@@ -45,6 +46,8 @@ class ProblemResult:
     maj_correct: bool | None
     histogram: list[tuple[str, int]]
     """Vote counts per answer class, largest first ("<no answer>" for samples without one)."""
+    greedy_correct: bool | None = None
+    """Whether the greedy (temperature 0) answer is right; None where it was not decoded or graded."""
 
 
 def score_group(answers: list[str | None], gold: str | None, pid: str = "") -> ProblemResult:
@@ -64,18 +67,55 @@ def score_group(answers: list[str | None], gold: str | None, pid: str = "") -> P
                          histogram=hist.most_common())
 
 
-def summarize(results: list[ProblemResult], k: int, greedy: list[bool | None] | None = None) -> dict:
+def standard_error(values: list[float]) -> float | None:
+    """Standard error of a mean over problems (sample standard deviation / sqrt(n)): how far the
+    accuracy would move on another draw of as many problems like these. None under two problems."""
+    return stdev(values) / sqrt(len(values)) if len(values) > 1 else None
+
+
+def scores(results: list[ProblemResult], k: int) -> dict[str, list]:
+    """Per graded problem: its id and its avg@k, maj@k and greedy (1/0; None where not decoded),
+    kept beside the summary so that two evaluations can be compared problem by problem."""
+    labelled = [r for r in results if r.gold is not None]
+    return {"id": [r.id for r in labelled],
+            f"avg@{k}": [r.n_correct / r.n_samples for r in labelled],
+            f"maj@{k}": [int(bool(r.maj_correct)) for r in labelled],
+            "greedy": [None if r.greedy_correct is None else int(r.greedy_correct) for r in labelled]}
+
+
+def paired_change(before: dict, after: dict, metric_before: str, metric_after: str | None = None
+                  ) -> tuple[float, float | None, int] | None:
+    """`metric_after` of `after` minus `metric_before` of `before`, over the problems both graded
+    (matched by id, from their `scores`): (mean, its standard error, problems). Pairing removes what
+    the problems share, so the error is that of the change, not of either accuracy. None when either
+    evaluation has no scores for its metric or no problem is in both."""
+    a, b = after.get("scores") or {}, before.get("scores") or {}
+    metric_after = metric_after or metric_before
+    if not all(key in s for s, key in ((a, "id"), (b, "id"), (a, metric_after), (b, metric_before))):
+        return None
+    old = {pid: v for pid, v in zip(b["id"], b[metric_before]) if v is not None}
+    diffs = [v - old[pid] for pid, v in zip(a["id"], a[metric_after]) if v is not None and pid in old]
+    if not diffs:
+        return None
+    return sum(diffs) / len(diffs), standard_error(diffs), len(diffs)
+
+
+def summarize(results: list[ProblemResult], k: int) -> dict:
     """Aggregate metrics over problems. Accuracy (avg@k, maj@k, pass@k, greedy) is over the
-    `n_labelled` problems that have a gold answer, and absent when none has; `greedy` holds one
-    entry per result (None where ungraded)."""
+    `n_labelled` problems that have a gold answer, and absent when none has; avg@k and maj@k come
+    with their standard errors over those problems (`avg@k_se`, `maj@k_se`)."""
     labelled = [r for r in results if r.gold is not None]
     out: dict = {"n_prompts": len(results), "n_labelled": len(labelled),
                  "majority_ratio": sum(r.majority_ratio for r in results) / max(1, len(results))}
     if labelled:
-        out[f"avg@{k}"] = sum(r.n_correct / r.n_samples for r in labelled) / len(labelled)
-        out[f"maj@{k}"] = sum(bool(r.maj_correct) for r in labelled) / len(labelled)
+        per = scores(labelled, k)
+        for key in (f"avg@{k}", f"maj@{k}"):
+            out[key] = sum(per[key]) / len(labelled)
+            se = standard_error(per[key])
+            if se is not None:
+                out[f"{key}_se"] = se
         out[f"pass@{k}"] = sum(pass_at_k(r.n_samples, r.n_correct, k) for r in labelled) / len(labelled)
-        graded = [g for g in greedy or [] if g is not None]
+        graded = [g for g in per["greedy"] if g is not None]
         if graded:
             out["greedy"] = sum(graded) / len(graded)
     return out
@@ -110,17 +150,14 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
                              [p.choices for p, size in zip(mine, rollout.group_sizes) for _ in range(size)])
     results = [score_group([answers[i] for i in rollout.group(p)], prob.answer, prob.id)
                for p, prob in enumerate(mine)]
-    greedy = None
-    if cfg.greedy and any(p.answer is not None for p in problems):  # graded where there is gold
-        greedy = [None] * len(mine)
+    if cfg.greedy and any(p.answer is not None for p in problems):  # every rank decodes (FSDP); graded where gold
         g = _in_chunks(sampler, model, [prompt_ids[i] for i in labelled], replace(sampling, n=1, temperature=0.0),
                        [0] * len(labelled), count)
         greedy_answers = sample_answers(g.texts, g.truncated, [mine[i].choices for i in labelled])
         for i, a in zip(labelled, greedy_answers):
-            greedy[i] = is_equivalent(a, mine[i].answer)
-        greedy = dist.gather(greedy)
+            results[i].greedy_correct = is_equivalent(a, mine[i].answer)
     results = dist.gather(results)
-    summary = summarize(results, k, greedy)
+    summary = summarize(results, k)
     summary["mean_length"] = sum(dist.gather([rollout.n_tokens])) / max(1, len(problems) * k)
     return summary, results
 
@@ -171,7 +208,7 @@ def run_evals(model, tok, sets: dict[str, list[Problem]], cfg, step: int, writer
             bar.update(task, info=f"avg@{cfg.eval.n_samples} {summary[f'avg@{cfg.eval.n_samples}']:.3f}")
         if writer is not None:
             writer.log({"step": step, **{f"eval/{name}/{k}": v for k, v in summary.items()}})
-        store.setdefault(name, []).append({"step": step, **summary,
+        store.setdefault(name, []).append({"step": step, **summary, "scores": scores(results, cfg.eval.n_samples),
                                            "examples": [r.__dict__ for r in results[:8]]})
         out[name] = summary, results
     return out

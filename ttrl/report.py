@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ttrl.evaluation import paired_change
 from ttrl.health import no_signal_warnings
 from ttrl.metrics import is_number, write_csv
 from ttrl.plots import RUN_COLOURS, Plot, make_plots
@@ -77,8 +78,7 @@ def beats_voting(run: Run) -> str:
     both = is_number(base.get("greedy")) and is_number(base.get(f"maj@{k}"))
     against = f"{of} ({pct(m)} {what.removeprefix('base ')}" + (f", the better of base greedy and maj@{k})" if both
                                                                  else ")")
-    n = base.get("n_prompts")
-    small = f"; on {n} prompts a few points are noise" if is_number(n) and n < 50 else ""
+    small = _noise(base, final, f"avg@{k}", "greedy" if what == "base greedy" else f"maj@{k}", a - m)
     where = graded(final)
     small += f" ({where})" if where else ""
     warnings = no_signal_warnings(run.steps)
@@ -97,6 +97,19 @@ def beats_voting(run: Run) -> str:
         verdict = f"**Not yet.** After TTRL one sample is right {pct(a)} of the time (avg@{k}), below {against}: " \
                   f"{pts(a - m)} points"
     return f"{q} {verdict}{small}."
+
+
+def _noise(base: dict, final: dict, metric: str, bar_metric: str, gain: float) -> str:
+    """How the gain over the bar compares with its noise: twice the standard error of the per-problem
+    differences (`evaluation.paired_change`); for runs without per-problem scores, a caution on
+    small sets."""
+    change = paired_change(base, final, bar_metric, metric)
+    if change is None or change[1] is None:
+        n = base.get("n_prompts")
+        return f"; on {n} prompts a few points are noise" if is_number(n) and n < 50 else ""
+    _, se, n = change
+    where = "beyond" if abs(gain) > 2 * se else "within"
+    return f"; {where} two standard errors of no change (±{200 * se:.1f} points over these {n} prompts)"
 
 
 def _mean(run: Run, key: str) -> float | None:

@@ -146,6 +146,24 @@ def _clean_examples(value, where: str, problems: list[str]) -> list[dict]:
     return out
 
 
+def _clean_scores(value, where: str, problems: list[str]) -> dict[str, list]:
+    """Per-problem scores (`ttrl.evaluation.scores`): an id list and, per metric, one number or null
+    per id; a metric that does not fit is left out (and the paired errors that need it)."""
+    if not isinstance(value, dict) or not isinstance(value.get("id"), list):
+        problems.append(f"{where}.scores is {snippet(value)}, not per-problem scores with ids; left out")
+        return {}
+    out = {"id": [str(i) for i in value["id"]]}
+    for key, column in value.items():
+        if key == "id":
+            continue
+        if isinstance(column, list) and len(column) == len(out["id"]) and \
+                all(v is None or is_number(v) for v in column):
+            out[key] = column
+        else:
+            problems.append(f"{where}.scores.{key} is not one number per problem; left out")
+    return out
+
+
 def _clean_evals(raw, where: str, problems: list[str]) -> dict[str, list[dict]] | None:
     """summary.json's evals: {set: [{step, metric: number, examples: [...]}]}, damage left out."""
     if not isinstance(raw, dict):
@@ -167,6 +185,8 @@ def _clean_evals(raw, where: str, problems: list[str]) -> dict[str, list[dict]] 
             for key, value in row.items():
                 if key == "examples":
                     clean[key] = _clean_examples(value, at, problems)
+                elif key == "scores":
+                    clean[key] = _clean_scores(value, at, problems)
                 elif key != "step" and (value is None or is_number(value)):
                     clean[key] = value
                 elif key != "step":
