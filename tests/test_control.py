@@ -118,6 +118,8 @@ def test_a_short_run_is_checked_at_its_last_step():
     for s in range(1, 4):
         c.after_step(s, {"train/no_answer": 0.9, "train/truncated": 0.9, "train/majority_ratio": 0.05})
     assert c.signal_warnings(2) == [] and c.signal_warnings(3)
+
+
 def _collapsing_rows(n: int) -> list[dict]:
     """Majority ratio climbing to 1 while entropy and length fall: the collapse watch's pattern."""
     return [{"train/majority_ratio": min(1.0, 0.1 * s), "train/entropy": 2.0 / s, "train/response_length": 8.0 / s}
@@ -139,3 +141,34 @@ def test_the_collapse_watch_warns_once_and_stops_only_when_asked():
         if stopping.finished:
             break
     assert stopping.steps == warned[0] and rows[s - 1]["stop_reason"] == rows[s - 1]["collapse_warning"]
+
+
+def _steps(control: Control, rows: list[dict], start: int = 1) -> list[dict]:
+    """Feed `rows` to the control as steps start, start + 1, ... up to its last step; the rows fed."""
+    fed = []
+    for s, row in enumerate(rows, start):
+        if s > control.steps:
+            break
+        control.after_step(s, {**row, "step": s})
+        fed.append(control.history[-1])
+    return fed
+
+
+def test_a_resumed_run_records_what_an_uninterrupted_one_does():
+    """Resumed after step 12 (the watch fired at 10), the collapse warning is not written again; resumed
+    after an early stop, the run stays stopped there instead of training on to train.steps."""
+    cfg = _control(train__stop_window=2).cfg
+    whole = _steps(Control(cfg, steps=14), _collapsing_rows(14))
+    first = _steps(Control(cfg, steps=12), _collapsing_rows(14)[:12])
+    rest = _steps(Control.resumed(cfg, 14, list(first)), _collapsing_rows(14)[12:], start=13)
+    assert [("collapse_warning" in r) for r in first + rest] == [("collapse_warning" in r) for r in whole]
+    assert sum("collapse_warning" in r for r in rest) == 0 and len(rest) == 2
+
+    stop_cfg = _control(train__stop_window=2, train__stop_on="collapse").cfg
+    stopped = Control(stop_cfg, steps=14)
+    rows = _steps(stopped, _collapsing_rows(14))
+    assert stopped.steps == 10 and len(rows) == 10
+    again = Control.resumed(stop_cfg, 14, list(rows))
+    assert again.finished and again.steps == 10 and again.stopped_early == rows[-1]["stop_reason"]
+    fresh = Control.resumed(stop_cfg, 14, [])
+    assert not fresh.finished and fresh.steps == 14 and not fresh.collapse_warned

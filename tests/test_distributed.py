@@ -16,10 +16,11 @@ ROOT = Path(__file__).parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
 # Real learning signal on the random tiny model (ROUGE-L rewards), every cross-rank path: batch-wide
 # advantage statistics (reinforce_pp), a reference model, two optimisation passes, two micro-batches
-# per rank (no_sync), sharded evaluation of an uneven set (3 held-out prompts). 12 adapt prompts,
+# per rank (no_sync), two optimizer steps per rollout batch (whose prompts each rank must not cut
+# up by its own share), sharded evaluation of an uneven set (3 held-out prompts). 12 adapt prompts,
 # 3 steps of 4: each prompt is trained on exactly once.
 RUN = ["reward.kind=similarity", "algorithm.advantage=reinforce_pp", "algorithm.kl_coef=0.1",
-       "algorithm.ppo_epochs=2", "algorithm.micro_batch_size=4", "data.arithmetic.n=15", "data.holdout=0.2",
+       "algorithm.ppo_epochs=2", "algorithm.micro_batch_size=4", "algorithm.mini_batch_prompts=2", "data.arithmetic.n=15", "data.holdout=0.2",
        "eval.n_samples=2", "eval.greedy=true", "rollout.max_new_tokens=5", "eval.max_new_tokens=4"]
 # One CPU thread per process in every run (torchrun's default): no oversubscription of the CPU.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -61,7 +62,7 @@ def _assert_same_run(one: Path, two: Path, tol: float = 1e-5) -> None:
     assert [(r["step"], r["prompt_id"], r["samples"]) for r in rollouts[0]] == \
            [(r["step"], r["prompt_id"], r["samples"]) for r in rollouts[1]]
     steps = {r["step"] for r in rollouts[1]}
-    for step in steps:  # (the tests' steps do not straddle an epoch, where a prompt may recur)
+    for step in steps:
         ids = [r["prompt_id"] for r in rollouts[1] if r["step"] == step]
         assert len(ids) == len(set(ids)) == 4, f"step {step}: a prompt counted twice or missing"
 
@@ -113,8 +114,8 @@ SKIP = {(0, 0), (0, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)}
 SEEDS = {T.prompt_seed(0, s, T.batch_order(8, 4, s, 0)[k]) for s, k in SKIP}
 real = T.reward
 
-def reward(groups, rollout, cfg, seeds):
-    groups = real(groups, rollout, cfg, seeds)
+def reward(groups, rollout, cfg, seeds, *rest):
+    groups = real(groups, rollout, cfg, seeds, *rest)
     for g, seed in zip(groups, seeds):
         g.skipped = seed in SEEDS
     return groups

@@ -118,3 +118,25 @@ def test_decided_prompts_stop_early_and_free_their_rows(smollm2):
     assert sum(late.group_sizes) > sum(sizes)
     for p in range(len(ids)):
         assert [late.texts[i] for i in late.group(p)][: sizes[p]] == [early.texts[i] for i in early.group(p)]
+
+
+def test_the_trained_samples_come_from_the_first_round():
+    """A prompt that drew more rounds (here 4 + 8 votes) trains on M of its first round only, the
+    samples every prompt drew whenever it stopped; without rounds, on any of its votes."""
+    import torch
+
+    from ttrl.config import Config
+    from ttrl.groups import reward, vote
+    from ttrl.rollout import Rollout
+
+    texts = ["7"] * 4 + ["3"] * 8  # first round "7", later rounds "3"
+    z = [torch.zeros(1) for _ in texts]
+    rollout = Rollout(n=12, prompt_ids=[[1]], completion_ids=[[1]] * 12, logprobs=z, entropy=z, certainty=z,
+                      texts=texts, truncated=[False] * 12)
+    cfg = Config().reward
+    cfg.n_train_samples = 4
+    for seed in range(5):
+        (g,) = reward(vote(rollout), rollout, cfg, seeds=[seed], first_round=4)
+        assert sorted(g.train_idx) == [0, 1, 2, 3] and g.rewards == [0.0] * 4  # "3" won the vote
+    drawn = {i for seed in range(5) for i in reward(vote(rollout), rollout, cfg, seeds=[seed])[0].train_idx}
+    assert drawn - {0, 1, 2, 3}  # from all twelve

@@ -47,6 +47,21 @@ def test_batch_order_covers_each_prompt_once_per_epoch():
     assert steps[0] + steps[1] != steps[2] + steps[3]  # reshuffled each epoch
 
 
+def test_a_step_spanning_two_passes_holds_each_prompt_once():
+    """30 prompts, 8 a step (AIME with the paper's batch): steps straddle passes, yet none repeats a
+    prompt, and over any number of steps the prompts are trained on equally often, give or take one
+    or two."""
+    from collections import Counter
+
+    seen = Counter()
+    for s in range(240):
+        batch = batch_order(30, 8, s, seed=0)
+        assert len(set(batch)) == 8, (s, batch)
+        seen.update(batch)
+        assert max(seen.values()) - min(seen[i] for i in range(30)) <= 2, s
+    assert batch_order(10, 8, 1, seed=0) == batch_order(10, 8, 1, seed=0)  # a pure function of the step
+
+
 def _arithmetic_file(path: Path, gold: str) -> Path:
     rows = [{"id": f"{a}+{b}", "problem": f"What is {a} + {b}?", "answer": str(a + b)}
             for a, b in [(3, 4), (5, 2), (1, 1), (6, 2)]]
@@ -235,6 +250,41 @@ def test_one_prompt_per_optimizer_step_equals_single_prompt_updates():
     initial = torch.cat([p.detach().flatten() for p in _one_step(cfg)[0].model.parameters()])
     assert not torch.allclose(together, initial, atol=1e-6)
     assert torch.allclose(together, apart, atol=1e-6)
+
+
+def test_optimizer_steps_count_the_steps_taken_and_the_schedule_moves_on_an_empty_step():
+    """optim/steps counts optimizer steps actually taken (a skipped prompt's mini-batch takes none),
+    optim/grad_norm is their mean, and a step with every prompt skipped still advances the schedule."""
+    from ttrl.update import update
+
+    cfg = load_config(TINY, STEP + ["algorithm.mini_batch_prompts=1"])
+    policy, rollout, groups, adv = _one_step(cfg, n_prompts=3)
+    adv[1] = None  # prompt 1 skipped (as by reward.min_majority_ratio)
+    stats = update(policy, rollout, groups, adv, cfg)
+    assert stats["optim/steps"] == 2 and stats["train/updated"] == 2
+
+    policy.scheduler = torch.optim.lr_scheduler.LambdaLR(policy.optimizer, lambda s: 1.0 / (s + 1))
+    stats = update(policy, rollout, groups, [None] * 3, cfg)
+    assert stats["optim/steps"] == 0 and stats["optim/lr"] == cfg.algorithm.lr
+    assert policy.scheduler.last_epoch == 1 and policy.optimizer.param_groups[0]["lr"] == cfg.algorithm.lr / 2
+
+
+def test_reward_metrics_leave_out_skipped_prompts_and_reward_accuracy_needs_0_1_rewards():
+    from dataclasses import replace
+
+    from ttrl.groups import diagnostics
+    from ttrl.trainer import rollout_metrics
+
+    cfg = load_config(TINY, STEP)
+    _, rollout, groups, _ = _one_step(cfg)
+    kept = replace(groups[0], rewards=[1.0] * 4, skipped=False)
+    skipped = replace(groups[1], rewards=[0.0] * 4, skipped=True)
+    assert rollout_metrics(rollout, [kept, skipped], 1.0)["train/reward"] == 1.0
+    gold = kept.vote.pseudo_label or "7"
+    binary, graded = diagnostics([kept, skipped], [gold, gold]), diagnostics([kept, skipped], [gold, gold], False)
+    right = [float(kept.answers[i] is not None and kept.answers[i] == gold) == 1.0 for i in kept.train_idx]
+    assert binary["train/reward_accuracy"] == pytest.approx(sum(right) / len(right))  # kept prompt's samples only
+    assert graded["train/reward_accuracy"] is None and graded["train/label_accuracy"] == binary["train/label_accuracy"]
 
 
 def test_policy_loss_is_reported_apart_from_the_kl_term():

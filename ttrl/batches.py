@@ -1,12 +1,14 @@
 """How a step's trained samples are cut up for the update (pure index maths).
 
-Optimizer mini-batches are made of whole prompts: each rank splits its share of the step's
-prompts into `n_mini` consecutive chunks, and mini-batch j is every rank's chunk j (so with
-`algorithm.mini_batch_prompts` = 1 on one process, each prompt gets its own optimizer step, as
-the official TTRL scripts do). Within a mini-batch, a rank packs its samples into micro-batches
-(one forward/backward each) bounded in sequences and tokens; a group may be split over
-micro-batches, its prompt then being scored once per piece. Every rank computes every rank's
-plan, so all run the same number of backward passes (each may be a collective).
+Optimizer mini-batches are made of whole prompts, taken in the step's order: with
+`algorithm.mini_batch_prompts` = 1 each prompt gets its own optimizer step, as the official TTRL
+scripts do, however many processes run. Each mini-batch's trained samples are then dealt out to
+the ranks in equal contiguous blocks (a prompt's samples may span two ranks, as verl splits its
+mini-batches over GPUs), so every rank works on every mini-batch and the optimizer steps are
+those of one process. Within a mini-batch, a rank packs its samples into micro-batches (one
+forward/backward each) bounded in sequences and tokens; a group may be split over micro-batches,
+its prompt then being scored once per piece. Every rank computes every rank's plan, so all run the
+same number of backward passes (each may be a collective).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def n_mini_batches(prompts_per_step: int, mini_batch_prompts: int) -> int:
     return 1 if mini_batch_prompts <= 0 else max(1, math.ceil(prompts_per_step / mini_batch_prompts))
 
 
-def chunks(items: list[int], n: int) -> list[list[int]]:
+def chunks(items: list, n: int) -> list[list]:
     """`items` in n consecutive chunks whose sizes differ by at most one (the first ones larger)."""
     base, extra = divmod(len(items), n)
     out, start = [], 0
@@ -43,40 +45,43 @@ def chunks(items: list[int], n: int) -> list[list[int]]:
     return out
 
 
-def pack(prompts: list[int], lengths: list[list[int]], prompt_lengths: list[int], max_sequences: int,
+def samples_of(prompts: list[int], lengths: list[list[int]]) -> list[tuple[int, int]]:
+    """(prompt, position among its trained samples) of every trained sample of `prompts`, in order;
+    `lengths[p]` is empty for a prompt left out of the update."""
+    return [(p, j) for p in prompts for j in range(len(lengths[p]))]
+
+
+def pack(samples: list[tuple[int, int]], lengths: list[list[int]], prompt_lengths: list[int], max_sequences: int,
          max_tokens: int) -> list[MicroBatch]:
-    """Micro-batches of the trained samples of `prompts`, in order: at most `max_sequences`
-    sequences and (when `max_tokens` > 0) `max_tokens` prompt + answer tokens each; a sequence
-    longer than the budget goes alone. `lengths[p]`: answer length of each trained sample of p."""
+    """Micro-batches of `samples` ((prompt, position) pairs, `samples_of`), in order: at most
+    `max_sequences` sequences and (when `max_tokens` > 0) `max_tokens` prompt + answer tokens each;
+    a sequence longer than the budget goes alone. `lengths[p]`: answer length of each trained sample of p."""
     out: list[MicroBatch] = []
     current: MicroBatch = []
     n_seq = n_tok = 0
-    for p in prompts:
-        piece: list[int] = []
-        for j, length in enumerate(lengths[p]):
-            cost = prompt_lengths[p] + length
-            full = n_seq >= max_sequences or (max_tokens > 0 and n_seq and n_tok + cost > max_tokens)
-            if full:
-                if piece:
-                    current.append(Piece(p, tuple(piece)))
-                    piece = []
-                out.append(current)
-                current, n_seq, n_tok = [], 0, 0
-            piece.append(j)
-            n_seq, n_tok = n_seq + 1, n_tok + cost
-        if piece:
-            current.append(Piece(p, tuple(piece)))
+    for p, j in samples:
+        cost = prompt_lengths[p] + lengths[p][j]
+        if n_seq >= max_sequences or (max_tokens > 0 and n_seq and n_tok + cost > max_tokens):
+            out.append(current)
+            current, n_seq, n_tok = [], 0, 0
+        if current and current[-1].prompt == p:
+            current[-1] = Piece(p, current[-1].samples + (j,))
+        else:
+            current.append(Piece(p, (j,)))
+        n_seq, n_tok = n_seq + 1, n_tok + cost
     if current:
         out.append(current)
     return out
 
 
-def plan(shares: list[range], lengths: list[list[int]], prompt_lengths: list[int], n_mini: int,
+def plan(world: int, lengths: list[list[int]], prompt_lengths: list[int], n_mini: int,
          max_sequences: int, max_tokens: int) -> list[list[list[MicroBatch]]]:
-    """plan[rank][mini-batch] -> that rank's micro-batches. `lengths[p]` is empty for a prompt
-    left out of the update; `shares[r]` are rank r's prompts."""
-    return [[pack(chunk, lengths, prompt_lengths, max_sequences, max_tokens)
-             for chunk in chunks(list(share), n_mini)] for share in shares]
+    """plan[rank][mini-batch] -> that rank's micro-batches: the step's prompts in `n_mini`
+    consecutive chunks, each chunk's trained samples in `world` consecutive blocks, one per rank.
+    `lengths[p]` is empty for a prompt left out of the update."""
+    blocks = [chunks(samples_of(chunk, lengths), world) for chunk in chunks(list(range(len(lengths))), n_mini)]
+    return [[pack(per_rank[r], lengths, prompt_lengths, max_sequences, max_tokens) for per_rank in blocks]
+            for r in range(world)]
 
 
 def tokens_of(per_rank: list[list[MicroBatch]], lengths: list[list[int]]) -> int:

@@ -186,7 +186,8 @@ class AlgorithmConfig:
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global L2 norm before each optimizer step."""
     lr_schedule: str = "constant"
-    """constant, or cosine: a half cosine from lr to 0 at the last step (official TTRL scripts)."""
+    """constant, or cosine: a half cosine from lr towards 0, reached one step after the last
+    (verl's formula; official TTRL scripts)."""
     warmup_ratio: float = 0.0
     """Share of the run's steps over which the learning rate rises linearly from 0 (official
     TTRL scripts: 0.03); as verl, the first warm-up step trains at lr 0."""

@@ -42,6 +42,16 @@ class Control:
     collapse_warned: bool = False
     """The collapse watch has fired (it is said once a run)."""
 
+    @classmethod
+    def resumed(cls, cfg: Config, steps: int, history: list[dict], bad_steps: int = 0) -> Control:
+        """The bookkeeping of a run continued after `history` (its rows up to the checkpoint), so it
+        goes on as if never interrupted: a collapse watch that fired is not recorded again, and a
+        run that stopped early stays stopped at that step."""
+        stop = next((r for r in reversed(history) if r.get("stop_reason")), None)
+        return cls(cfg, stop["step"] if stop else steps, history, bad_steps,
+                   stopped_early=stop["stop_reason"] if stop else None,
+                   collapse_warned=any(r.get("collapse_warning") for r in history))
+
     def after_step(self, done: int, row: dict) -> bool:
         """Record step `done`'s metrics row (a `stop_reason` is added to it when a stopping rule
         fires, a `collapse_warning` the first time the collapse watch does); True when an evaluation

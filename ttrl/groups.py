@@ -50,14 +50,19 @@ def contrast(groups: list[Group], votes: list[Vote], mine: range) -> list[Group]
     return [replace(g, vote=elected[k]) for g, k in zip(groups, mine)]
 
 
-def reward(groups: list[Group], rollout: Rollout, cfg: RewardConfig, seeds: list[int]) -> list[Group]:
+def reward(groups: list[Group], rollout: Rollout, cfg: RewardConfig, seeds: list[int],
+           first_round: int | None = None) -> list[Group]:
     """Stage 4: draw each prompt's M trained samples from its samples (from its own seed, so the
-    draw does not depend on batching) and score them with the label-free reward `cfg.kind`."""
+    draw does not depend on batching) and score them with the label-free reward `cfg.kind`.
+    `first_round`: with sequential voting, the samples every prompt drew before it could stop; the
+    M are drawn from those, whose distribution does not depend on when the prompt stopped (drawn
+    from all, they would lean towards the leading answer, which early-stopped prompts are rich in)."""
     out = []
     for p, g in enumerate(groups):
         idx = rollout.group(p)
-        pick = torch.Generator().manual_seed(seeds[p] + 1)  # not the sampling stream itself
-        chosen = torch.randperm(len(idx), generator=pick)[: cfg.n_train_samples].tolist()
+        pool = len(idx) if first_round is None else min(first_round, len(idx))
+        pick = torch.Generator().manual_seed(seeds[p] + 1)  # a stream apart from the prompt's own sampling
+        chosen = torch.randperm(pool, generator=pick)[: cfg.n_train_samples].tolist()
         rewards = label_free_rewards(cfg.kind, g.vote, [rollout.texts[i] for i in idx],
                                      [float(rollout.entropy[i].mean()) for i in idx],
                                      [float(rollout.certainty[i].mean()) for i in idx], chosen,
@@ -69,16 +74,18 @@ def reward(groups: list[Group], rollout: Rollout, cfg: RewardConfig, seeds: list
     return out
 
 
-def diagnostics(groups: list[Group], golds: list[str | None]) -> dict:
+def diagnostics(groups: list[Group], golds: list[str | None], binary: bool = True) -> dict:
     """Gold-based metrics (label accuracy, reward accuracy, rollout accuracy); read-only, over the
-    step's prompts that have a gold answer (none: no metrics), as evaluation counts labelled prompts."""
+    step's prompts that have a gold answer (none: no metrics), as evaluation counts labelled prompts.
+    Reward accuracy is over the samples trained on (skipped prompts aside) and only for `binary`
+    reward kinds (`rewards.BINARY_KINDS`): a graded reward (soft_majority's 0.9) never equals gold's 1/0."""
     labelled = [(g, gold) for g, gold in zip(groups, golds) if gold is not None]
     if not labelled:
         return {}
     label_ok = [is_equivalent(g.vote.pseudo_label, gold) for g, gold in labelled]
     rollout_ok = [is_equivalent(a, gold) for g, gold in labelled for a in g.answers]
     reward_ok = [float(is_equivalent(g.answers[i], gold)) == r
-                 for g, gold in labelled for i, r in zip(g.train_idx, g.rewards)]
+                 for g, gold in labelled if not g.skipped for i, r in zip(g.train_idx, g.rewards)]
     return {"train/label_accuracy": float(np.mean(label_ok)),
-            "train/reward_accuracy": float(np.mean(reward_ok)) if reward_ok else None,
+            "train/reward_accuracy": float(np.mean(reward_ok)) if reward_ok and binary else None,
             "train/rollout_accuracy": float(np.mean(rollout_ok))}

@@ -58,5 +58,3 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return (d.exp() - d - 1).clamp(max=KL_CLAMP)
 
 
-def masked_sum_over(x: torch.Tensor, mask: torch.Tensor, n_tokens: float) -> torch.Tensor:
-    return (x * mask).sum() / n_tokens

@@ -108,6 +108,11 @@ The controls tell a gain from the vote apart from one any reward would give (a f
 or GRPO's response to noise: Spurious Rewards, arXiv 2506.10947); see docs/method.md."""
 
 
+BINARY_KINDS = ("majority", "format", "random")
+"""The kinds whose rewards are 1 or 0, as a gold answer's would be: only for them does
+`train/reward_accuracy` (reward equals gold's) mean something."""
+
+
 def format_rewards(vote: Vote, indices: Sequence[int]) -> list[float]:
     """Control: 1.0 for a sample with an extracted answer (one that voted), else 0.0."""
     return [1.0 if vote.cluster_of[i] >= 0 else 0.0 for i in indices]

@@ -2,8 +2,9 @@
 stop drawing once its vote is decided, instead of N votes for every prompt.
 
 Plain TTRL spends most of its sampling on votes decided long before the N-th. Here a prompt's
-samples come in rounds (`rollout.vote_round` at a time, the first round at least M, so the M
-trained samples are always there and the update is unchanged); after each round a prompt stops
+samples come in rounds (`rollout.vote_round` at a time, the first round at least M, from which
+the M trained samples are drawn, so the update sees the policy's samples whenever the prompt
+stopped: `groups.reward`); after each round a prompt stops
 when its leading answer can no longer be overtaken by the votes still to come, or, with
 `rollout.vote_confidence`, when a Beta-Binomial test says the leader beats the runner-up with at
 least that probability (`vote_decided`). Prompts still undecided at N end with N votes, as

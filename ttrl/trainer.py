@@ -6,6 +6,7 @@ killed run resume exactly where it stopped."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from ttrl.groups import Group, contrast, diagnostics, reward, vote
 from ttrl.metrics import (MetricsWriter, library_bars, log_rollouts, progress_bar, read_metrics, truncate_metrics,
                           truncate_rollouts)
 from ttrl.models import encode_problems, load_model, set_gradient_checkpointing
+from ttrl.rewards import BINARY_KINDS
 from ttrl.rollout import NonFiniteError, Rollout, Sampler, Sampling, TorchSampler
 from ttrl.schedule import make_scheduler
 from ttrl.sequential import VoteRounds, sample_in_rounds
@@ -51,16 +53,26 @@ def prompt_seed(seed: int, step: int, index: int) -> int:
 
 
 def batch_order(n_prompts: int, per_step: int, step: int, seed: int) -> list[int]:
-    """Prompt indices for `step` (0-based): epochs of seeded shuffles laid end to end."""
+    """Prompt indices for `step` (0-based): the next `per_step` prompts of a stream of seeded
+    shuffles, one per pass, laid end to end. A step that spans two passes never holds a prompt
+    twice: one the next pass would repeat waits for the following step, first in line."""
     per_step = min(per_step, n_prompts)
-    start = step * per_step
-    out = []
-    while len(out) < per_step:
-        epoch, offset = divmod(start + len(out), n_prompts)
-        perm = list(range(n_prompts))
-        random.Random(seed * 100003 + epoch).shuffle(perm)
-        out.append(perm[offset])
-    return out
+    stream = (i for epoch in itertools.count() for i in shuffled(n_prompts, seed, epoch))
+    waiting: list[int] = []
+    for _ in range(step + 1):
+        batch, held, waiting = [], waiting, []
+        for i in itertools.chain(held, stream):
+            (waiting if i in batch else batch).append(i)
+            if len(batch) == per_step:
+                break
+    return batch
+
+
+def shuffled(n_prompts: int, seed: int, epoch: int) -> list[int]:
+    """Pass `epoch`'s order of the prompts."""
+    perm = list(range(n_prompts))
+    random.Random(seed * 100003 + epoch).shuffle(perm)
+    return perm
 
 
 def total_steps(cfg: Config, n_prompts: int) -> int:
@@ -109,8 +121,8 @@ def critic_values(policy: Policy, rollout: Rollout, groups: list[Group], cfg: Co
         samples += [] if g.skipped else [rollout.group(p)[i] for i in g.train_idx]
     lengths = [[len(rollout.completion_ids[i]) for i in samples[r[0]:r[-1] + 1]] if r else [] for r in rows]
     prompt_lengths = [len(ids) for ids in rollout.prompt_ids]
-    mine = batches.pack(list(dist.share(len(groups))), lengths, prompt_lengths, algo.micro_batch_size,
-                        algo.micro_batch_tokens)
+    mine = batches.pack(batches.samples_of(list(dist.share(len(groups))), lengths), lengths, prompt_lengths,
+                        algo.micro_batch_size, algo.micro_batch_tokens)
     model = dist.unwrap(policy.critic.model).eval()
     computed = []
     with torch.no_grad(), dist.autocast():
@@ -149,7 +161,7 @@ def estimate_advantages(estimator: str, groups: list[Group], values: StepValues 
 def rollout_metrics(rollout: Rollout, groups: list[Group], seconds: float) -> dict:
     lengths = [len(c) for c in rollout.completion_ids]
     ent = torch.cat(rollout.entropy) if rollout.entropy else torch.zeros(1)
-    trained = [r for g in groups for r in g.rewards]
+    trained = [r for g in groups if not g.skipped for r in g.rewards]
     return {
         "train/reward": float(np.mean(trained)) if trained else 0.0,
         "train/majority_ratio": float(np.mean([g.vote.majority_ratio for g in groups])),
@@ -288,8 +300,8 @@ def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Run:
     return Run(dist=dist, policy=policy, model=model, tok=tok, sampler=sampler,
                sampling=Sampling.of(cfg.rollout, n=cfg.rollout.n_votes), rounds=VoteRounds.of(cfg), adapt=adapt,
                prompt_ids=encode_problems(tok, adapt, cfg), eval_sets=eval_sets,
-               control=Control(cfg, max(steps, state["step"]) if state else steps, history,
-                               state["bad_steps"] if state else 0),
+               control=Control.resumed(cfg, max(steps, state["step"]) if state else steps, history,
+                                       state["bad_steps"] if state else 0),
                start=state["step"] if state else 0, evals=state["evals"] if state else {}, writer=writer)
 
 
@@ -391,14 +403,16 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
                             groups = vote(rollout, [r.adapt[batch[k]].choices for k in mine])          # 3 votes
                             if cfg.reward.contrast:
                                 groups = contrast(groups, dist.gather([g.vote for g in groups]), mine)
-                            groups = reward(groups, rollout, cfg.reward, [seeds[k] for k in mine])     # 4 rewards
+                            groups = reward(groups, rollout, cfg.reward, [seeds[k] for k in mine],     # 4 rewards
+                                            r.rounds.boundaries()[0] if r.rounds else None)
                             rollout, groups = gather_step(rollout, groups, dist)
                             values = critic_values(r.policy, rollout, groups, cfg, dist)               # 5 advantages
                             advantages = estimate_advantages(cfg.algorithm.advantage, groups, values)  #   (PPO: GAE)
                             stats = update(r.policy, rollout, groups, advantages, cfg, dist, values)   # 6 update
                             r.sampler.sync(r.policy.model)
                             row = {"step": done, **rollout_metrics(rollout, groups, t_rollout),
-                                   **stats, **diagnostics(groups, [r.adapt[i].answer for i in batch]),
+                                   **stats, **diagnostics(groups, [r.adapt[i].answer for i in batch],
+                                                    cfg.reward.kind in BINARY_KINDS),
                                    "perf/step_seconds": time.perf_counter() - t0}
                         evaluate_now = control.after_step(done, row)
                         if dist.is_main:

@@ -84,23 +84,25 @@ def update(policy: Policy, rollout: Rollout, groups: list[Group], advantages: li
     of one optimizer step per mini-batch (ttrl.batches); the scheduler steps once per call.
 
     `rollout` and `groups` hold the whole step (every rank's prompts), so the token counts that
-    normalise the loss are global; this rank trains on its share of the prompts (`dist.share`).
+    normalise the loss are global; this rank trains on its block of each mini-batch's samples
+    (`batches.plan`), so the optimizer steps are those of one process.
     With PPO (`values`, `policy.critic`) the critic steps beside the policy on the same micro-batches:
     one backward of the two losses' sum, whose parameters are disjoint, so each model gets exactly
     its own loss's gradient (clipped to algorithm.max_grad_norm on its own)."""
     dist = dist or Dist()
     algo = cfg.algorithm
-    if all(a is None for a in advantages):
-        return {"loss/policy": 0.0, "train/updated": 0}
+    if all(a is None for a in advantages):  # nothing to train on; the schedule still moves on a step
+        lr = policy.scheduler.get_last_lr()[0]
+        policy.scheduler.step()
+        return {"loss/policy": 0.0, "optim/lr": lr, "optim/steps": 0, "train/updated": 0}
     critic = policy.critic if values is not None else None
     models = [policy.model] + ([critic.model] if critic else [])
     optimizers = [policy.optimizer] + ([critic.optimizer] if critic else [])
     lengths = [[] if a is None else [len(rollout.completion_ids[rollout.group(p)[i]]) for i in g.train_idx]
                for p, (g, a) in enumerate(zip(groups, advantages))]
     prompt_lengths = [len(ids) for ids in rollout.prompt_ids]
-    shares = [dist.share(len(groups), r) for r in range(dist.world)]
     n_mini = batches.n_mini_batches(len(groups), algo.mini_batch_prompts)
-    plan = batches.plan(shares, lengths, prompt_lengths, n_mini, algo.micro_batch_size, algo.micro_batch_tokens)
+    plan = batches.plan(dist.world, lengths, prompt_lengths, n_mini, algo.micro_batch_size, algo.micro_batch_tokens)
     minis = [[plan[r][j] for r in range(dist.world)] for j in range(n_mini)]
     total_tokens = sum(map(sum, lengths))
     params = [p for p in policy.model.parameters() if p.requires_grad]
@@ -108,7 +110,7 @@ def update(policy: Policy, rollout: Rollout, groups: list[Group], advantages: li
     totals = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/total": 0.0, "loss/clipfrac": 0.0, "loss/approx_kl": 0.0}
     if critic:
         totals.update({"loss/value": 0.0, "critic/vf_clipfrac": 0.0})
-    grad_norm, critic_norm, skipped = 0.0, 0.0, 0
+    grad_norm, critic_norm, skipped, norms, critic_norms = 0.0, 0.0, 0, [], []
     for model in models:
         model.train()
     for _ in range(algo.ppo_epochs):
@@ -154,12 +156,16 @@ def update(policy: Policy, rollout: Rollout, groups: list[Group], advantages: li
             if policy.good is not None and not dist.all_true(finite_after_step(policy, rollout, groups, mine, cfg)):
                 policy.good.restore()  # weights that blew up without a non-finite loss (a huge learning rate)
                 skipped += 1
+                continue
+            norms.append(grad_norm)
+            critic_norms.append(critic_norm)
     lr = policy.scheduler.get_last_lr()[0]  # the rate this step trained at
     policy.scheduler.step()
     totals = dict(zip(totals, dist.sum(list(totals.values()))))  # each rank summed its share of the tokens
-    critic_stats = {**values.stats(), "critic/grad_norm": critic_norm} if critic else {}
-    return {**totals, "optim/grad_norm": grad_norm, "optim/lr": lr,
-            "optim/skipped_updates": skipped, "optim/steps": n_mini * algo.ppo_epochs - skipped,
+    mean = lambda xs, last: sum(xs) / len(xs) if xs else last  # noqa: E731  (over the steps taken, as verl)
+    critic_stats = {**values.stats(), "critic/grad_norm": mean(critic_norms, critic_norm)} if critic else {}
+    return {**totals, "optim/grad_norm": mean(norms, grad_norm), "optim/lr": lr,
+            "optim/skipped_updates": skipped, "optim/steps": len(norms),
             "train/updated": sum(a is not None for a in advantages), **critic_stats}
 
 

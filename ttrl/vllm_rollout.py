@@ -17,6 +17,7 @@ import os
 import torch
 
 from ttrl.config import Config, ConfigError
+from ttrl.distributed import warn
 from ttrl.models import ModelError, resolve
 from ttrl.rollout import Rollout, Sampling, score
 
@@ -45,6 +46,8 @@ class VLLMSampler:
         if unsupported:
             raise ConfigError(f"rollout.backend=vllm does not support {', '.join(unsupported)} yet; "
                               "use rollout.backend=torch")
+        warn("rollout.backend=vllm gives no per-token entropy: train/entropy is NaN, and the collapse watch "
+             "(docs/method.md), which needs it, does not run; watch train/majority_ratio and response length")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights sync in place
         self.cfg, self.tokenizer, self.dist = cfg, tokenizer, dist
         self.llm = vllm.LLM(model=str(resolve(cfg.model.name)), dtype=cfg.model.dtype, seed=cfg.train.seed,
