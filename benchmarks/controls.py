@@ -63,7 +63,7 @@ def main():
         base = figures(runs[ttrl_arms[0]]["evals"], k, 0)
         after = {arm: figures(r["evals"], k, -1) for arm, r in runs.items()}
         row = {"seed": seed, "base": base, "after": after, "train_s": {a: r["train_s"] for a, r in runs.items()},
-               "margins": {arm: margins(after[arm], after, base) for arm in ttrl_arms}}
+               "margins": {arm: margins(after[arm], after, base, _noise(runs, arm, after, k)) for arm in ttrl_arms}}
         results.append(row)
         _print_seed(row, k, arms)
     least = {arm: {n: min(r["margins"][arm][n]["over_best_control"] for r in results) for n in ("adapt", "heldout")}
@@ -78,13 +78,27 @@ def main():
                       "min_margin_over_best_control": least}))
 
 
-def margins(ttrl: dict, after: dict, base: dict) -> dict:
-    """A TTRL arm's avg@k minus: the best control's, the base greedy answer, the base maj@k, and
-    the better of those two (the bar to beat), per set."""
+def _noise(runs: dict, arm: str, after: dict, k: int) -> dict:
+    """Per set, the standard error of the arm's margin over the best control, paired by prompt
+    (`ttrl.evaluation.paired_change`); None for runs from before evaluations kept per-prompt scores."""
+    from ttrl.evaluation import paired_change
+
+    out = {}
+    for name in ("adapt", "heldout"):
+        best = max(CONTROLS, key=lambda a: after[a][name]["avg"])
+        change = paired_change(runs[best]["evals"][name][-1], runs[arm]["evals"][name][-1], f"avg@{k}")
+        out[name] = None if change is None else change[1]
+    return out
+
+
+def margins(ttrl: dict, after: dict, base: dict, noise: dict | None = None) -> dict:
+    """A TTRL arm's avg@k minus: the best control's (with that margin's paired standard error, where
+    known), the base greedy answer, the base maj@k, and the better of those two (the bar to beat), per set."""
     out = {}
     for name in ("adapt", "heldout"):
         avg, greedy = ttrl[name]["avg"], base[name]["greedy"]
         out[name] = {"over_best_control": avg - max(after[a][name]["avg"] for a in CONTROLS),
+                     "over_best_control_se": (noise or {}).get(name),
                      "over_base_greedy": None if greedy is None else avg - greedy,
                      "over_base_maj": avg - base[name]["maj"],
                      "over_bar": avg - max(v for v in (greedy, base[name]["maj"]) if v is not None)}
@@ -95,13 +109,14 @@ def _print_seed(row: dict, k: int, arms: tuple) -> None:
     print(f"\nseed {row['seed']}          adapt avg@{k}  maj@{k}   held-out avg@{k}  maj@{k}")
     base = row["base"]
     a, h = base["adapt"]["greedy"], base["heldout"]["greedy"]
-    print(f"  {'base greedy':<32} {a if a is None else f'{a:10.3f}':>10} {'':>7}   {h if h is None else f'{h:14.3f}':>14}")
+    print(f"  {'base greedy':<32} {'—' if a is None else f'{a:.3f}':>10} {'':>7}   {'—' if h is None else f'{h:.3f}':>14}")
     for name, src in [("base", base)] + [(arm, row["after"][arm]) for arm in arms]:
         print(f"  {name:<32} {src['adapt']['avg']:10.3f} {src['adapt']['maj']:7.3f}   "
               f"{src['heldout']['avg']:14.3f} {src['heldout']['maj']:7.3f}")
     for arm, m in row["margins"].items():
+        se = lambda n: "" if m[n].get("over_best_control_se") is None else f" ± {2 * m[n]['over_best_control_se']:.3f}"  # noqa: E731
         print(f"  {arm}: " + "; ".join(
-            f"{n} - best control {m[n]['over_best_control']:+.3f}, - base maj {m[n]['over_base_maj']:+.3f}, "
+            f"{n} - best control {m[n]['over_best_control']:+.3f}{se(n)}, - base maj {m[n]['over_base_maj']:+.3f}, "
             f"- bar {m[n]['over_bar']:+.3f}" for n in ("adapt", "heldout")))
 
 

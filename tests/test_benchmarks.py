@@ -94,6 +94,33 @@ def test_ppo_vs_grpo_smoke_run_on_tiny(tmp_path):
     prompts = [[json.loads(line)["prompt_id"] for line in (tmp_path / "seed-0" / arm / "rollouts.jsonl").open()]
                for arm in ("majority", "majority+algorithm.advantage=ppo")]
     assert prompts[0] == prompts[1]
+@pytest.mark.slow
+def test_controls_smoke_run_on_tiny_gives_each_margin_with_its_paired_error(tmp_path):
+    """controls.py end to end on the tiny config (1 step an arm): TTRL beside the format and random
+    controls from one base model, and each margin over the best control with the standard error of
+    the per-prompt differences (the runs keep per-prompt scores)."""
+    import json
+    import subprocess
+
+    from ttrl.evaluation import paired_change
+
+    root = Path(__file__).parent.parent
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "controls.py"), "--config",
+                          str(root / "configs" / "tiny.yaml"), "--seeds", "0", "--ttrl", "majority",
+                          "--output-dir", str(tmp_path), "train.steps=1", "eval.greedy=false"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = json.loads(out.stdout.strip().splitlines()[-1])["results"]
+    assert set(row["after"]) == {"majority", "format", "random"}
+    for name in ("adapt", "heldout"):
+        m = row["margins"]["majority"][name]
+        best = max(("format", "random"), key=lambda a: row["after"][a][name]["avg"])
+        assert m["over_best_control"] == row["after"]["majority"][name]["avg"] - row["after"][best][name]["avg"]
+        summary = {a: json.loads((tmp_path / "seed-0" / a / "summary.json").read_text())["evals"][name][-1]
+                   for a in ("majority", best)}
+        assert m["over_best_control_se"] == paired_change(summary[best], summary["majority"], "avg@4")[1]
+
+
 def test_adaptive_votes_replays_the_rule_on_prefixes_by_hand():
     from adaptive_votes import replay, stop_point
 
