@@ -56,5 +56,3 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     unbiased and low-variance for samples drawn from the policy (Schulman, 2020), clamped as verl."""
     d = ref_logp - logp
     return (d.exp() - d - 1).clamp(max=KL_CLAMP)
-
-
