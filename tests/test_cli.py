@@ -230,7 +230,7 @@ def test_eval_skips_prompts_too_long_for_the_context(tmp_path, capsys):
 
 
 def test_eval_of_a_run_directory_reproduces_the_runs_final_evaluation(tmp_path, capsys):
-    run = tmp_path / "run"
+    run = tmp_path / "majority+reward.contrast=true"  # named as benchmark arms are: "=" in a directory name
     assert main(["train", "--config", TINY, "--output-dir", str(run), "--quiet", "--no-report", *QUICK,
                  "data.holdout=0.25", "data.eval=[arithmetic]", "eval.before=false"]) == 0
     capsys.readouterr()
@@ -244,6 +244,8 @@ def test_eval_of_a_run_directory_reproduces_the_runs_final_evaluation(tmp_path, 
         for key in ("n_prompts", "avg@2", "maj@2", "pass@2", "greedy", "majority_ratio", "mean_length"):
             assert sets[name][key] == row[key], (name, key)
         assert [p["id"] for p in sets[name]["problems"][:8]] == [e["id"] for e in row["examples"]]
+        graded = [p for p in sets[name]["problems"] if p["gold"] is not None]
+        assert [p["n_correct"] / p["n_samples"] for p in graded] == row["scores"]["avg@2"]  # problem by problem
 
 
 def test_eval_ctrl_c_is_one_line_not_a_traceback(tmp_path):

@@ -120,9 +120,10 @@ def interrupted(e: KeyboardInterrupt, out: Path, again: str) -> int:
 
 def _eval_target(args) -> tuple[Path | None, list[str]]:
     """(run directory, overrides) from `ttrl eval`'s free arguments: key=value items are
-    overrides, one other item may name a run directory."""
-    words = [a for a in args.items if "=" not in a]
-    overrides = [a for a in args.items if "=" in a]
+    overrides, one other item may name a run directory (an existing directory is one even with
+    "=" in its name, as benchmark arms' `majority+reward.contrast=true`)."""
+    words = [a for a in args.items if "=" not in a or Path(a).is_dir()]
+    overrides = [a for a in args.items if a not in words]
     if len(words) > 1 or (words and not Path(words[0]).is_dir()):
         raise ConfigError(f"{words[-1]!r} is neither a run directory nor a key=value override")
     if words and args.config:
