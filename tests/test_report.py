@@ -133,6 +133,27 @@ def test_compare_two_runs(tmp_path):
     assert "](compare/majority_ratio.png)" in md
 
 
+def test_compare_weighs_the_first_run_against_each_other_prompt_by_prompt(tmp_path):
+    """A TTRL run listed first, a control after: the difference of their final avg@k on the prompts
+    both evaluated, with twice its paired standard error (runs without per-prompt scores: no table)."""
+    from ttrl.report import build_compare, paired_table, to_markdown
+
+    def run(name, after):
+        ids = [str(i) for i in range(len(after))]
+        rows = [{"step": 0, "n_prompts": len(ids), "avg@4": 0.1, "maj@4": 0.2},
+                {"step": 5, "n_prompts": len(ids), "avg@4": sum(after) / len(ids), "maj@4": 0.5,
+                 "scores": {"id": ids, "avg@4": after}}]
+        return Run(Path(name), name, {"eval": {"n_samples": 4}}, {}, [], {"adapt": rows}, True)
+
+    ttrl, control = run("ttrl", [1.0, 0.75, 0.5, 1.0]), run("format", [0.25, 0.25, 0.5, 0.0])
+    headers, rows = paired_table([ttrl, control])
+    # differences .75 .5 0 1: mean .5625, SE = stdev / 2 = 0.4270 / 2
+    assert rows == [["format", "adapt", "+56.2 points", "±42.7", "beyond", 4]]
+    md = to_markdown(build_compare([ttrl, control], [], []), "compare")
+    assert "±42.7" in md and "ttrl minus it (avg@4)" in md
+    assert paired_table([Run(Path("a"), "a", {}, {}, [], {}, True), control]) is None
+
+
 def test_cli_report_and_compare(tmp_path, capsys):
     run = recorded_run(tmp_path)
     assert main(["report", str(run)]) == 0

@@ -290,6 +290,27 @@ def damaged(run: Run, doc: Doc, many: bool = False) -> None:
         doc.add("note", f"**Damaged run files{f' in {run.name}' if many else ''}.** Left out: {shown}.")
 
 
+def paired_table(runs: list[Run]) -> tuple[list[str], list[list]] | None:
+    """The first run's final avg@k minus each other run's, per eval set, over the prompts both
+    evaluated, with twice the paired standard error (`evaluation.paired_change`): is TTRL (listed
+    first) ahead of a control arm beyond noise? None when no pair of evaluations kept per-prompt scores."""
+    first, rows = runs[0], []
+    for other in runs[1:]:
+        if first.k != other.k:
+            continue
+        for name in first.evals:
+            a, b = first.final(name), other.final(name)
+            change = paired_change(b, a, f"avg@{first.k}") if a and b else None
+            if change is None or change[1] is None:
+                continue
+            mean, se, n = change
+            rows.append([other.name, name, f"{pts(mean)} points", f"±{200 * se:.1f}",
+                         "beyond" if abs(mean) > 2 * se else "within", n])
+    if not rows:
+        return None
+    return ["against", "eval set", f"{first.name} minus it (avg@{first.k})", "2 se", "noise", "prompts"], rows
+
+
 def build_compare(runs: list[Run], plots: list[Plot], missing: list[str]) -> Doc:
     doc = Doc(f"TTRL comparison · {len(runs)} runs")
     doc.add("p", "Does training beat just voting?")
@@ -299,6 +320,11 @@ def build_compare(runs: list[Run], plots: list[Plot], missing: list[str]) -> Doc
             doc.add("warn", f"**{r.name}**: {warning}")
     doc.add("h2", "Results")
     doc.add("table", *results_table(runs))
+    paired = paired_table(runs)
+    if paired:
+        doc.add("p", f"**{runs[0].name}** against each other run, prompt by prompt (its final avg@k minus the "
+                     "other's, on the prompts both evaluated; ± two paired standard errors):")
+        doc.add("table", *paired)
     doc.add("h2", "Curves")
     doc.add("legend", [(r.name, RUN_COLOURS[i % len(RUN_COLOURS)]) for i, r in enumerate(runs)])
     doc.add("figures", plots)
