@@ -72,6 +72,31 @@ def test_overwrite_never_touches_a_directory_that_is_not_a_run(tmp_path, capsys,
     assert (model_dir / "config.json").is_file()
 
 
+def test_overwrite_never_takes_another_tools_checkpoints_or_metrics_for_a_run(tmp_path, capsys, no_model):
+    """A project with its own checkpoints/ and metrics.jsonl (and .git) is not a ttrl run: --overwrite
+    refuses it, and every file stays."""
+    project = tmp_path / "project"
+    for d in ("checkpoints/epoch_3", "src", ".git"):
+        (project / d).mkdir(parents=True)
+    (project / "checkpoints" / "epoch_3" / "model.pt").write_text("weights")
+    (project / "metrics.jsonl").write_text('{"epoch": 3, "loss": 0.1}\n')
+    assert "holds no ttrl run" in _error(capsys, "train", "--config", TINY, "--output-dir", project, "--overwrite")
+    assert sorted(p.name for p in project.iterdir()) == [".git", "checkpoints", "metrics.jsonl", "src"]
+
+
+def test_overwrite_removes_what_the_run_wrote_and_nothing_else(tmp_path):
+    from ttrl.launch import prepare_run_dir
+
+    run = _fake_run(tmp_path / "run")
+    for d in ("checkpoints/step-00000002", "model", "tensorboard", ".tmp-model-123"):
+        (run / d).mkdir(parents=True)
+    (run / "checkpoints" / "step-00000002" / "state.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    (run / "data").mkdir()
+    prepare_run_dir(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["data", "notes.txt"]
+
+
 def test_overwrite_checks_every_input_before_replacing_a_run(tmp_path, capsys, no_model):
     run = _fake_run(tmp_path / "run")
     for bad, expected in [("data.train=missing.jsonl", "missing.jsonl not found"),

@@ -33,13 +33,19 @@ def _json_object(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+RUN_ENTRIES = ("config.json", "environment.json", "metrics.jsonl", "metrics.csv", "rollouts.jsonl", "summary.json",
+               "checkpoints", "model", "tensorboard", "wandb", "report", "report.html", "report.md")
+"""What `ttrl train` (and `ttrl report`) write in a run directory: all that --overwrite removes."""
+
+
 def holds_run(path: str | Path) -> bool:
-    """True when `path` holds what a ttrl run writes: its metrics, checkpoints, summary, or the
-    config.json / environment.json of ttrl (a model directory's config.json does not count)."""
+    """True when `path` holds what only a ttrl run writes: ttrl's config.json or environment.json, a
+    summary with evaluations, or a checkpoint of ttrl's (step-*/state.json). Another tool's
+    `checkpoints/` or `metrics.jsonl`, or a model directory's config.json, does not count."""
     path = Path(path)
-    if (path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir():
-        return True
     if {"model", "rollout", "reward"} <= _json_object(path / "config.json").keys():
+        return True
+    if any((path / "checkpoints").glob("step-*/state.json")):
         return True
     return "ttrl" in _json_object(path / "environment.json") or "evals" in _json_object(path / "summary.json")
 
@@ -71,8 +77,8 @@ def check_output_dir(path: Path, overwrite: bool = False, resume: bool = False) 
     if not path.is_dir() or not any(path.iterdir()):
         return
     if not holds_run(path):
-        raise ConfigError(f"output directory {path} is not empty and holds no ttrl run (no metrics.jsonl, "
-                          "checkpoints/, or config.json of ttrl); ttrl replaces only its own runs, even with "
+        raise ConfigError(f"output directory {path} is not empty and holds no ttrl run (no config.json, "
+                          "environment.json or checkpoint of ttrl); ttrl replaces only its own runs, even with "
                           "--overwrite: choose another --output-dir")
     if not resume and not overwrite:
         raise ConfigError(f"output directory {path} already holds a run; pass --resume to continue it, "
@@ -90,10 +96,13 @@ def check_model(cfg: ModelConfig) -> None:
 
 
 def prepare_run_dir(path: Path, overwrite: bool) -> None:
-    """Create the run directory; with `overwrite`, first empty one that holds a run (checked by
-    `check_output_dir`). Emptied, not removed, so that `--output-dir .` works."""
+    """Create the run directory; with `overwrite`, first remove from one that holds a run (checked
+    by `check_output_dir`) what a run writes (`RUN_ENTRIES`, and its unfinished `.tmp-*` exports),
+    and nothing else: a file of the user's beside the run stays."""
     if overwrite and path.is_dir() and holds_run(path):
         for entry in path.iterdir():
+            if entry.name not in RUN_ENTRIES and not entry.name.startswith(".tmp-model-"):
+                continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
