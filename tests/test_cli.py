@@ -290,17 +290,33 @@ def test_eval_ctrl_c_is_one_line_not_a_traceback(tmp_path):
 # --- partly labelled data ----------------------------------------------------------------------------
 
 def test_console_table_says_how_many_prompts_were_graded():
-    row = {"n_prompts": 8, "n_labelled": 5, "avg@4": 0.25, "maj@4": 0.4}
-    table = before_after_table({"adapt": [row, {**row, "avg@4": 0.5}]}, 4)
+    row = {"step": 0, "n_prompts": 8, "n_labelled": 5, "avg@4": 0.25, "maj@4": 0.4}
+    table = before_after_table({"adapt": [row, {**row, "step": 3, "avg@4": 0.5}]}, 4)
     header, line = table.splitlines()
     assert "graded" in header and line.split()[:3] == ["adapt", "8", "5"] and line.endswith("+0.250")
-    assert "no prompt has a gold answer" in before_after_table({"adapt": [{"n_prompts": 8, "n_labelled": 0}]}, 4)
+    assert "no prompt has a gold answer" in before_after_table({"adapt": [{"step": 0, "n_prompts": 8,
+                                                                            "n_labelled": 0}]}, 4)
+
+
+def test_console_table_has_no_base_columns_without_a_base_evaluation():
+    mid = {"step": 10, "n_prompts": 8, "n_labelled": 8, "avg@4": 0.25, "maj@4": 0.4}
+    line = before_after_table({"adapt": [mid, {**mid, "step": 30, "avg@4": 0.5}]}, 4).splitlines()[1]
+    assert line.split()[3:5] == ["–", "–"] and line.endswith("–") and "0.250" not in line  # eval.before=false
+
+
+def test_holdout_zero_on_the_command_line_holds_out_nothing(tmp_path, capsys):
+    """tiny.yaml holds out a quarter; an explicit --holdout 0 must win (it used to read as "not given")."""
+    run = tmp_path / "r"
+    assert main(["train", "--config", TINY, "--holdout", "0", "--output-dir", str(run), "--quiet", "--no-report",
+                 *QUICK]) == 0
+    assert json.loads((run / "config.json").read_text())["data"]["holdout"] == 0
+    assert "heldout" not in json.loads((run / "summary.json").read_text())["evals"]
 
 
 def test_console_table_gives_the_change_with_twice_its_paired_standard_error():
     ids = ["a", "b", "c", "d"]
-    base = {"n_prompts": 4, "n_labelled": 4, "avg@4": 0.25, "maj@4": 0.25, "scores": {"id": ids, "avg@4": [0, 0, 0, 1]}}
-    after = {**base, "avg@4": 0.625, "scores": {"id": ids, "avg@4": [0.5, 0.5, 0.5, 1]}}  # changes .5 .5 .5 0
+    base = {"step": 0, "n_prompts": 4, "n_labelled": 4, "avg@4": 0.25, "maj@4": 0.25, "scores": {"id": ids, "avg@4": [0, 0, 0, 1]}}
+    after = {**base, "step": 3, "avg@4": 0.625, "scores": {"id": ids, "avg@4": [0.5, 0.5, 0.5, 1]}}  # changes .5 .5 .5 0
     line = before_after_table({"adapt": [base, after]}, 4).splitlines()[1]
     assert line.endswith("+0.375 ± 0.250")  # SE of (.5, .5, .5, 0): sqrt(0.1875 / 3 / 4) = 0.125
 

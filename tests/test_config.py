@@ -118,6 +118,17 @@ def test_text_settings_keep_the_override_as_typed():
     assert load_config(None, ["rollout.stop=[</a>, </b>]"]).rollout.stop == ["</a>", "</b>"]  # other types: YAML
 
 
+def test_a_hash_in_an_override_is_kept_or_refused_never_dropped():
+    """YAML reads ` #...` as a comment: a text setting keeps it (GSM8K's `####` marker), any other
+    setting is refused with how to quote it, and broken YAML is refused instead of taken as one string."""
+    cfg = load_config(None, ["data.template=Solve {problem} and end with #### N", "train.wandb_project=proj #2"])
+    assert cfg.data.template == "Solve {problem} and end with #### N" and cfg.train.wandb_project == "proj #2"
+    assert load_config(None, ['rollout.stop=[END, "###"]']).rollout.stop == ["END", "###"]
+    for bad in ("rollout.stop=[END, ###]", "rollout.n_votes=4 # four", "rollout.stop=[END"):
+        with pytest.raises(ConfigError, match="rollout.stop=\\'\\[\"END\", \"###\"\\]\\'"):
+            load_config(None, [bad])
+
+
 def test_errors_name_the_override_or_the_file_line_where_the_value_was_set(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(CONFIGS / "tiny.yaml", ["rollout.n_votes=1e3"])

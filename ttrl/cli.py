@@ -49,12 +49,12 @@ def before_after_table(evals: dict, k: int) -> str:
     for name, rows in evals.items():
         if not rows or f"avg@{k}" not in rows[-1]:
             continue
-        first, last = rows[0], rows[-1]
-        change = paired_change(first, last, f"avg@{k}")
+        first, last = rows[0] if rows[0]["step"] == 0 else None, rows[-1]  # no base without eval.before
+        change = paired_change(first, last, f"avg@{k}") if first else None
         noise = f" ± {2 * change[1]:.3f}" if change and change[1] is not None else ""
-        delta = f"{last[f'avg@{k}'] - first[f'avg@{k}']:+.3f}{noise}"
-        lines.append(f"{name:<10} {last['n_prompts']:>7} {last.get('n_labelled', last['n_prompts']):>7} "
-                     f"{first[f'avg@{k}']:>12.3f} {first[f'maj@{k}']:>12.3f} "
+        delta = f"{last[f'avg@{k}'] - first[f'avg@{k}']:+.3f}{noise}" if first else "–"
+        base = f"{first[f'avg@{k}']:>12.3f} {first[f'maj@{k}']:>12.3f}" if first else f"{'–':>12} {'–':>12}"
+        lines.append(f"{name:<10} {last['n_prompts']:>7} {last.get('n_labelled', last['n_prompts']):>7} {base} "
                      f"{last[f'avg@{k}']:>12.3f} {last[f'maj@{k}']:>12.3f} "
                      f"{delta:>15}")
     if len(lines) == 1:
@@ -63,7 +63,8 @@ def before_after_table(evals: dict, k: int) -> str:
 
 
 def cmd_train(args) -> int:
-    cfg = load_config(args.config, args.overrides + ([f"data.holdout={args.holdout}"] if args.holdout else []))
+    holdout = [f"data.holdout={args.holdout}"] if args.holdout is not None else []  # --holdout 0 means none
+    cfg = load_config(args.config, args.overrides + holdout)
     resume = getattr(args, "resume", False)
     if resume and not args.output_dir:
         raise ConfigError("--resume continues the run in --output-dir: give --output-dir")
@@ -75,7 +76,7 @@ def cmd_train(args) -> int:
     out = Path(args.output_dir or f"runs/ttrl-{time.strftime('%Y%m%d-%H%M%S')}")
     again = shlex.join(["ttrl", "train", "--resume", "--output-dir", str(out)]
                        + (["--config", args.config] if args.config else [])
-                       + (["--holdout", str(args.holdout)] if args.holdout else []) + args.overrides)
+                       + (["--holdout", str(args.holdout)] if args.holdout is not None else []) + args.overrides)
     t0 = time.time()
     try:
         summary = train(cfg, out, quiet=args.quiet, resume=resume, overwrite=args.overwrite, report=False)
@@ -174,7 +175,7 @@ def cmd_config(args) -> int:
 def cmd_demo(args) -> int:
     args.config = str(CONFIGS_DIR / "demo.yaml")
     args.output_dir = args.output_dir or "runs/demo"
-    args.holdout = 0.0
+    args.holdout = None
     return cmd_train(args)
 
 
@@ -218,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory (a ttrl run only)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --output-dir from its latest checkpoint (same config and overrides)")
-    train.add_argument("--holdout", type=float, default=0.0, help="fraction of prompts held out for evaluation")
+    train.add_argument("--holdout", type=float, default=None,
+                       help="fraction of prompts held out for evaluation (same as data.holdout=; 0: none)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--no-report", action="store_true", help="skip writing report.html / report.md at the end")
     train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)

@@ -492,15 +492,20 @@ def field_type(key: str) -> Any:
 
 def parse_override(key: str, text: str) -> Any:
     """The value of `key=text`: a YAML scalar (1e-5, true, [a, b], {n: 2}), except that a text
-    setting keeps the text as typed when YAML would make it something else
-    (`data.template=Question: {problem}` is a string, not a mapping)."""
+    setting keeps the text as typed (`data.template=Question: {problem}` is a string, not a mapping;
+    `... #### N` keeps its `#`s, which YAML would read as a comment), unquoted when it is quoted.
+    Other settings must parse as YAML, without a ` #` comment that would silently cut them."""
+    if field_type(key) is str and not (len(text) > 1 and text[0] == text[-1] and text[0] in "'\""):
+        return text
+    quote = 'e.g. rollout.stop=\'["END", "###"]\''
+    if text.lstrip().startswith("#") or " #" in text:
+        raise ConfigError(f"override {key}={text}: YAML would read what follows '#' as a comment and drop it; "
+                          f"quote the items that hold '#' ({quote})", key)
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if field_type(key) is str and not isinstance(value, str):
-        return text
-    return value
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}={text} is not valid YAML ({str(e).splitlines()[0]}); quote items "
+                          f"with special characters ({quote})", key) from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
