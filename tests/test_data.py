@@ -65,10 +65,23 @@ def test_jsonl_and_json_with_custom_fields(tmp_path):
     ('', r"no prompts found"),
     ('{"id": 1, "problem": "a"}\n{"id": 1, "problem": "b"}\n', r"p\.jsonl:2: duplicate id '1'"),
     ('[1, 2]\n', r"p\.jsonl:1: expected a JSON object"),
+    ('{"problem": "a", "answer": 1}\n{"problem": "b", "answer": [2]}\n', r"p\.jsonl:2: gold answer field 'answer' holds \[2\]"),
+    ('{"problem": "a", "answer": true}\n', r"p\.jsonl:1: gold answer field 'answer' holds true"),
+    ('{"problem": "a", "answer": NaN}\n', r"p\.jsonl:1: gold answer field 'answer' holds NaN"),
 ])
 def test_bad_jsonl_names_file_and_line(tmp_path, content, pattern):
     with pytest.raises(DataError, match=pattern):
         load_file(_write(tmp_path, "p.jsonl", content))
+
+
+def test_a_blank_gold_answer_is_no_gold_not_a_wrong_one(tmp_path):
+    """Unlabelled rows exported from a table often carry "answer": "": they are unlabelled (not graded
+    against "" and always wrong); a number is a gold answer as text."""
+    problems = load_file(_write(tmp_path, "p.ndjson", '{"problem": "a", "answer": ""}\n{"problem": "b", "answer": "  "}\n'
+                                                      '{"problem": "c", "answer": 12}\n'))
+    assert [p.answer for p in problems] == [None, None, "12"]
+    with pytest.raises(DataError, match=r"p2\.ndjson:2: "):  # .ndjson errors name the line too
+        load_file(_write(tmp_path, "p2.ndjson", '{"problem": "a"}\n{"problem": ""}\n'))
 
 
 def test_non_utf8_names_line(tmp_path):

@@ -7,6 +7,7 @@ the training path reads `prompt` alone.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ def load_file(path: str | Path, prompt_field: str = "problem", answer_field: str
                         f"{', '.join(BUNDLED)}")
     problems, seen = [], {}
     for where, record in _read_records(path):
-        at = f"{path}:{where}" if path.suffix.lower() == ".jsonl" else f"{path} record {where}"
+        at = f"{path}:{where}" if path.suffix.lower() in (".jsonl", ".ndjson") else f"{path} record {where}"
         if not isinstance(record, dict):
             raise DataError(f"{at}: expected a JSON object, got {type(record).__name__}")
         prompt = record.get(prompt_field)
@@ -145,7 +146,10 @@ def load_file(path: str | Path, prompt_field: str = "problem", answer_field: str
             raise DataError(_duplicate_id(pid, id_field, (at, named), seen[pid]))
         seen[pid] = (at, named)
         answer = record.get(answer_field)
-        answer = None if answer is None else str(answer)
+        if isinstance(answer, (bool, list, dict)) or (isinstance(answer, float) and not math.isfinite(answer)):
+            raise DataError(f"{at}: gold answer field '{answer_field}' holds {json.dumps(answer)[:60]}, not an "
+                            "answer; give text or a number (or leave the field out: the prompt is then unlabelled)")
+        answer = None if answer is None or not str(answer).strip() else str(answer)  # "": no gold, not a wrong one
         choices = _choices(record.get(choices_field) if choices_field else None, at, choices_field)
         for name, value in ((prompt_field, prompt), (answer_field, answer), (id_field, pid),
                             *((choices_field, c) for c in choices or ())):
