@@ -115,6 +115,34 @@ def test_top_p_keeps_smallest_nucleus(tiny):
     assert set(torch.nonzero(freq).flatten().tolist()) <= allowed
 
 
+def test_top_k_then_top_p_cut_as_hugging_face_does():
+    """Both set: the nucleus is taken of the top-k tokens' renormalised distribution (HF's warpers in
+    that order, and vLLM), so the torch and vLLM backends sample the same tokens."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    from ttrl.rollout import _truncation_mask
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()] + [torch.randn(3, 40, generator=gen) * 2 for _ in range(5)]
+    for logits in cases:
+        for k, p in ((2, 0.6), (5, 0.8), (10, 0.55), (3, 0.99)):  # no p on a cumulative sum (float ties)
+            logp = torch.log_softmax(logits, -1)
+            hf = TopPLogitsWarper(p)(None, TopKLogitsWarper(k)(None, logp.clone())).isinf()
+            assert torch.equal(_truncation_mask(logp, k, p), hf), (k, p)
+
+
+def test_a_stop_string_of_many_tokens_per_character_is_found(tiny):
+    """The window searched for a stop string holds it however many tokens it takes: '答案：' is 3
+    characters but more tokens than 3 + 2, the window once counted in characters."""
+    from ttrl.rollout import _stop_hits, stop_window
+
+    _, tok = tiny
+    for stop in ("答案：", "🙂", "</answer>"):
+        ids = tok("The result is 5 " + stop, add_special_tokens=False)["input_ids"]
+        assert _stop_hits(tok, [ids[-stop_window((stop,)):]], (stop,)) == [True], stop
+    assert len(tok("答案：", add_special_tokens=False)["input_ids"]) > len("答案：") + 2  # the case that was missed
+
+
 def test_shared_prefix_scoring_gives_the_same_gradient(tiny):
     model, tok = tiny
     r = _rollout(tiny, Sampling(n=3, temperature=1.0, max_new_tokens=5))

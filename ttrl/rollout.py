@@ -130,14 +130,22 @@ def tempered_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
+def stop_window(stop: tuple[str, ...] | list[str]) -> int:
+    """Trailing tokens enough to hold any stop string: counted in bytes, since a token holds at least
+    one (a character can take several tokens: '答案：' is 3 characters and 6 of SmolLM2's tokens)."""
+    return max((len(x.encode("utf-8")) for x in stop), default=0) + 2
+
+
 def _truncation_mask(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor | None:
-    """True for tokens outside top-k / the top-p nucleus (None when nothing is cut); logp [rows, vocab]."""
+    """True for tokens outside top-k / the top-p nucleus (None when nothing is cut); logp [rows, vocab].
+    As Hugging Face and vLLM: top-k first, then the nucleus of the top-k tokens' renormalised distribution."""
     drop = None
     if top_k and top_k < logp.shape[-1]:
         kth = torch.topk(logp, top_k, dim=-1).values[:, -1:]
         drop = logp < kth
     if top_p < 1.0:
-        sorted_lp, order = torch.sort(logp, dim=-1, descending=True)
+        kept = logp if drop is None else torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
+        sorted_lp, order = torch.sort(kept, dim=-1, descending=True)
         p = sorted_lp.exp()
         drop_sorted = (p.cumsum(-1) - p) >= top_p  # keep the smallest prefix reaching top_p
         nucleus = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
@@ -296,7 +304,7 @@ def _generate_chunk(model, tokenizer, prompts: list[list[int]], s: Sampling, eos
     alive = torch.ones(rows, dtype=torch.bool)
     eos_t = torch.tensor(sorted(eos), dtype=torch.long)
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]
-    tail = max((len(x) for x in s.stop), default=0) + 2  # tokens enough to hold any stop string
+    tail = stop_window(s.stop)
     for t in range(T):
         u = None if s.temperature == 0 else _uniforms(gens, s.n, row_id, alive).to(device)
         tok, lp, ent, cert = (x.cpu() for x in sample_next(logits, s, u))
