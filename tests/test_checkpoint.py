@@ -97,6 +97,7 @@ def test_resume_refuses_other_model_and_cli_refuses_silent_overwrite(tmp_path, c
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("{}\n")
+    (run / "config.json").write_text('{"model": {}, "rollout": {}, "reward": {}}')  # ttrl's, not a model's
     assert main(["train", "--config", str(TINY), "--output-dir", str(run)]) == 2
     err = capsys.readouterr().err
     assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
@@ -209,6 +210,19 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, smal
     assert load_checkpoint(tmp_path, small, opt, sched)["step"] == 1
     assert "step-00000002 is damaged" in capsys.readouterr().err
     assert all(torch.equal(p, good[n]) for n, p in small.named_parameters())
+
+
+def test_after_falling_back_the_damaged_later_checkpoint_does_not_crowd_out_new_ones(tmp_path, small, capsys):
+    """Resumed from step 1 because step 3 is damaged, then saving step 2 with keep=1: step 2 is kept
+    (the damaged step 3 used to outrank it and get it retired the moment it was written)."""
+    opt, sched = _parts(small)
+    save_checkpoint(tmp_path, 1, small, opt, sched, state={})
+    damaged = save_checkpoint(tmp_path, 3, small, opt, sched, state={})
+    (damaged / ckpt.TRAINER).write_bytes(b"torn")
+    assert load_checkpoint(tmp_path, small, opt, sched)["step"] == 1
+    save_checkpoint(tmp_path, 2, small, opt, sched, state={}, keep=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000002"]
+    assert load_checkpoint(tmp_path, small, opt, sched)["step"] == 2
 
 
 def test_lora_checkpoint_holds_only_the_adapter(tmp_path, small):

@@ -129,6 +129,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         _retire(final)
     os.rename(tmp, final)
     _fsync(root)
+    for later in list_checkpoints(run_dir):  # steps past this one: the abandoned future of a run resumed
+        if int(later.name[5:]) > step:     # from an earlier checkpoint (the later one was damaged)
+            _retire(later)
     for old in list_checkpoints(run_dir)[:-keep]:
         _retire(old)
     for stale in list(root.glob(".tmp-*")) + list(root.glob(".old-*")):  # left by an earlier crash
