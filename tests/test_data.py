@@ -144,3 +144,30 @@ def test_evaluation_sets_must_have_distinct_names(tmp_path):
     cfg = load_config(None, [f"data.eval=[{tmp_path / 'a' / 'x.jsonl'}, {tmp_path / 'b' / 'x.jsonl'}]"])
     with pytest.raises(DataError, match="two evaluation sets would be named 'x'"):
         load_sets(cfg)
+
+
+def test_the_held_out_split_does_not_move_with_the_length_budget(tiny):
+    """The split is drawn over all of data.train: a larger answer budget that leaves a long prompt out
+    never moves another prompt between adapt and heldout (which could put trained prompts in heldout)."""
+    from ttrl.config import load_config
+    from ttrl.data import run_sets
+    from ttrl.models import encode_problems
+
+    model, tok = tiny
+    problems = [Problem(str(i), f"What is {i} + 1?", str(i + 1)) for i in range(12)]
+    problems.insert(3, Problem("long", "one two three " * 20, "0"))
+    cfg = load_config(None, ["data.holdout=0.5", "data.too_long=skip", "train.seed=1", "rollout.max_new_tokens=8",
+                             "eval.max_new_tokens=8"])
+    longest = max(len(x) for x in encode_problems(tok, problems, cfg))
+    saved = model.config.max_position_embeddings
+    try:
+        model.config.max_position_embeddings = longest + 8
+        fits = run_sets(cfg, problems, {}, tok, model)  # every prompt fits 8 new tokens
+        cfg.eval.max_new_tokens = cfg.rollout.max_new_tokens = 8 + (longest - min(
+            len(x) for x in encode_problems(tok, problems, cfg))) - 1  # now only "long" is too long
+        cut = run_sets(cfg, problems, {}, tok, model)
+    finally:
+        model.config.max_position_embeddings = saved
+    assert "long" in {p.id for s in fits.values() for p in s} and "long" not in {p.id for s in cut.values() for p in s}
+    for name in ("adapt", "heldout"):
+        assert [p.id for p in cut[name]] == [p.id for p in fits[name] if p.id != "long"], name

@@ -300,12 +300,17 @@ def load_sets(cfg: Config) -> tuple[list[Problem], dict[str, list[Problem]]]:
 def run_sets(cfg: Config, problems: list[Problem], extra: dict[str, list[Problem]], tok,
              model) -> dict[str, list[Problem]]:
     """The sets a run evaluates, `ttrl train` and `ttrl eval` alike: `adapt` (trained on) and
-    `heldout` (split off with train.seed) from data.train, then each data.eval set; prompts that
-    leave no room in the context for the longest completion are left out first (data.too_long)."""
+    `heldout` (split off with train.seed from all of data.train, whatever the length budget) from
+    data.train, then each data.eval set; prompts that leave no room in the context for the longest
+    completion are then left out (data.too_long)."""
     budget = max((cfg.rollout.max_new_tokens, "rollout.max_new_tokens"),
                  (cfg.eval.max_new_tokens, "eval.max_new_tokens"))
-    adapt, held = split_holdout(fit_context(problems, tok, model, cfg, *budget), cfg.data.holdout, cfg.train.seed)
-    sets = {"adapt": adapt, "heldout": held}
+    held_out = {p.id for p in split_holdout(problems, cfg.data.holdout, cfg.train.seed)[1]}  # on all prompts, so
+    kept = fit_context(problems, tok, model, cfg, *budget)  # the split does not move with the length budget
+    sets = {"adapt": [p for p in kept if p.id not in held_out], "heldout": [p for p in kept if p.id in held_out]}
+    if not sets["adapt"]:
+        raise DataError(f"every prompt left to adapt on is too long for the context ({budget[1]} {budget[0]}); "
+                        "lower it, lower data.holdout, or use a model with a longer context")
     for name, probs in extra.items():
         sets[name] = fit_context(probs, tok, model, cfg, cfg.eval.max_new_tokens, "eval.max_new_tokens")
     return sets

@@ -56,6 +56,8 @@ def batch_order(n_prompts: int, per_step: int, step: int, seed: int) -> list[int
     """Prompt indices for `step` (0-based): the next `per_step` prompts of a stream of seeded
     shuffles, one per pass, laid end to end. A step that spans two passes never holds a prompt
     twice: one the next pass would repeat waits for the following step, first in line."""
+    if n_prompts < 1:
+        raise ValueError("batch_order needs at least one prompt")
     per_step = min(per_step, n_prompts)
     stream = (i for epoch in itertools.count() for i in shuffled(n_prompts, seed, epoch))
     waiting: list[int] = []
