@@ -135,7 +135,7 @@ def test_output_paths_that_cannot_be_written(tmp_path, capsys, no_model):
 
 def test_a_full_disk_is_one_error_line_with_the_command_to_continue(tmp_path, capsys, no_model):
     run = _fake_run(tmp_path / "run")
-    (run / "environment.json").symlink_to("/dev/full")  # every write to it fails with ENOSPC
+    (run / "environment.json.tmp").symlink_to("/dev/full")  # environment.json is written through it: ENOSPC
     err = _error(capsys, "train", "--config", TINY, "--output-dir", run, "--resume", *QUICK, code=1)
     assert "no space left on the disk" in err and "--resume" in err
 

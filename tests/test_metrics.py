@@ -133,3 +133,15 @@ def test_quiet_training_prints_nothing(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert (tmp_path / "run" / "summary.json").is_file()
     assert out == "" and all(line.startswith("warning: ") for line in err.splitlines())  # warnings stay
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_whole(tmp_path):
+    from ttrl.metrics import write_atomic
+
+    path = tmp_path / "summary.json"
+    write_atomic(path, '{"steps": 3}')
+    assert path.read_text() == '{"steps": 3}' and not (tmp_path / "summary.json.tmp").exists()
+    (tmp_path / "summary.json.tmp").mkdir()  # the temporary file cannot be written
+    with pytest.raises(OSError):
+        write_atomic(path, '{"steps": 4, "evals": {')
+    assert path.read_text() == '{"steps": 3}'

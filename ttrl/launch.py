@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ttrl.config import Config, ConfigError, ModelConfig, load_config
 from ttrl.data import load_sets, run_sets
+from ttrl.metrics import write_atomic
 from ttrl.models import ADAPTER_CONFIG, EMBEDDED, ModelError, adapter_base, resolve
 from ttrl.rundir import ENVIRONMENT_FILE
 
@@ -101,7 +102,7 @@ def prepare_run_dir(path: Path, overwrite: bool) -> None:
     and nothing else: a file of the user's beside the run stays."""
     if overwrite and path.is_dir() and holds_run(path):
         for entry in path.iterdir():
-            if entry.name not in RUN_ENTRIES and not entry.name.startswith(".tmp-model-"):
+            if entry.name.removesuffix(".tmp") not in RUN_ENTRIES and not entry.name.startswith(".tmp-model-"):
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -137,7 +138,7 @@ def train(cfg: Config, run_dir: str | Path, *, quiet: bool = False, resume: bool
     created = not run_dir.exists()
     if main:
         prepare_run_dir(run_dir, overwrite and not resume)
-        (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(environment(), indent=2))
+        write_atomic(run_dir / ENVIRONMENT_FILE, json.dumps(environment(), indent=2))
     try:
         summary = train_loop(cfg, run_dir, quiet=quiet, resume=resume)
     except BaseException:

@@ -167,13 +167,20 @@ def truncate_rollouts(run_dir: str | Path, last_step: int) -> int:
 
 def _rewrite(path: Path, rows: list[dict]) -> int:
     """Replace a JSON-lines file by `rows`, atomically (a kill leaves the old file or the new one)."""
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    return len(rows)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a synced temporary file and a rename: a kill leaves the old
+    file or the new one, never half of one (a torn summary.json would read as a finished run)."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return len(rows)
 
 
 def write_csv(run_dir: str | Path) -> Path:

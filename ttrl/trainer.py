@@ -31,7 +31,7 @@ from ttrl.distributed import Dist, is_main_process, make_accelerator, warn
 from ttrl.evaluation import run_evals
 from ttrl.groups import Group, contrast, diagnostics, reward, vote
 from ttrl.metrics import (MetricsWriter, library_bars, log_rollouts, progress_bar, read_metrics, truncate_metrics,
-                          truncate_rollouts)
+                          truncate_rollouts, write_atomic)
 from ttrl.models import encode_problems, load_model, set_gradient_checkpointing
 from ttrl.rewards import BINARY_KINDS
 from ttrl.rollout import NonFiniteError, Rollout, Sampler, Sampling, TorchSampler
@@ -288,7 +288,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Run:
         if resume:
             truncate_metrics(run_dir, state["metric_rows"] if state else 0)
             truncate_rollouts(run_dir, state["step"] if state else 0)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
         writer = MetricsWriter(run_dir, purge_step=(state["step"] + 1 if state else 0) if resume else None,
                                wandb_project=cfg.train.wandb_project, config=cfg.to_dict())
     history = dist.broadcast([r for r in read_metrics(run_dir) if "train/reward" in r] if dist.is_main else None)
@@ -452,7 +452,7 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
     if dist.is_main:
         with library_bars(enabled=not quiet):
             export_model(r.model, r.tok, run_dir, weights)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     dist.close()
     return summary
 
