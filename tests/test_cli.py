@@ -304,6 +304,18 @@ def test_console_table_has_no_base_columns_without_a_base_evaluation():
     assert line.split()[3:5] == ["–", "–"] and line.endswith("–") and "0.250" not in line  # eval.before=false
 
 
+def test_resume_without_config_continues_with_the_runs_own_settings(tmp_path, capsys):
+    """`ttrl train --resume --output-dir RUN` (no --config) used to resume with the default config."""
+    run = tmp_path / "r"
+    assert main(["train", "--config", TINY, "--output-dir", str(run), "--quiet", "--no-report", *QUICK]) == 0
+    first = json.loads((run / "config.json").read_text())
+    assert main(["train", "--resume", "--output-dir", str(run), "--quiet", "--no-report", "train.steps=2"]) == 0
+    again = json.loads((run / "config.json").read_text())
+    assert again["train"]["steps"] == 2 and {**again, "train": first["train"]} == first
+    assert len([r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "train/reward" in r]) == 2
+
+
 def test_holdout_zero_on_the_command_line_holds_out_nothing(tmp_path, capsys):
     """tiny.yaml holds out a quarter; an explicit --holdout 0 must win (it used to read as "not given")."""
     run = tmp_path / "r"

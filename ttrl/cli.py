@@ -64,8 +64,14 @@ def before_after_table(evals: dict, k: int) -> str:
 
 def cmd_train(args) -> int:
     holdout = [f"data.holdout={args.holdout}"] if args.holdout is not None else []  # --holdout 0 means none
-    cfg = load_config(args.config, args.overrides + holdout)
     resume = getattr(args, "resume", False)
+    saved = Path(args.output_dir or ".") / "config.json"
+    if resume and not args.config and args.output_dir and saved.is_file():
+        from ttrl.launch import holds_run
+
+        if holds_run(args.output_dir):  # resumed without --config: the run's own settings, not the defaults
+            args.config = str(saved)
+    cfg = load_config(args.config, args.overrides + holdout)
     if resume and not args.output_dir:
         raise ConfigError("--resume continues the run in --output-dir: give --output-dir")
     from ttrl.checkpoint import CheckpointError
@@ -218,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", help="run directory (default runs/ttrl-<time>)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory (a ttrl run only)")
     train.add_argument("--resume", action="store_true",
-                       help="continue the run in --output-dir from its latest checkpoint (same config and overrides)")
+                       help="continue the run in --output-dir from its latest checkpoint, with the settings in "
+                            "its config.json (or --config and the same overrides)")
     train.add_argument("--holdout", type=float, default=None,
                        help="fraction of prompts held out for evaluation (same as data.holdout=; 0: none)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
