@@ -316,6 +316,14 @@ def test_resume_without_config_continues_with_the_runs_own_settings(tmp_path, ca
                 if "train/reward" in r]) == 2
 
 
+def test_extending_a_cosine_run_on_resume_warns_that_the_rate_jumps(tmp_path, capsys):
+    run, cosine = tmp_path / "r", ["algorithm.lr_schedule=cosine", "--quiet", "--no-report"]
+    assert main(["train", "--config", TINY, "--output-dir", str(run), *cosine, *QUICK]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--output-dir", str(run), *cosine, "train.steps=2"]) == 0
+    assert "learning rate jumps at the resumed step" in capsys.readouterr().err
+
+
 def test_holdout_zero_on_the_command_line_holds_out_nothing(tmp_path, capsys):
     """tiny.yaml holds out a quarter; an explicit --holdout 0 must win (it used to read as "not given")."""
     run = tmp_path / "r"

@@ -88,7 +88,7 @@ class DataConfig:
     """Multiple-choice options: a list of 2..26 texts, A, B, ... in order; a record without the
     field is an open question. Its gold may be a letter or an option's text. "" = never read."""
     limit: int = 0
-    """Use only the first `limit` prompts (0 = all)."""
+    """Use only the first `limit` prompts of data.train and of each data.eval set (0 = all)."""
     template: str = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
     """How a problem becomes the user message; `{problem}` is replaced, and `{choices}` by a
     multiple-choice problem's options as "A) ..." lines (after the problem if there is no `{choices}`)."""

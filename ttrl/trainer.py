@@ -218,6 +218,11 @@ def resumed_state(run_dir: Path, cfg: Config, model, optimizer, scheduler, criti
     if changed:
         warn("resuming with changed settings (the run will differ from an uninterrupted one): "
              + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
+    a = cfg.algorithm
+    if old.get("train.steps") != new.get("train.steps") and (a.lr_schedule != "constant" or a.warmup_ratio > 0):
+        warn(f"train.steps {old.get('train.steps')!r} -> {new.get('train.steps')!r} with algorithm.lr_schedule="
+             f"{a.lr_schedule} (warmup_ratio {a.warmup_ratio}): the schedule is laid over the new length, so the "
+             "learning rate jumps at the resumed step")
     if is_main_process():
         print(f"resuming from {state['path']} (step {state['step']})", file=sys.stderr)
     return state
