@@ -9,8 +9,9 @@ The TTRL arms (--ttrl) are plain majority voting (the paper's) and majority voti
 contrasted across prompts (`reward.contrast`, docs/method.md). Prints per seed and arm the
 adapted and held-out avg@16 / maj@16, each TTRL arm's margin over the best control, and its
 margins over the base model's greedy answer and maj@16 (the bar to beat is the better of the
-two). `ttrl compare DIR/seed-0/*` puts a seed's arms side by side. The last line is one JSON
-object.
+two). `ttrl compare DIR/seed-0/ARM DIR/seed-0/format DIR/seed-0/random` puts a seed's arms side
+by side, with the TTRL arm's margin over each control prompt by prompt (± 2 se). The last line is
+one JSON object.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -71,7 +73,9 @@ def main():
     for arm, m in least.items():
         print(f"\n{arm}: smallest margin of avg@{k} over the best control: adapt {m['adapt']:+.3f}, "
               f"held-out {m['heldout']:+.3f}")
-    print(f"runs in {root} (ttrl compare {root}/seed-{seeds[0]}/*)")
+    first = root / f"seed-{seeds[0]}"
+    print(f"runs in {root} (" + shlex.join(["ttrl", "compare", str(first / ttrl_arms[0]),
+                                            *(str(first / c) for c in CONTROLS)]) + ")")
     print(json.dumps({"config": Path(args.config).name, "overrides": args.overrides, "seeds": seeds,
                       "machine": f"{platform.machine()} {platform.processor()}".strip(),
                       "date": time.strftime("%Y-%m-%d"), "results": results,
