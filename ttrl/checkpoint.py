@@ -103,7 +103,12 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.glob("step-*") if (p / STATE).is_file() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    return sorted(found, key=step_of)
+
+
+def step_of(checkpoint: Path) -> int:
+    """The step of checkpoint directory `step-N`."""
+    return int(checkpoint.name[5:])
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, state: dict,
@@ -130,7 +135,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     os.rename(tmp, final)
     _fsync(root)
     for later in list_checkpoints(run_dir):  # steps past this one: the abandoned future of a run resumed
-        if int(later.name[5:]) > step:     # from an earlier checkpoint (the later one was damaged)
+        if step_of(later) > step:          # from an earlier checkpoint (the later one was damaged)
             _retire(later)
     for old in list_checkpoints(run_dir)[:-keep]:
         _retire(old)

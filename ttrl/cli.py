@@ -65,11 +65,11 @@ def before_after_table(evals: dict, k: int) -> str:
 def cmd_train(args) -> int:
     holdout = [f"data.holdout={args.holdout}"] if args.holdout is not None else []  # --holdout 0 means none
     resume = getattr(args, "resume", False)
-    saved = Path(args.output_dir or ".") / "config.json"
-    if resume and not args.config and args.output_dir and saved.is_file():
+    if resume and not args.config and args.output_dir:  # the run's own settings, not the defaults
         from ttrl.launch import holds_run
 
-        if holds_run(args.output_dir):  # resumed without --config: the run's own settings, not the defaults
+        saved = Path(args.output_dir) / "config.json"
+        if saved.is_file() and holds_run(args.output_dir):
             args.config = str(saved)
     cfg = load_config(args.config, args.overrides + holdout)
     if resume and not args.output_dir:

@@ -99,6 +99,11 @@ def beats_voting(run: Run) -> str:
     return f"{q} {verdict}{small}."
 
 
+def beyond(difference: float, se: float) -> str:
+    """"beyond" when a difference is more than two standard errors from 0, else "within"."""
+    return "beyond" if abs(difference) > 2 * se else "within"
+
+
 def _noise(base: dict, final: dict, metric: str, bar_metric: str, gain: float) -> str:
     """How the gain over the bar compares with its noise: twice the standard error of the per-problem
     differences (`evaluation.paired_change`); for runs without per-problem scores, a caution on
@@ -108,8 +113,7 @@ def _noise(base: dict, final: dict, metric: str, bar_metric: str, gain: float) -
         n = base.get("n_prompts")
         return f"; on {n} prompts a few points are noise" if is_number(n) and n < 50 else ""
     _, se, n = change
-    where = "beyond" if abs(gain) > 2 * se else "within"
-    return f"; {where} two standard errors of no change (±{200 * se:.1f} points over these {n} prompts)"
+    return f"; {beyond(gain, se)} two standard errors of no change (±{200 * se:.1f} points over these {n} prompts)"
 
 
 def _mean(run: Run, key: str) -> float | None:
@@ -305,7 +309,7 @@ def paired_table(runs: list[Run]) -> tuple[list[str], list[list]] | None:
                 continue
             mean, se, n = change
             rows.append([other.name, name, f"{pts(mean)} points", f"±{200 * se:.1f}",
-                         "beyond" if abs(mean) > 2 * se else "within", n])
+                         beyond(mean, se), n])
     if not rows:
         return None
     return ["against", "eval set", f"{first.name} minus it (avg@{first.k})", "2 se", "noise", "prompts"], rows

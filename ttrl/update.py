@@ -92,9 +92,7 @@ def update(policy: Policy, rollout: Rollout, groups: list[Group], advantages: li
     dist = dist or Dist()
     algo = cfg.algorithm
     if all(a is None for a in advantages):  # nothing to train on; the schedule still moves on a step
-        lr = policy.scheduler.get_last_lr()[0]
-        policy.scheduler.step()
-        return {"loss/policy": 0.0, "optim/lr": lr, "optim/steps": 0, "train/updated": 0}
+        return {"loss/policy": 0.0, "optim/lr": advance_schedule(policy), "optim/steps": 0, "train/updated": 0}
     critic = policy.critic if values is not None else None
     models = [policy.model] + ([critic.model] if critic else [])
     optimizers = [policy.optimizer] + ([critic.optimizer] if critic else [])
@@ -159,14 +157,21 @@ def update(policy: Policy, rollout: Rollout, groups: list[Group], advantages: li
                 continue
             norms.append(grad_norm)
             critic_norms.append(critic_norm)
-    lr = policy.scheduler.get_last_lr()[0]  # the rate this step trained at
-    policy.scheduler.step()
+    lr = advance_schedule(policy)
     totals = dict(zip(totals, dist.sum(list(totals.values()))))  # each rank summed its share of the tokens
     mean = lambda xs, last: sum(xs) / len(xs) if xs else last  # noqa: E731  (over the steps taken, as verl)
     critic_stats = {**values.stats(), "critic/grad_norm": mean(critic_norms, critic_norm)} if critic else {}
     return {**totals, "optim/grad_norm": mean(norms, grad_norm), "optim/lr": lr,
             "optim/skipped_updates": skipped, "optim/steps": len(norms),
             "train/updated": sum(a is not None for a in advantages), **critic_stats}
+
+
+def advance_schedule(policy: Policy) -> float:
+    """The learning rate this step trained at; the schedule then moves on one step (once per
+    rollout batch, whether or not anything was trained)."""
+    lr = policy.scheduler.get_last_lr()[0]
+    policy.scheduler.step()
+    return lr
 
 
 @contextmanager
