@@ -138,6 +138,10 @@ def _box_argument(text: str, start: int) -> str | None:
 
 _PHRASE = re.compile(r"answer\**\s*(?:is\b\s*:?|:|=)\s*\**|####", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\n|\.(?:\s|$)")
+# "The answer is 12, since 5 + 7 = 12": the answer ends where a reason or a hedge begins. Only
+# words that cannot continue an answer ("2, 3 and 4" stays whole).
+_CLAUSE = re.compile(r",\s*(?:since|because|as|so|which|but|hence|thus|therefore|given)\b|\s+(?:since|because)\b",
+                     re.IGNORECASE)
 _MATH_SPANS = [  # (opener, regex of the closer that is not an escaped `\$`)
     (opener, re.compile(r"(?<!\\)" + re.escape(closer)))
     for opener, closer in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
@@ -157,7 +161,9 @@ def _answer_phrase(text: str) -> str | None:
         if close:
             return rest[len(opener) : close.start()]
     end = _SENTENCE_END.search(rest)
-    return rest[: end.start()] if end else rest
+    phrase = rest[: end.start()] if end else rest
+    clause = _CLAUSE.search(phrase)
+    return phrase[: clause.start()] if clause else phrase
 
 
 _NUMBER = re.compile(rf"-?\d+(?:,\d{{3}})*(?:\.\d+)?(?:/\d+)?|\(({_CHOICE})\)")
