@@ -12,6 +12,12 @@ margins over the base model's greedy answer and maj@16 (the bar to beat is the b
 two). `ttrl compare DIR/seed-0/ARM DIR/seed-0/format DIR/seed-0/random` puts a seed's arms side
 by side, with the TTRL arm's margin over each control prompt by prompt (± 2 se). The last line is
 one JSON object.
+
+On the arithmetic generator (the demo), each final model and the base model are also evaluated
+(`ttrl eval RUN data.eval=[DIR/unseen.jsonl]`, into DIR/seed-S/untrained/ARM.json) on the
+questions the generator could make but data.arithmetic.n leaves out (36 one-digit sums for the
+demo, the same for every seed): with the held-out prompts, every question an arm never trained
+on, so the held-out margin is judged on 68 prompts rather than 32 (`untrained` in the JSON).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import argparse
 import json
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +60,7 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     ttrl_arms = args.ttrl.split(",")
     arms = (*ttrl_arms, *CONTROLS)
+    unseen = write_unseen(root, args.config, args.overrides)
     results = []
     for seed in seeds:
         runs = {}
@@ -66,13 +74,18 @@ def main():
         after = {arm: figures(r["evals"], k, -1) for arm, r in runs.items()}
         row = {"seed": seed, "base": base, "after": after, "train_s": {a: r["train_s"] for a, r in runs.items()},
                "margins": {arm: margins(after[arm], after, base, _noise(runs, arm, after, k)) for arm in ttrl_arms}}
+        if unseen:
+            row["untrained"] = untrained(root, seed, arms, ttrl_arms, args.config, args.overrides, unseen)
         results.append(row)
         _print_seed(row, k, arms)
     least = {arm: {n: min(r["margins"][arm][n]["over_best_control"] for r in results) for n in ("adapt", "heldout")}
              for arm in ttrl_arms}
+    if unseen:
+        for arm in ttrl_arms:
+            least[arm]["untrained"] = min(r["untrained"]["margins"][arm]["over_best_control"] for r in results)
     for arm, m in least.items():
         print(f"\n{arm}: smallest margin of avg@{k} over the best control: adapt {m['adapt']:+.3f}, "
-              f"held-out {m['heldout']:+.3f}")
+              f"held-out {m['heldout']:+.3f}" + (f", untrained {m['untrained']:+.3f}" if "untrained" in m else ""))
     first = root / f"seed-{seeds[0]}"
     print(f"runs in {root} (" + shlex.join(["ttrl", "compare", str(first / ttrl_arms[0]),
                                             *(str(first / c) for c in CONTROLS)]) + ")")
@@ -80,6 +93,66 @@ def main():
                       "machine": f"{platform.machine()} {platform.processor()}".strip(),
                       "date": time.strftime("%Y-%m-%d"), "results": results,
                       "min_margin_over_best_control": least}))
+
+
+def write_unseen(root: Path, config: str, overrides: list[str]) -> Path | None:
+    """DIR/unseen.jsonl: the arithmetic questions past data.arithmetic.n (none trained on, whatever
+    the seed); None when data.train is not the generator or it draws every question."""
+    from dataclasses import replace
+
+    from ttrl.config import load_config
+    from ttrl.data import arithmetic_problems
+
+    data = load_config(config, overrides).data
+    if data.train != "arithmetic":
+        return None
+    every = replace(data.arithmetic, n=len(data.arithmetic.ops) * (data.arithmetic.high - data.arithmetic.low + 1) ** 2)
+    rest = arithmetic_problems(every)[data.arithmetic.n:]
+    if not rest:
+        return None
+    path = root / "unseen.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": p.id, "problem": p.prompt, "answer": p.answer, "choices": p.choices})
+                            + "\n" for p in rest))
+    return path
+
+
+def untrained(root: Path, seed: int, arms: tuple, ttrl_arms: list, config: str, overrides: list[str],
+              unseen: Path) -> dict:
+    """Each arm's and the base model's avg@k over every question it never trained on (held-out ∪
+    unseen), and each TTRL arm's margin over the best control there with its paired standard error.
+    Evaluations are kept in DIR/seed-S/untrained/ and reused."""
+    from statistics import mean, stdev
+
+    where = root / f"seed-{seed}" / "untrained"
+    where.mkdir(parents=True, exist_ok=True)
+    extra = [f"data.eval=[{unseen}]"]
+    per = {}
+    for arm in ("base", *arms):
+        out = where / f"{arm}.json"
+        if not out.is_file():
+            target = (["--config", str(config), f"train.seed={seed}", *overrides] if arm == "base"
+                      else [str(arm_dir(root, seed, arm))])
+            subprocess.run([sys.executable, "-m", "ttrl", "eval", *target, *extra, "--json", str(out) + ".part"],
+                           check=True, stdout=subprocess.DEVNULL)
+            Path(str(out) + ".part").replace(out)
+        problems = [p for name in ("heldout", unseen.stem) for p in json.loads(out.read_text())["sets"][name]["problems"]]
+        per[arm] = {p["id"]: p["n_correct"] / p["n_samples"] for p in problems}
+        if arm == "base":  # the bar to beat there: the better of its greedy answer and maj@k
+            greedy = [p["greedy_correct"] for p in problems]
+            base = {"maj": mean(float(p["maj_correct"]) for p in problems),
+                    "greedy": None if None in greedy else mean(map(float, greedy))}
+    avg = {arm: mean(v.values()) for arm, v in per.items()}
+    best = max(CONTROLS, key=avg.get)
+    bar = max(v for v in base.values() if v is not None)
+    out = {"n_prompts": len(per["base"]), "avg": avg, "base": base, "best_control": best, "margins": {}}
+    for arm in ttrl_arms:
+        diffs = [v - per[best][pid] for pid, v in per[arm].items()]
+        out["margins"][arm] = {"over_best_control": avg[arm] - avg[best],
+                               "over_best_control_se": stdev(diffs) / len(diffs) ** 0.5,
+                               "over_base_greedy": None if base["greedy"] is None else avg[arm] - base["greedy"],
+                               "over_base_maj": avg[arm] - base["maj"], "over_bar": avg[arm] - bar}
+    return out
 
 
 def _noise(runs: dict, arm: str, after: dict, k: int) -> dict:
@@ -122,6 +195,15 @@ def _print_seed(row: dict, k: int, arms: tuple) -> None:
         print(f"  {arm}: " + "; ".join(
             f"{n} - best control {m[n]['over_best_control']:+.3f}{se(n)}, - base maj {m[n]['over_base_maj']:+.3f}, "
             f"- bar {m[n]['over_bar']:+.3f}" for n in ("adapt", "heldout")))
+    if "untrained" in row:
+        u = row["untrained"]
+        print(f"  untrained ({u['n_prompts']} prompts: held out and never drawn) avg@{k}: "
+              + ", ".join(f"{a} {v:.3f}" for a, v in u["avg"].items()))
+        print(f"  untrained base greedy {'—' if u['base']['greedy'] is None else format(u['base']['greedy'], '.3f')}, "
+              f"maj@{k} {u['base']['maj']:.3f}")
+        for arm, m in u["margins"].items():
+            print(f"  {arm}: untrained - best control ({u['best_control']}) {m['over_best_control']:+.3f} "
+                  f"± {2 * m['over_best_control_se']:.3f}, - base maj {m['over_base_maj']:+.3f}, - bar {m['over_bar']:+.3f}")
 
 
 if __name__ == "__main__":

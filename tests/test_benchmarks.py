@@ -1,6 +1,7 @@
 """The benchmark scripts' own helpers (benchmarks/ is not a package: imported by path)."""
 
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -119,6 +120,38 @@ def test_controls_smoke_run_on_tiny_gives_each_margin_with_its_paired_error(tmp_
         summary = {a: json.loads((tmp_path / "seed-0" / a / "summary.json").read_text())["evals"][name][-1]
                    for a in ("majority", best)}
         assert m["over_best_control_se"] == paired_change(summary[best], summary["majority"], "avg@4")[1]
+    # every question no arm trained on: the 4 held-out prompts and the 84 sums data.arithmetic.n=16
+    # leaves out, from each model's `ttrl eval`, which reproduces the run's own final held-out figure
+    u = row["untrained"]
+    evals = {a: json.loads((tmp_path / "seed-0" / "untrained" / f"{a}.json").read_text())["sets"]
+             for a in ("base", "majority", "format", "random")}
+    for a in ("majority", "format", "random"):
+        run = json.loads((tmp_path / "seed-0" / a / "summary.json").read_text())["evals"]["heldout"][-1]
+        assert evals[a]["heldout"]["avg@4"] == run["avg@4"]
+    per = {a: {p["id"]: p["n_correct"] / 4 for n in ("heldout", "unseen") for p in e[n]["problems"]}
+           for a, e in evals.items()}
+    assert u["n_prompts"] == len(per["majority"]) == 4 + 84
+    best = max(("format", "random"), key=lambda a: sum(per[a].values()))
+    diffs = [per["majority"][i] - per[best][i] for i in per["majority"]]
+    assert u["best_control"] == best
+    assert u["margins"]["majority"]["over_best_control"] == pytest.approx(sum(diffs) / 88)
+    assert u["margins"]["majority"]["over_best_control_se"] == pytest.approx(statistics.stdev(diffs) / 88 ** 0.5)
+
+
+def test_controls_unseen_questions_are_those_the_generator_never_draws(tmp_path):
+    from controls import write_unseen
+
+    from ttrl.config import load_config
+    from ttrl.data import arithmetic_problems, load_file
+
+    demo = Path(__file__).parent.parent / "configs" / "demo.yaml"
+    drawn = {p.id for p in arithmetic_problems(load_config(demo, []).data.arithmetic)}
+    unseen = load_file(write_unseen(tmp_path, demo, []))
+    ids = {p.id for p in unseen}
+    assert len(drawn) == 64 and len(ids) == 36 and not drawn & ids  # 100 one-digit sums in all
+    assert all(int(p.answer) == sum(map(int, p.id.split("+"))) for p in unseen)
+    assert write_unseen(tmp_path, demo, ["data.arithmetic.n=100"]) is None
+    assert write_unseen(tmp_path, demo, ["data.train=math500"]) is None
 
 
 def test_adaptive_votes_replays_the_rule_on_prefixes_by_hand():
