@@ -277,10 +277,14 @@ def test_eval_ctrl_c_is_one_line_not_a_traceback(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ttrl", "eval", "--config", TINY, "eval.n_samples=64",
                              "eval.max_new_tokens=256", "data.arithmetic.n=100"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    time.sleep(8)  # imports and model load done: evaluating
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
+    try:  # (a suite started as `cmd &` hands its children SIGINT ignored)
+        time.sleep(8)  # imports and model load done: evaluating
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # never left running when the test fails
     # 130 = main() caught it; once in several runs the process has instead ended by the signal
     # itself (-2, which a shell also shows as 130) after printing the same single line.
     assert proc.returncode in (130, -signal.SIGINT), err
