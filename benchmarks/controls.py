@@ -122,7 +122,9 @@ def untrained(root: Path, seed: int, arms: tuple, ttrl_arms: list, config: str, 
     """Each arm's and the base model's avg@k over every question it never trained on (held-out ∪
     unseen), and each TTRL arm's margin over the best control there with its paired standard error.
     Evaluations are kept in DIR/seed-S/untrained/ and reused."""
-    from statistics import mean, stdev
+    from statistics import mean
+
+    from ttrl.evaluation import standard_error
 
     where = root / f"seed-{seed}" / "untrained"
     where.mkdir(parents=True, exist_ok=True)
@@ -144,15 +146,11 @@ def untrained(root: Path, seed: int, arms: tuple, ttrl_arms: list, config: str, 
                     "greedy": None if None in greedy else mean(map(float, greedy))}
     avg = {arm: mean(v.values()) for arm, v in per.items()}
     best = max(CONTROLS, key=avg.get)
-    bar = max(v for v in base.values() if v is not None)
-    out = {"n_prompts": len(per["base"]), "avg": avg, "base": base, "best_control": best, "margins": {}}
-    for arm in ttrl_arms:
-        diffs = [v - per[best][pid] for pid, v in per[arm].items()]
-        out["margins"][arm] = {"over_best_control": avg[arm] - avg[best],
-                               "over_best_control_se": stdev(diffs) / len(diffs) ** 0.5,
-                               "over_base_greedy": None if base["greedy"] is None else avg[arm] - base["greedy"],
-                               "over_base_maj": avg[arm] - base["maj"], "over_bar": avg[arm] - bar}
-    return out
+    after = {arm: {"untrained": {"avg": v}} for arm, v in avg.items()}  # one set, in figures()' shape
+    se = {arm: standard_error([v - per[best][pid] for pid, v in per[arm].items()]) for arm in ttrl_arms}
+    return {"n_prompts": len(per["base"]), "avg": avg, "base": base, "best_control": best,
+            "margins": {arm: margins(after[arm], after, {"untrained": base}, {"untrained": se[arm]})["untrained"]
+                        for arm in ttrl_arms}}
 
 
 def _noise(runs: dict, arm: str, after: dict, k: int) -> dict:
@@ -170,9 +168,10 @@ def _noise(runs: dict, arm: str, after: dict, k: int) -> dict:
 
 def margins(ttrl: dict, after: dict, base: dict, noise: dict | None = None) -> dict:
     """A TTRL arm's avg@k minus: the best control's (with that margin's paired standard error, where
-    known), the base greedy answer, the base maj@k, and the better of those two (the bar to beat), per set."""
+    known), the base greedy answer, the base maj@k, and the better of those two (the bar to beat), per
+    set of `ttrl`."""
     out = {}
-    for name in ("adapt", "heldout"):
+    for name in ttrl:
         avg, greedy = ttrl[name]["avg"], base[name]["greedy"]
         out[name] = {"over_best_control": avg - max(after[a][name]["avg"] for a in CONTROLS),
                      "over_best_control_se": (noise or {}).get(name),
