@@ -66,10 +66,11 @@ def run_set(name: str, args) -> dict:
     from ttrl.config import load_config
     from ttrl.data import load_sets
     from ttrl.grading import sample_answers
-    from ttrl.models import encode_problems, load_model
+    from ttrl.data import encode_problems
+    from ttrl.models import load_model
     from ttrl.rollout import Sampling, TorchSampler, generate
     from ttrl.sequential import VoteRounds, sample_in_rounds
-    from ttrl.trainer import prompt_seed
+    from ttrl.step import prompt_seed
     from ttrl.voting import majority_vote
 
     overrides = [*SETS[name], f"rollout.n_votes={args.votes}", f"reward.n_train_samples={args.votes // 2}",

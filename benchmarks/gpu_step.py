@@ -11,7 +11,8 @@ state for a full 7B would not fit 80 GB besides weights and gradients; use --lor
         --new-tokens 8 --micro-batch 1                   # CPU smoke run (seconds)
 
 Per phase (build, rollout, update): seconds, tokens/s and peak memory (torch.cuda.max_memory_allocated
-since the phase began; peak RSS on CPU). A failing phase is reported with its error and the later
+since the phase began; peak RSS on CPU), beside `ttrl plan`'s prediction of that peak ("plan GB"), so
+the first GPU this runs on checks the planner too. A failing phase is reported with its error and the later
 phases are skipped; the last line is always one JSON object with every figure.
 """
 
@@ -67,17 +68,49 @@ def _phase(name, device, figures, fn):
     return out
 
 
+def predicted(args, model_cfg) -> dict:
+    """ttrl.plan's prediction (GB) of each phase's peak as this benchmark runs it: no AdamW state
+    (it steps SGD), no gradients yet in the first rollout, no evaluation or last-good copy."""
+    import torch
+
+    from ttrl.config import Config
+    from ttrl.plan import GB, plan
+
+    cfg = Config(model=model_cfg)
+    cfg.rollout.n_votes, cfg.rollout.max_new_tokens = args.votes, args.new_tokens
+    cfg.rollout.max_batch_rows, cfg.rollout.memory_fraction = args.max_batch_rows, args.memory_fraction
+    cfg.reward.n_train_samples, cfg.train.prompts_per_step = args.train_samples, args.prompts
+    cfg.algorithm.micro_batch_size, cfg.algorithm.micro_batch_tokens = args.micro_batch, args.micro_batch_tokens
+    cfg.algorithm.logprob_chunk_mb, cfg.algorithm.gradient_checkpointing = args.logprob_chunk_mb, args.checkpointing
+    cfg.eval.before = False
+    cuda = torch.device(args.device).type == "cuda"
+    card = args.budget_gb or (torch.cuda.get_device_properties(args.device).total_memory / GB if cuda else None)
+    try:
+        p = plan(cfg, 1, card, prompt_tokens=PROMPT_TOKENS, device="cuda" if cuda else "cpu", suggest=False)
+    except Exception as e:  # the benchmark measures the trainer; a planner failure must not stop it
+        return {"error": f"{type(e).__name__}: {e}"}
+    absent = lambda phase, *items: sum(p.phases[phase].get(k, 0) for k in items)  # noqa: E731
+    host = ("AdamW state", "last good weights (CPU copy)")
+    return {"rollout": round((p.peak("rollout") - absent("rollout", "gradients", *host)) / GB, 2),
+            "update": round((p.peak("update") - absent("update", *host)) / GB, 2),
+            "rollout_rows": p.sizes["rollout"]["rows"], "micro_batch_rows": p.sizes["update"]["micro_batch_rows"]}
+
+
+PROMPT_TOKENS = 48
+"""Prompt length the plan assumes here: the arithmetic prompts in SmolLM2's chat template are ~40 tokens."""
+
+
 def run_step(args, queue):
     import torch
 
     from ttrl.config import ArithmeticConfig, Config, ModelConfig
     from ttrl.data import arithmetic_problems
-    from ttrl.groups import Group
-    from ttrl.models import encode_prompts, load_model, set_gradient_checkpointing
+    from ttrl.data import encode_prompts
+    from ttrl.models import load_model, set_gradient_checkpointing
     from ttrl.rollout import Sampling, generate
+    from ttrl.train_batch import TrainBatch
     from ttrl.update import Policy
     from ttrl.update import update as trainer_update
-    from ttrl.voting import Vote
 
     torch.manual_seed(0)
     figures = {"arch": args.arch}
@@ -86,6 +119,8 @@ def run_step(args, queue):
         with tempfile.TemporaryDirectory() as root:
             name, arch = model_dir(args.arch, root)
             cfg = ModelConfig(name=name, architecture=arch, dtype=dtype, lora_rank=args.lora_rank)
+
+            figures["plan"] = predicted(args, cfg)  # from the config directory, before any weight exists
 
             def build():
                 model, tok = load_model(cfg, seed=0, device=args.device)
@@ -119,25 +154,23 @@ def run_step(args, queue):
             # The trainer's own update (ttrl.update.update: micro-batches by sequences and tokens,
             # a prompt's M samples split over several), on random advantages in place of the vote's;
             # plain SGD at lr 0 stands in for AdamW, whose state a full 7B could not hold here.
-            n, m = args.votes, args.train_samples
-            cfg = Config()
-            cfg.rollout.temperature, cfg.reward.n_train_samples = s.temperature, m
-            algo = cfg.algorithm
+            m = args.train_samples
+            algo = Config().algorithm
             algo.micro_batch_size, algo.micro_batch_tokens = args.micro_batch, args.micro_batch_tokens
             algo.logprob_chunk_mb = args.logprob_chunk_mb
-            nobody = Vote(pseudo_label=None, majority_ratio=0.0, cluster_of=(-1,) * n, counts=(), representatives=(),
-                          winner=-1)
-            groups = [Group(vote=nobody, answers=[None] * n, train_idx=list(range(m)), rewards=[0.0] * m)
-                      for _ in ids]
             g = torch.Generator().manual_seed(0)
-            advantages = [torch.randn(m, generator=g) for _ in ids]
+            picks = [list(rollout.group(p))[:m] for p in range(len(ids))]
+            batch = TrainBatch(prompt_ids=rollout.prompt_ids,
+                               completion_ids=[[rollout.completion_ids[i] for i in pick] for pick in picks],
+                               old_logprobs=[[rollout.logprobs[i] for i in pick] for pick in picks],
+                               rewards=[[0.0] * m for _ in ids], temperature=s.temperature,
+                               advantages=[torch.randn(m, generator=g) for _ in ids])
             params = [q for q in model.parameters() if q.requires_grad]
             optimizer = torch.optim.SGD(params, lr=0.0)
             policy = Policy(model=model, optimizer=optimizer, pad_id=tok.pad_token_id, ref_model=None,
                             scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
-            stats = trainer_update(policy, rollout, groups, advantages, cfg)
-            return stats["loss/policy"], sum(len(rollout.completion_ids[i]) for p in range(len(ids))
-                                             for i in list(rollout.group(p))[:m])
+            stats = trainer_update(policy, batch, algo)
+            return stats["loss/policy"], sum(map(sum, batch.lengths))
         done = _phase("update", args.device, figures, update)
         if done is not None:
             figures["update"]["loss"] = done[0]
@@ -186,13 +219,14 @@ def main():
             device_name = torch.cuda.get_device_name()
     except Exception:
         pass
-    print(f"{'shape':<10}{'phase':<9}{'seconds':>9}{'tokens/s':>11}{'peak GB':>9}  error")
+    print(f"{'shape':<10}{'phase':<9}{'seconds':>9}{'tokens/s':>11}{'peak GB':>9}{'plan GB':>9}  error")
     for r in results:
         for phase in ("build", "rollout", "update"):
             f = r.get(phase)
             if isinstance(f, dict):
                 peak = f.get("peak_gpu_gb", f.get("peak_rss_gb", ""))
-                print(f"{r['arch']:<10}{phase:<9}{f['seconds']:>9}{f.get('tokens_per_s', ''):>11}{peak:>9}  "
+                plan = r.get("plan", {}).get(phase, "")
+                print(f"{r['arch']:<10}{phase:<9}{f['seconds']:>9}{f.get('tokens_per_s', ''):>11}{peak:>9}{plan:>9}  "
                       f"{f.get('error', '')}")
         if "error" in r:
             print(f"{r['arch']:<10}{'':<9}{'':>9}{'':>11}{'':>9}  {r['error']}")

@@ -36,7 +36,7 @@ def one_update(args, queue):
     from ttrl.config import ModelConfig
     from ttrl.losses import policy_loss
     from ttrl.models import load_model, set_gradient_checkpointing
-    from ttrl.rollout import score
+    from ttrl.scoring import score
 
     torch.set_num_threads(args.threads)
     model, tok = load_model(ModelConfig(architecture={**TINY, "vocab_size": args.vocab}), seed=0)

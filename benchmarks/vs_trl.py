@@ -91,7 +91,7 @@ def run_trl(args, queue):
     from ttrl.integrations.trl import MajorityVoteReward
     from ttrl.models import load_model
     from ttrl.rollout import eos_ids
-    from ttrl.trainer import batch_order
+    from ttrl.step import batch_order
 
     torch.set_num_threads(args.threads)
     problems = _problems(args)

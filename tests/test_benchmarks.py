@@ -190,3 +190,20 @@ def test_a_benchmark_arm_reuses_a_finished_run_with_its_settings_and_retrains_ot
     assert not other["reused"] and (run / "summary.json").stat().st_mtime_ns != stamp
     (run / "summary.json").unlink()  # killed before the end: trained again
     assert not run_arm(run, quick + ["train.seed=3"], tiny)["reused"]
+
+
+@pytest.mark.slow
+def test_fsdp_benchmark_smoke_run_halves_the_state_per_rank():
+    """The DDP-vs-FSDP2 benchmark end to end on a 2-layer model: every arm runs, and each FSDP2 rank
+    holds half the parameter and optimizer bytes of a DDP rank."""
+    import json
+    import subprocess
+
+    root = Path(__file__).parent.parent
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "fsdp.py"), "--layers", "2", "--steps", "1",
+                          "--batch", "4", "--length", "8"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["fsdp_state_share_of_ddp"] == 0.5
+    assert len(result["arms"]["fsdp_2"]["peak_rss_mb_per_rank"]) == 2

@@ -221,11 +221,22 @@ def test_a_custom_choices_field_or_none(tmp_path):
     ({"choices": [1, 2, 3]}, r"numbers quoted"),
     ({"choices": ["yes", " "]}, r"non-empty"),
     ({"choices": ["12", "14", "12 "]}, r"mc\.jsonl:2: options A and C are both"),
+    ({"choices": ["0.5", "2", "\\frac{1}{2}"], "answer": "A"},
+     r"mc\.jsonl:2: options A and C \('0\.5', '\\\\frac\{1\}\{2\}'\) are equal as maths"),
+    ({"choices": ["B", "A", "C"], "answer": "A"}, r"mc\.jsonl:2: option A is 'B', the letter of option B"),
+    ({"choices": ["3", "(A)", "5"], "answer": "A"}, r"option B is '\(A\)', the letter of option A"),
 ])
 def test_bad_choices_or_gold_name_the_line_and_what_to_do(tmp_path, record, pattern):
     path = _jsonl(tmp_path, [{"problem": "fine", "choices": NUM, "answer": "A"}, {"problem": "8+4?", **record}])
     with pytest.raises(DataError, match=pattern):
         load_file(path)
+
+
+def test_options_that_only_look_alike_are_accepted(tmp_path):
+    """Letters as their own options, or as words, and different values are not ambiguous."""
+    path = _jsonl(tmp_path, [{"problem": "p", "choices": ["A", "B", "the letter C"], "answer": "B"},
+                             {"problem": "q", "choices": ["0.5", "0.25", "\\frac{1}{3}"], "answer": "C"}])
+    assert [p.answer for p in load_file(path)] == ["B", "C"]
 
 
 # ---------------------------------------------------------------- the multiple-choice generator

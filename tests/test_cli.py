@@ -84,17 +84,94 @@ def test_overwrite_never_takes_another_tools_checkpoints_or_metrics_for_a_run(tm
     assert sorted(p.name for p in project.iterdir()) == [".git", "checkpoints", "metrics.jsonl", "src"]
 
 
-def test_overwrite_removes_what_the_run_wrote_and_nothing_else(tmp_path):
-    from ttrl.launch import prepare_run_dir
+def test_overwrite_moves_aside_what_ttrl_wrote_and_nothing_else(tmp_path):
+    from ttrl.launch import restore_replaced, set_aside
 
     run = _fake_run(tmp_path / "run")
-    for d in ("checkpoints/step-00000002", "model", "tensorboard", ".tmp-model-123"):
+    for d in ("checkpoints/step-00000002", "model", "tensorboard", ".tmp-model-123", "report"):
         (run / d).mkdir(parents=True)
     (run / "checkpoints" / "step-00000002" / "state.json").write_text("{}")
+    (run / "report" / "reward.png").write_bytes(b"png")
+    (run / "report.md").write_text("# TTRL report · run\n")
+    (run / "metrics.csv").write_text("step\n1\n")
     (run / "notes.txt").write_text("mine")
     (run / "data").mkdir()
-    prepare_run_dir(run, overwrite=True)
-    assert sorted(p.name for p in run.iterdir()) == ["data", "notes.txt"]
+    before = sorted(p.name for p in run.iterdir())
+    aside = set_aside(run)
+    assert sorted(p.name for p in run.iterdir()) == sorted(["data", "notes.txt", aside.name])
+    restore_replaced(run, aside)
+    assert sorted(p.name for p in run.iterdir()) == before
+    # the user's own files under a report's names stay
+    (run / "report.md").write_text("my notes on the run\n")
+    (run / "report" / "draft.txt").write_text("mine")
+    (run / "metrics.csv").write_text("epoch,loss\n1,0.5\n")
+    aside = set_aside(run)
+    assert sorted(p.name for p in run.iterdir()) == sorted(["data", "metrics.csv", "notes.txt", "report",
+                                                          "report.md", aside.name])
+
+
+@pytest.mark.parametrize("bad", ["lora", "own model"])
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_started(tmp_path, capsys, bad):
+    """A model that fails to load (here: LoRA on a module the model lacks), or the model of the very
+    run being replaced, leaves the old run as it was."""
+    run = _fake_run(tmp_path / "run")
+    (run / "model").mkdir()
+    (run / "model" / "config.json").write_text('{"model_type": "llama"}')
+    (run / "summary.json").write_text('{"evals": {}}')
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    args = ["model.lora_rank=4", "model.lora_target_modules=[nonexistent_proj]"] if bad == "lora" else \
+        [f"model.name={run / 'model'}", "model.architecture={}"]
+    err = _error(capsys, "train", "--config", TINY, "--output-dir", run, "--overwrite", *args)
+    assert ("nonexistent_proj" in err) if bad == "lora" else ("part of the run" in err), err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in run.iterdir()) == sorted([*before, "model"])
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path, capsys, no_model):
+    """One process per run directory, whatever it does (train, --resume, --overwrite): the second
+    gets one error line and touches nothing; the lock ends with its process, even a killed one."""
+    from ttrl.launch import run_lock
+
+    run = _fake_run(tmp_path / "run")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for where, flags in ((run, ["--resume"]), (run, ["--overwrite"]), (fresh, [])):
+        with run_lock(where):
+            err = _error(capsys, "train", "--config", TINY, "--output-dir", where, *flags, *QUICK)
+        assert "in use by another ttrl process" in err
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl"] and not any(fresh.iterdir())
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from ttrl.launch import run_lock; held = run_lock(Path(sys.argv[1])); held.__enter__(); "
+                               "print('held', flush=True); time.sleep(60)", str(fresh)],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(Exception, match="in use"):
+            run_lock(fresh).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(fresh):  # SIGKILL left no stale lock
+        pass
+
+
+def test_a_later_run_sweeps_what_killed_processes_left(tmp_path):
+    """Unfinished exports and checkpoint directories of a dead process are deleted (they would keep
+    a full disk full); a run that --overwrite moved aside comes back if the new run never started."""
+    from ttrl.launch import sweep
+
+    run = _fake_run(tmp_path / "run")
+    for d in (".tmp-model-999", "checkpoints/.old-step-00000002-999", "checkpoints/.tmp-step-00000004-999",
+              "checkpoints/step-00000003"):
+        (run / d).mkdir(parents=True)
+    aside = tmp_path / "aside"
+    run.rename(aside)
+    run.mkdir()
+    aside.rename(run / ".replaced-999")
+    (run / "environment.json").write_text('{"ttrl": "0"}')  # the new run's, killed while loading its model
+    sweep(run)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl"]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000003"]
 
 
 def test_overwrite_checks_every_input_before_replacing_a_run(tmp_path, capsys, no_model):
@@ -345,6 +422,21 @@ def test_console_table_gives_the_change_with_twice_its_paired_standard_error():
     assert line.endswith("+0.375 ± 0.250")  # SE of (.5, .5, .5, 0): sqrt(0.1875 / 3 / 4) = 0.125
 
 
+def test_console_table_puts_greedy_beside_the_base_and_says_when_the_model_got_worse():
+    ids = ["a", "b", "c", "d"]
+    base = {"step": 0, "n_prompts": 4, "n_labelled": 4, "avg@4": 0.5, "maj@4": 0.5, "greedy": 1.0,
+            "scores": {"id": ids, "avg@4": [0.5] * 4, "greedy": [1, 1, 1, 1]}}
+    fell = {**base, "step": 3, "greedy": 0.25, "scores": {"id": ids, "avg@4": [0.5] * 4, "greedy": [0, 0, 0, 1]}}
+    table = before_after_table({"adapt": [base, fell]}, 4).splitlines()
+    line = table[1].split()
+    assert "base greedy" in table[0] and "TTRL greedy" in table[0]
+    assert line[3:9] == ["1.000", "0.500", "0.500", "0.250", "0.500", "0.500"]
+    # greedy changes -1 -1 -1 0: mean -0.75, se sqrt(0.75 / 3 / 4) = 0.25, so -0.75 < -2 se
+    assert table[2].startswith("the trained model is WORSE than the base model") and "greedy -0.750 ± 0.500" in table[2]
+    steady = {**base, "step": 3, "greedy": 0.75, "scores": {"id": ids, "avg@4": [0.5] * 4, "greedy": [1, 1, 0, 1]}}
+    assert len(before_after_table({"adapt": [base, steady]}, 4).splitlines()) == 2  # within noise: nothing said
+
+
 # --- the Python API, as the README shows it ---------------------------------------------------------
 
 @pytest.mark.slow  # ~20 s idle, ~50 s on a busy machine: a whole tiny run, its report and a second evaluation
@@ -367,3 +459,87 @@ def test_top_level_exports_are_lazy():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_checkpoint_and_a_run_stopped_before_model_evaluate(tmp_path, capsys, lora):
+    """`model.name=RUN/checkpoints/step-N` loads that checkpoint's weights into the model its run
+    built; `ttrl eval RUN` of a run without model/ evaluates its latest checkpoint; neither error
+    tells the user to download a model."""
+    import shutil
+
+    run = tmp_path / "run"
+    extra = ["model.lora_rank=4", "algorithm.lr=0.05"] if lora else ["algorithm.lr=0.01"]
+    assert main(["train", "--config", TINY, "--output-dir", str(run), "--quiet", "--no-report", *QUICK,
+                 "train.steps=2", "train.save_every=1", "eval.before=false", *extra]) == 0
+    final = json.loads((run / "summary.json").read_text())["evals"]["adapt"][-1]
+    step = run / "checkpoints" / "step-00000002"
+    capsys.readouterr()
+    assert main(["eval", str(run), f"model.name={step}", "--json", str(tmp_path / "c.json")]) == 0
+    shutil.rmtree(run / "model")
+    assert main(["eval", str(run), "--json", str(tmp_path / "r.json")]) == 0
+    assert f"evaluating its latest checkpoint, {step}" in capsys.readouterr().err
+    for out in ("c.json", "r.json"):
+        adapt = json.loads((tmp_path / out).read_text())["sets"]["adapt"]
+        for key in ("avg@2", "maj@2", "majority_ratio", "mean_length"):
+            assert adapt[key] == final[key], (out, key)
+    for name in (run, run / "model", run / "checkpoints"):
+        err = _error(capsys, "eval", "--config", TINY, f"model.name={name}")
+        assert "download" not in err and "checkpoint" in err, err
+
+
+def test_python_api_errors_name_its_arguments_and_quiet_hides_library_bars(tmp_path, capfd):
+    import ttrl
+    from ttrl.config import ConfigError
+
+    cfg = load_config(TINY, QUICK)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))  # a run is there already
+    with pytest.raises(ConfigError) as e:
+        ttrl.train(cfg, run, quiet=True)
+    assert "resume=True" in str(e.value) and "overwrite=True" in str(e.value) and "--" not in str(e.value)
+    capfd.readouterr()
+    pretrained = load_config(None, ["data.arithmetic.n=2", "eval.n_samples=1", "eval.max_new_tokens=1",
+                                    "eval.greedy=false"])  # loads weights: transformers' "Loading weights" bar
+    assert set(ttrl.evaluate_sets(pretrained, quiet=True)) == {"adapt"}
+    assert capfd.readouterr().err == ""
+
+
+def test_eval_says_what_it_will_run_first_and_warns_when_answers_are_cut_off(capsys):
+    """Every answer cut off at one token: the figures say so and a warning names the fix, as
+    `ttrl train` does; and before any progress line, what is about to run."""
+    assert main(["eval", "--config", TINY, "eval.max_new_tokens=1", "eval.n_samples=2", "data.arithmetic.n=8"]) == 0
+    captured = capsys.readouterr()
+    assert "about to evaluate 8 prompts (adapt 6, heldout 2) x 2 samples (+ 1 greedy) of up to 1 new tokens, " \
+           "on cpu" in captured.err
+    assert captured.err.index("about to evaluate") < captured.err.index("eval adapt")
+    assert re.search(r"no_answer\s+1\.0000", captured.out) and re.search(r"truncated\s+1\.0000", captured.out)
+    assert "warning: adapt: 100% of the evaluation samples had no answer" in captured.err
+    assert "cut off by eval.max_new_tokens: raise it" in captured.err
+
+
+def test_export_writes_a_checkpoint_or_a_run_as_a_hugging_face_model(tmp_path, capsys):
+    """`ttrl export` of an intermediate checkpoint and of a whole run: directories from_pretrained
+    loads, holding exactly the weights `ttrl eval` evaluates for the same source."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ttrl.config import ModelConfig
+    from ttrl.launch import load_for_eval
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", TINY, "--output-dir", str(run), "--quiet", "--no-report", *QUICK,
+                 "train.steps=2", "train.save_every=1"]) == 0
+    step1 = run / "checkpoints" / "step-00000001"
+    assert main(["export", str(step1), "--output", str(tmp_path / "step1")]) == 0
+    assert main(["export", str(run), "--output", str(tmp_path / "final")]) == 0
+    exported = {name: load_file(tmp_path / name / "model.safetensors") for name in ("step1", "final")}
+    expected, _ = load_for_eval(ModelConfig(name=str(step1)), 0, "cpu")
+    for key, value in expected.state_dict().items():
+        if key in exported["step1"]:
+            assert torch.equal(exported["step1"][key], value), key
+    assert any(not torch.equal(exported["step1"][k], exported["final"][k]) for k in exported["final"])  # step 2 moved
+    AutoModelForCausalLM.from_pretrained(tmp_path / "final")  # loads as any HF model
+    assert main(["export", str(run), "--output", str(tmp_path / "final")]) == 2  # not over a model
+    assert "not an empty directory" in capsys.readouterr().err

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -92,10 +93,23 @@ def test_more_bad_values_name_the_key(raw, key):
         config_from_dict(raw)
 
 
+@pytest.mark.parametrize("raw, key, why", [
+    ({"model": {"lora_rank": 8, "lora_alpha": 0}}, "model.lora_alpha", "0 trains nothing"),
+    ({"model": {"lora_rank": 8, "lora_alpha": -16}}, "model.lora_alpha", "must be > 0"),
+    ({"rollout": {"vote_confidence": 0.95}}, "rollout.vote_confidence", "set rollout.vote_round too"),
+    ({"rollout": {"n_votes": 8, "vote_round": 16}}, "rollout.vote_round", "and rollout.n_votes (8)"),
+])
+def test_settings_that_would_silently_do_nothing_are_refused(raw, key, why):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*" + re.escape(why)):
+        config_from_dict(raw)
+    config_from_dict({"rollout": {"n_votes": 8, "vote_round": 8, "vote_confidence": 0.95}})  # the bounds hold
+
+
 def test_largest_seed_fits_every_stream_derived_from_it():
     import torch
 
-    from ttrl.trainer import prompt_seed, seed_everything
+    from ttrl.step import prompt_seed
+    from ttrl.trainer import seed_everything
 
     seed = SEED_LIMIT - 1
     load_config(None, [f"train.seed={seed}"])
@@ -167,3 +181,12 @@ def test_memory_settings(override, ok):
     else:
         with pytest.raises(ConfigError, match=override.split("=")[0]):
             load_config(None, [override])
+
+
+def test_a_template_placeholder_ttrl_does_not_fill_is_an_error():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.template={problem} {foo}"])
+    assert "data.template" in str(e.value) and "{foo}" in str(e.value) and "{problem} and {choices}" in str(e.value)
+    for fine in ("{problem} Put it in \\boxed{answer}.", "{problem}\n{choices}", "Solve x^{n}: {problem}",
+                 "{problem} \\frac{a}{b}"):
+        assert load_config(None, [f"data.template={fine}"]).data.template == fine

@@ -18,7 +18,7 @@ def _control(**train) -> Control:
 def test_evaluation_and_checkpoints_fall_due_on_schedule():
     c = _control(eval__every=3, train__save_every=4)
     due = [(s, c.after_step(s, {"train/reward": 0.5})) for s in range(1, 11)]
-    assert [s for s, ev in due if ev] == [3, 6, 9]  # not 10: the final evaluation follows anyway
+    assert [s for s, verdict in due if verdict.evaluate] == [3, 6, 9]  # not 10: the final evaluation follows anyway
     assert [s for s in range(1, 11) if c.checkpoint_due(s)] == [4, 8, 10]
     assert not c.finished and c.halt(10, None) is None
 
@@ -26,17 +26,20 @@ def test_evaluation_and_checkpoints_fall_due_on_schedule():
 def test_an_early_stopping_rule_ends_the_run_at_that_step():
     c = _control(train__stop_on="reward", train__stop_window=2, train__stop_min_delta=0.01, eval__every=4)
     rows = [{"train/reward": r} for r in (0.1, 0.2, 0.5, 0.5, 0.5, 0.5)]
-    evaluate = [c.after_step(s, row) for s, row in enumerate(rows, 1)]
-    assert c.finished and c.steps == 6 and "reward plateaued" in rows[-1]["stop_reason"]
-    assert "stop_reason" not in rows[-2]
-    assert evaluate == [False, False, False, True, False, False]
+    verdicts = [c.after_step(s, row) for s, row in enumerate(rows, 1)]
+    assert c.finished and c.steps == 6 and "reward plateaued" in verdicts[-1].stop_reason
+    assert verdicts[-1].logged() == {"stop_reason": verdicts[-1].stop_reason}
+    assert verdicts[-2].stop_reason is None and verdicts[-2].logged() == {}
+    assert all("stop_reason" not in row for row in rows)  # the row is the loop's to write
+    assert [v.evaluate for v in verdicts] == [False, False, False, True, False, False]
+    assert any(w.startswith("stopping early after step 6") for w in verdicts[-1].warnings)
     assert c.checkpoint_due(6)
 
 
 def test_non_finite_steps_in_a_row_halt_with_exit_code_1():
     c = _control(algorithm__max_bad_steps=2)
-    c.after_step(1, {"optim/skipped_updates": 1})
-    assert c.halt(1, None) is None
+    first = c.after_step(1, {"optim/skipped_updates": 1})
+    assert c.halt(1, None) is None and "update skipped (1 in a row" in first.warnings[0]
     c.after_step(2, {"optim/skipped_updates": 0})  # a good step resets the streak
     c.after_step(3, {"optim/skipped_updates": 1})
     c.after_step(4, {"optim/skipped_updates": 1})
@@ -104,21 +107,20 @@ def test_a_run_without_signal_is_warned_once_after_ten_steps():
     cut_off = {"train/no_answer": 1.0, "train/truncated": 1.0, "train/majority_ratio": 0.0, "train/reward": 0.0}
     said = []
     for s in range(1, 31):
-        c.after_step(s, dict(cut_off))
-        said.append((s, c.signal_warnings(s)))
+        said.append((s, c.after_step(s, dict(cut_off)).warnings))
     warned = [(s, w) for s, w in said if w]
     assert [s for s, _ in warned] == [10] and "rollout.max_new_tokens" in warned[0][1][0]
     healthy = _control()
     for s in range(1, 11):
-        healthy.after_step(s, {"train/no_answer": 0.1, "train/majority_ratio": 0.6, "train/reward": 0.6})
-    assert healthy.signal_warnings(10) == []
+        assert healthy.after_step(s, {"train/no_answer": 0.1, "train/majority_ratio": 0.6,
+                                      "train/reward": 0.6}).warnings == []
 
 
 def test_a_short_run_is_checked_at_its_last_step():
     c = Control(Config(), steps=3)
-    for s in range(1, 4):
-        c.after_step(s, {"train/no_answer": 0.9, "train/truncated": 0.9, "train/majority_ratio": 0.05})
-    assert c.signal_warnings(2) == [] and c.signal_warnings(3)
+    said = [c.after_step(s, {"train/no_answer": 0.9, "train/truncated": 0.9, "train/majority_ratio": 0.05}).warnings
+            for s in range(1, 4)]
+    assert said[:2] == [[], []] and said[2]
 
 
 def _collapsing_rows(n: int) -> list[dict]:
@@ -130,18 +132,19 @@ def _collapsing_rows(n: int) -> list[dict]:
 def test_the_collapse_watch_warns_once_and_stops_only_when_asked():
     c = _control(train__stop_window=2)
     rows = _collapsing_rows(12)
-    for s, row in enumerate(rows, 1):
-        c.after_step(s, row)
-    warned = [s for s, row in enumerate(rows, 1) if "collapse_warning" in row]
+    verdicts = [c.after_step(s, row) for s, row in enumerate(rows, 1)]
+    warned = [s for s, v in enumerate(verdicts, 1) if v.collapse_warning]
+    assert [s for s, v in enumerate(verdicts, 1) if v.warnings] == warned  # said once
     # Step 10: ratio (0.9 + 1.0) / 2 >= 0.9 (step 9: 0.85); entropy 1.5 -> 0.21, length 6 -> 0.84 long before.
     assert warned == [10] and not c.finished
     stopping = _control(train__stop_window=2, train__stop_on="collapse")
     rows = _collapsing_rows(12)
     for s, row in enumerate(rows, 1):
-        stopping.after_step(s, row)
+        verdict = stopping.after_step(s, row)
         if stopping.finished:
             break
-    assert stopping.steps == warned[0] and rows[s - 1]["stop_reason"] == rows[s - 1]["collapse_warning"]
+    assert stopping.steps == warned[0] and verdict.stop_reason == verdict.collapse_warning
+    assert verdict.warnings == [f"stopping early after step {s}: {verdict.stop_reason}"]  # not said twice
 
 
 def _steps(control: Control, rows: list[dict], start: int = 1) -> list[dict]:
@@ -150,8 +153,9 @@ def _steps(control: Control, rows: list[dict], start: int = 1) -> list[dict]:
     for s, row in enumerate(rows, start):
         if s > control.steps:
             break
-        control.after_step(s, {**row, "step": s})
-        fed.append(control.history[-1])
+        logged = {**row, "step": s}
+        logged.update(control.after_step(s, logged).logged())  # as the loop writes it
+        fed.append(logged)
     return fed
 
 

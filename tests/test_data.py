@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -151,7 +152,7 @@ def test_the_held_out_split_does_not_move_with_the_length_budget(tiny):
     never moves another prompt between adapt and heldout (which could put trained prompts in heldout)."""
     from ttrl.config import load_config
     from ttrl.data import run_sets
-    from ttrl.models import encode_problems
+    from ttrl.data import encode_problems
 
     model, tok = tiny
     problems = [Problem(str(i), f"What is {i} + 1?", str(i + 1)) for i in range(12)]
@@ -171,3 +172,36 @@ def test_the_held_out_split_does_not_move_with_the_length_budget(tiny):
     assert "long" in {p.id for s in fits.values() for p in s} and "long" not in {p.id for s in cut.values() for p in s}
     for name in ("adapt", "heldout"):
         assert [p.id for p in cut[name]] == [p.id for p in fits[name] if p.id != "long"], name
+
+
+def test_options_under_another_field_name_are_pointed_out(tmp_path, capsys):
+    from ttrl.data import load_file
+
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps({"problem": f"Pick {i}", "options": ["1", "2", "3", "4"], "answer": "B"}) + "\n"
+                            for i in range(3)))
+    problems = load_file(path)
+    assert all(p.choices is None for p in problems)  # read as asked: open questions
+    err = capsys.readouterr().err
+    assert "warning:" in err and "field 'options'" in err and "data.choices_field=options" in err
+    assert all(p.choices == ("1", "2", "3", "4") for p in load_file(path, choices_field="options"))
+    assert "warning" not in capsys.readouterr().err
+    load_file(path, choices_field="")  # "" = never read options: asked for, no warning
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_prompts_that_encode_to_nothing_stop_the_run_before_it_writes(tmp_path, capsys):
+    """A model directory with a config.json and no tokenizer files: transformers builds a tokenizer
+    without a vocabulary, every prompt encodes to no tokens; one error line, no run directory."""
+    from transformers import Qwen2Config
+
+    from ttrl.cli import main
+
+    Qwen2Config(vocab_size=49152).save_pretrained(tmp_path / "bare")
+    out = tmp_path / "run"
+    tiny = str(Path(__file__).parent.parent / "configs" / "tiny.yaml")
+    code = main(["train", "--config", tiny, "--output-dir", str(out), f"model.name={tmp_path / 'bare'}",
+                 "train.steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "encodes to no tokens" in err, err
+    assert not out.exists()

@@ -167,7 +167,8 @@ def test_exploding_weights_are_undone_and_stop_the_run_with_good_weights(tmp_pat
     assert code == 1 and "Traceback" not in err, err[-3000:]
     assert "2 steps in a row had a NaN/inf loss, gradient or logits" in err
     from ttrl.config import ModelConfig
-    from ttrl.models import encode_prompts, load_model
+    from ttrl.data import encode_prompts
+    from ttrl.models import load_model
     from ttrl.rollout import Sampling, generate
 
     saved = load_file(next((out / "checkpoints").glob("step-*")) / "weights.safetensors")
@@ -176,6 +177,42 @@ def test_exploding_weights_are_undone_and_stop_the_run_with_good_weights(tmp_pat
     model.load_state_dict(saved, strict=False)  # lm_head is tied to the embeddings
     r = generate(model, tok, encode_prompts(tok, ["What is 1 + 1?"]), Sampling(n=2, max_new_tokens=3), seeds=[0])
     assert all(bool(lp.isfinite().all()) for lp in r.logprobs)  # the saved weights still sample
+
+
+def test_a_critic_that_blows_up_is_undone_named_and_a_lower_rate_resumes(tmp_path, capsys):
+    """PPO with critic_lr=1e30: one critic step gives finite but absurd values (~1e30), which used to
+    stay in the checkpoint the NaN stop called good. Each such step is now undone (policy and critic),
+    the stop names algorithm.critic_lr, and --resume with a sane rate trains on instead of stopping again."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    ppo = ["algorithm.advantage=ppo", "reward.kind=neg_entropy", "algorithm.max_bad_steps=2", "train.steps=4"]
+    code = main(["train", "--config", TINY, "--output-dir", str(out), "--quiet", *QUICK, *ppo,
+                 "algorithm.critic_lr=1e30"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert "algorithm.critic_lr" in err and "2 steps in a row" in err
+    critic = load_file(out / "checkpoints" / "step-00000002" / "critic.safetensors")
+    assert max(float(t.abs().max()) for t in critic.values()) < 1e3  # the starting critic, not the blown-up one
+    assert float(critic["head.weight"].abs().max()) == 0.0  # the head starts at zero and every step was undone
+    code = main(["train", "--config", TINY, "--output-dir", str(out), "--quiet", "--resume", *QUICK, *ppo,
+                 "algorithm.critic_lr=1e-3"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss/value" in r][-2:] == [3, 4]
+    assert all(r["optim/skipped_updates"] == 0 for r in rows if r["step"] > 2 and "loss/value" in r)
+
+
+def test_a_resumed_run_trains_at_the_rate_its_config_gives(tmp_path, capsys):
+    """The checkpoint's optimizer and schedule held the old algorithm.lr: a resume with another rate
+    (after a blow-up, say) went on at the old one while the warning said it had changed."""
+    out = tmp_path / "run"
+    assert main(["train", "--config", TINY, "--output-dir", str(out), "--quiet", *QUICK, "algorithm.lr=1e-3",
+                 "train.steps=1"]) == 0
+    assert main(["train", "--config", TINY, "--output-dir", str(out), "--quiet", "--resume", *QUICK,
+                 "algorithm.lr=2e-6"]) == 0
+    rates = [r["optim/lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "optim/lr" in r]
+    assert rates == [1e-3, 2e-6]
 
 
 # --- fuzzing: the parsers raise DataError / ConfigError with a message, never anything else -----

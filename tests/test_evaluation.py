@@ -107,4 +107,34 @@ def test_evaluation_in_batches_samples_what_one_call_does(tiny):
                        "{problem}", seed=3, progress=lambda done, total: calls.append((done, total)))
     assert [r.histogram for r in one[1]] == [r.histogram for r in batched[1]]
     assert one[0] == batched[0]
-    assert calls == [(2, 10), (4, 10), (5, 10), (10, 10)]  # 2 problems per batch (6 rows), then 5 greedy in one
+    assert {total for _, total in calls} == {5}  # prompts, not sampled and greedy passes together
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and done[-1] == 5
+    # 2 problems per batch (6 rows), each sampled prompt 3/4 of one (3 samples + 1 greedy), then the
+    # 5 greedy answers in one batch; and progress inside each decode batch, before it ends
+    assert {1.5, 3.0, 3.75, 5.0} <= set(done)
+    assert any(0 < d < 1.5 for d in done)
+
+
+def test_evaluate_keeps_samples_and_counts_cut_off_answers(tiny):
+    model, tok = tiny
+    problems = [Problem("a", "What is 1 + 1?", "2"), Problem("b", "What is 2 + 2?", "4")]
+    cfg = EvalConfig(n_samples=3, max_new_tokens=2, greedy=False)
+    summary, results = evaluate(model, tok, problems, cfg, "{problem}", keep_samples=True)
+    assert [len(r.completions) for r in results] == [3, 3] and [len(r.answers) for r in results] == [3, 3]
+    assert summary["truncated"] == 1.0 and summary["no_answer"] == 1.0  # random weights never stop in 2 tokens
+    assert "completions" not in evaluate(model, tok, problems, cfg, "{problem}")[1][0].record()
+
+
+def test_run_evals_keeps_each_examples_prompt_for_the_report(tiny):
+    from ttrl.config import load_config
+    from ttrl.evaluation import run_evals
+
+    model, tok = tiny
+    cfg = load_config(None, ["eval.n_samples=2", "eval.max_new_tokens=2", "data.template=Q: {problem}"])
+    problems = [Problem("0", "What is 1 + 1?", "2"), Problem("1", "What is 2 + 2?", "4")]
+    store: dict = {}
+    run_evals(model, tok, {"adapt": problems}, cfg, 0, None, store)
+    examples = store["adapt"][0]["examples"]
+    assert [ex["prompt"] for ex in examples] == ["Q: What is 1 + 1?", "Q: What is 2 + 2?"]
+    assert all("completions" not in ex for ex in examples)

@@ -51,12 +51,16 @@ def test_metrics_csv_has_one_row_per_logged_row(tmp_path):
 
 
 def test_wandb_offline_receives_every_row(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     writer = MetricsWriter(tmp_path, tensorboard=False, wandb_project="ttrl-test", config={"rollout": {"n_votes": 8}})
     writer.log({"step": 1, "train/reward": 0.375, "train/majority_ratio": 0.8125})
     writer.close()
+    # W&B's service process writes the offline file after finish() returns (ttrl's close) and
+    # completes it by the time the process exits, when wandb tears the service down; reading it
+    # before that is racy (on a busy machine the file may still hold only its header).
+    wandb.teardown()
     logs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(logs) == 1
     data = logs[0].read_bytes()
@@ -68,7 +72,9 @@ def test_wandb_offline_receives_every_row(tmp_path, monkeypatch):
     writer = MetricsWriter(tmp_path, tensorboard=False, purge_step=2, wandb_project="ttrl-test")
     writer.log({"step": 2, "train/reward": 0.5})
     writer.close()
+    wandb.teardown()
     assert (tmp_path / "wandb" / "ttrl-run-id").read_text() == run_id
+    assert any(b"0.5" in f.read_bytes() for f in (tmp_path / "wandb").glob(f"offline-run-*/run-{run_id}.wandb"))
 
 
 def test_wandb_project_is_validated_before_anything_runs():
@@ -93,10 +99,11 @@ def test_progress_in_a_log_file_is_plain_periodic_lines():
     with PlainProgress(log, interval=10, clock=clock) as bar:
         task = bar.add_task("ttrl train", total=30, completed=0, info="")
         for step in range(1, 7):
-            clock.now += 4.0  # 4 s a step: a line at the first step, then every 10 s
+            clock.now += 4.0  # 4 s a step: a line at the start and the first step, then every 10 s
             bar.update(task, advance=1, info=f"reward {step / 10:.2f}")
     lines = log.getvalue().splitlines()
-    assert lines == ["ttrl train 1/30 (3%) reward 0.10 · elapsed 0:00:04 · eta 0:01:56",
+    assert lines == ["ttrl train 0/30 (0%) · elapsed 0:00:00",  # said at once: a log shows what started
+                     "ttrl train 1/30 (3%) reward 0.10 · elapsed 0:00:04 · eta 0:01:56",
                      "ttrl train 4/30 (13%) reward 0.40 · elapsed 0:00:16 · eta 0:01:44",
                      "ttrl train 6/30 (20%) reward 0.60 · elapsed 0:00:24 · eta 0:01:36"]  # the last, at exit
     assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
@@ -145,3 +152,33 @@ def test_an_atomic_write_that_fails_leaves_the_old_file_whole(tmp_path):
     with pytest.raises(OSError):
         write_atomic(path, '{"steps": 4, "evals": {')
     assert path.read_text() == '{"steps": 3}'
+
+
+def test_live_bar_at_80_columns_cuts_no_count_or_time():
+    from rich.console import Console
+
+    from ttrl.metrics import rich_progress
+
+    shown = {}
+    for width in (80, 140):
+        console = Console(file=io.StringIO(), force_terminal=True, width=width, color_system=None)
+        bar = rich_progress(console)
+        task = bar.add_task("eval heldout (base model)", total=32, info="reward 0.41 majority ratio 0.20")
+        bar.update(task, completed=12)
+        out = Console(file=io.StringIO(), width=width, color_system=None, record=True)
+        out.print(bar.make_tasks_table(bar.tasks))
+        shown[width] = out.export_text()
+    for text in shown.values():
+        assert "eval heldout (base model)" in text and "12/32" in text and "0:00:00" in text and "eta" in text
+        assert "…" not in text and "majority ratio" in text
+        assert max(len(line.rstrip()) for line in text.splitlines()) <= 140
+
+
+def test_decode_ticks_reach_a_watcher_only_while_watched():
+    from ttrl.metrics import tell_decoding, watch_decoding
+
+    seen = []
+    with watch_decoding(lambda done, total: seen.append((done, total))):
+        tell_decoding(1, 8)
+    tell_decoding(2, 8)
+    assert seen == [(1, 8)]

@@ -1,9 +1,11 @@
 import re
+from pathlib import Path
 
 import torch
 
 from ttrl.config import ModelConfig
-from ttrl.models import EMBEDDED, embedded_model_dir, encode_prompts, load_model
+from ttrl.data import encode_prompts
+from ttrl.models import EMBEDDED, embedded_model_dir, load_model
 from ttrl.rollout import Sampling, generate
 
 
@@ -192,3 +194,62 @@ def test_impossible_shapes_and_lora_targets_fail_before_any_weight(cfg, expected
                         else refuse())
     with pytest.raises(ModelError, match=re.escape(expected)):
         load_model(cfg)
+
+
+def test_every_extra_the_project_names_is_declared():
+    """`pip install 'ttrl[x]'` in an error message or the README, or `extra == 'x'`, must name an
+    extra pyproject.toml declares (`embedded` was named, not declared)."""
+    import re
+    import tomllib
+
+    root = Path(__file__).parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = set(project["optional-dependencies"])
+    text = "\n".join(p.read_text() for p in [root / "README.md", *root.glob("docs/*.md"), *root.glob("ttrl/*.py")])
+    named = set(re.findall(r"extra == '(\w+)'", "\n".join(project["dependencies"])))
+    for group in re.findall(r"(?:ttrl|\.)\[([\w,]+)\]", text):
+        named |= set(group.split(","))
+    assert "embedded" in declared and "embedded" in named
+    assert named <= declared, named - declared
+
+
+def test_a_system_prompt_without_a_chat_template_comes_first():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    plain = encode_prompts(tok, ["What is 1 + 1?"], chat_template=False, system_prompt="Be terse.")[0]
+    assert tok.decode(plain) == "Be terse.\n\nWhat is 1 + 1?"
+    chat = tok.decode(encode_prompts(tok, ["What is 1 + 1?"], system_prompt="Be terse.")[0])
+    assert chat.startswith("<|im_start|>system\nBe terse.<|im_end|>")
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused_before_any_weight():
+    """SmolLM2's 49,152-token tokenizer on a model of 1,000 would fail at the first embedding lookup."""
+    import pytest
+
+    from ttrl.models import ModelError
+
+    shape = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+             "num_key_value_heads": 1}
+    with pytest.raises(ModelError, match="does not fit the model's vocabulary of 1000"):
+        load_model(ModelConfig(architecture={**shape, "vocab_size": 1000}))
+    load_model(ModelConfig(architecture={**shape, "vocab_size": 50000}))  # rows to spare are fine
+
+
+def test_a_damaged_lora_adapter_is_a_model_error(tmp_path):
+    """A truncated adapter_model.safetensors (a full disk, a copy cut short) is one error naming the
+    directory, not a safetensors traceback."""
+    import pytest
+
+    from ttrl.models import ModelError
+
+    shape = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+             "num_key_value_heads": 1}
+    model, tok = load_model(ModelConfig(architecture=shape, lora_rank=2))
+    model.save_pretrained(tmp_path / "adapter")
+    tok.save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    load_model(ModelConfig(name=str(tmp_path / "adapter"), architecture=shape))  # intact: loads
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelError, match="holds a LoRA adapter that cannot be loaded"):
+        load_model(ModelConfig(name=str(tmp_path / "adapter"), architecture=shape))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from ttrl import report
 from ttrl.cli import build_parser, main
 from ttrl.launch import environment
 from ttrl.report import Run, beats_voting, load_run, write_compare, write_report
@@ -158,7 +159,7 @@ def test_cli_report_and_compare(tmp_path, capsys):
     run = recorded_run(tmp_path)
     assert main(["report", str(run)]) == 0
     assert (run / "report.html").is_file() and (run / "report.md").is_file()
-    assert main(["compare", str(run), str(run), "--output", str(tmp_path / "c")]) == 0
+    assert main(["compare", str(run), str(recorded_run(tmp_path, "again")), "--output", str(tmp_path / "c")]) == 0
     assert (tmp_path / "c" / "compare.html").is_file()
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "holds no ttrl run" in capsys.readouterr().err
@@ -271,7 +272,8 @@ def test_damaged_run_files_are_skipped_with_a_warning(tmp_path, capsys):
         err = capsys.readouterr().err
         if needle:  # said on the console and in the report, with the file (and line)
             assert f"warning: {path / name.split('.')[0]}" in err and needle in err, (case, err)
-            assert "Damaged run files" in md and needle.split(":")[0] in md, case
+            shown = re.sub(r"\\([\\`*_\[\]|#])", r"\1", md)  # as Markdown displays its escaped text
+            assert "Damaged run files" in md and needle.split(":")[0] in shown, case
         else:
             assert not run.problems and not err, case
 
@@ -448,3 +450,97 @@ def test_the_collapse_watch_recorded_by_the_trainer_is_in_the_headline(tmp_path)
     for text in ((run / "report.html").read_text(), (run / "report.md").read_text()):
         assert "Collapse watch, step 4" in text and "entropy fell 92%" in text
         assert text.index("Collapse watch") < text.index("Does training beat just voting?")
+
+
+def test_no_signal_box_gives_way_when_the_evaluation_moved_beyond_noise():
+    """A short demo: most early samples had no answer, yet avg@k rose beyond two standard errors.
+    The report must not open with "No signal" / "No verdict" above a table that shows a real gain,
+    and each noise sentence says which comparison it is about."""
+    ids = [str(i) for i in range(12)]
+    before = [0.0] * 12
+    after = [0.25] * 9 + [0.0] * 3  # +0.1875 on average, steady: beyond two standard errors
+    base = {"step": 0, "n_prompts": 12, "avg@4": 0.0, "maj@4": 0.25, "greedy": 0.0,
+            "scores": {"id": ids, "avg@4": before, "maj@4": [1] * 3 + [0] * 9, "greedy": [0] * 12}}
+    final = {"step": 4, "n_prompts": 12, "avg@4": sum(after) / 12, "maj@4": 0.5,
+             "scores": {"id": ids, "avg@4": after, "maj@4": [1] * 6 + [0] * 6}}
+    steps = [{"step": s, "train/no_answer": v, "train/truncated": v, "train/majority_ratio": 0.3}
+             for s, v in ((1, 0.8), (2, 0.7), (3, 0.5), (4, 0.4))]  # mean 0.6 > 0.5
+    run = Run(Path("x"), "x", {"eval": {"n_samples": 4}}, {}, steps, {"adapt": [base, final]}, True)
+    verdict = beats_voting(run)
+    assert "No verdict" not in verdict
+    assert "this gap to base maj@4 is" in verdict  # the bar comparison, named
+    assert "Against the base model's own avg@4 (the change in the table below)" in verdict
+    assert "+18.8 points more often" in verdict and "beyond two standard errors of no change" in verdict
+    doc = report.Doc("t")
+    report.headline(run, doc)
+    kinds = [(kind, text) for kind, text, *_ in doc.blocks if kind in ("warn", "note")]
+    assert not any(kind == "warn" for kind, _ in kinds)
+    assert any("Weak training signal" in text and "adapt +18.8" in text for _, text in kinds)
+    quiet = Run(Path("x"), "x", {"eval": {"n_samples": 4}}, {}, steps,
+                {"adapt": [base, {**final, "avg@4": 0.0, "scores": {"id": ids, "avg@4": before}}]}, True)
+    assert "No verdict" in beats_voting(quiet)  # nothing moved: the warning stands
+
+
+def test_markdown_in_headlines_messages_and_run_names_stays_text(tmp_path):
+    """A data set, model, stop message or run name holding Markdown (a javascript: link) is written
+    as literal text in report.md and compare.md, and a NUL byte in an answer is not written raw."""
+    from markdown_it import MarkdownIt
+
+    link = "[x](javascript:alert(1))"
+    run = recorded_run(tmp_path, "[run](javascript:alert(2))")
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["train"], config["model"]["name"] = link, f"<b>{link}</b>"
+    (run / "config.json").write_text(json.dumps(config))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    next(r for r in rows if "train/reward" in r)["collapse_warning"] = f"collapse watch: {link} _under_"
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _edit_summary(run, lambda s: s["evals"]["adapt"][-1]["examples"][0]["histogram"].insert(0, ["1\u00002", 1]))
+    write_report(run)
+    write_compare([run, recorded_run(tmp_path, "other")], tmp_path / "cmp")
+    for md in ((run / "report.md").read_text(), (tmp_path / "cmp" / "compare.md").read_text()):
+        page = MarkdownIt("commonmark").enable("table").render(md)
+        assert "<a " not in page and "<b>" not in page and "<em>under" not in page, page
+        assert "\x00" not in md
+    assert link in MarkdownIt("commonmark").render((run / "report.md").read_text())
+    assert "\x00" not in (run / "report.html").read_text()
+
+
+def test_compare_says_what_it_leaves_out_and_refuses_a_run_twice(tmp_path, capsys):
+    """A run evaluated with another k, or on prompts the first run never saw, is named in a note
+    (not silently dropped); the same run given twice is one error line."""
+    from ttrl.report import build_compare, paired_table, to_markdown
+
+    def run(name, k, ids):
+        rows = [{"step": 0, "n_prompts": len(ids), f"avg@{k}": 0.1},
+                {"step": 5, "n_prompts": len(ids), f"avg@{k}": 0.5, "scores": {"id": ids, f"avg@{k}": [0.5] * len(ids)}}]
+        return Run(Path(name), name, {"eval": {"n_samples": k}}, {}, [], {"adapt": rows}, True)
+
+    ttrl, other_k, other_data = run("ttrl", 4, ["1", "2"]), run("k8", 8, ["1", "2"]), run("gsm", 4, ["x", "y"])
+    left_out = []
+    assert paired_table([ttrl, other_k, other_data], left_out) is None
+    assert len(left_out) == 2 and "k = 8" in left_out[0] and "eval.n_samples=4" in left_out[0]
+    assert "gsm on adapt is left out: it shares no evaluated prompt with ttrl" in left_out[1]
+    md = to_markdown(build_compare([ttrl, other_k, other_data], [], []), "compare")
+    assert md.count("Not paired.") == 2
+    a = recorded_run(tmp_path, "a")
+    assert main(["compare", str(a), str(tmp_path / "." / "a"), "--output", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "given twice" in err and "\n" not in err.strip()
+    assert not (tmp_path / "c").exists()
+
+
+def test_setup_table_tells_contrast_and_sequential_voting_apart():
+    from ttrl.report import setup_table
+
+    def run(name, **cfg):
+        return Run(Path(name), name, {"reward": {"kind": "majority", "contrast": cfg.get("contrast", False)},
+                                      "rollout": {"vote_round": cfg.get("rounds", 0),
+                                                  "vote_confidence": cfg.get("confidence", 0.0)}},
+                   {}, [], {}, True)
+
+    headers, rows = setup_table([run("ttrl"), run("contrast", contrast=True),
+                                 run("sequential", rounds=4, confidence=0.95)])
+    algorithm, votes = headers.index("algorithm"), headers.index("voting")
+    assert len({row[algorithm] + row[votes] for row in rows}) == 3
+    assert rows[1][algorithm].endswith("majority reward, contrast")
+    assert rows[2][votes] == "sequential, rounds of 4, stop at confidence 0.95" and rows[0][votes] == "all N at once"

@@ -4,8 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ttrl.models import ModelError, encode_prompts, set_gradient_checkpointing
-from ttrl.rollout import Rollout, Sampling, decode_rows, generate, kv_bytes_per_token, score, tempered_logprobs
+from ttrl.data import encode_prompts
+from ttrl.models import ModelError, set_gradient_checkpointing
+from ttrl.rollout import Rollout, Sampling, decode_rows, generate, kv_bytes_per_token
+from ttrl.scoring import score, tempered_logprobs
 
 sys.path.insert(0, str(Path(__file__).parent))
 

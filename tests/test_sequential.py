@@ -6,7 +6,8 @@ import torch
 
 from ttrl.config import ModelConfig, load_config
 from ttrl.grading import sample_answers
-from ttrl.models import encode_prompts, load_model
+from ttrl.data import encode_prompts
+from ttrl.models import load_model
 from ttrl.rollout import Sampling, TorchSampler, generate
 from ttrl.sequential import VoteRounds, leader_probability, round_seed, sample_in_rounds, vote_decided
 from ttrl.voting import majority_vote

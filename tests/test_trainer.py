@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ttrl.config import load_config
-from ttrl.trainer import batch_order, train
+from ttrl.step import batch_order
+from ttrl.trainer import train
 
 ROOT = Path(__file__).parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -187,9 +188,11 @@ def _one_step(cfg, n_prompts=2):
     """A fresh tiny model, its optimizer and one step's rollout, votes, rewards and advantages."""
     from ttrl.config import ModelConfig
     from ttrl.groups import reward, vote
-    from ttrl.models import encode_prompts, load_model
+    from ttrl.data import encode_prompts
+    from ttrl.models import load_model
     from ttrl.rollout import Sampling, generate
-    from ttrl.trainer import estimate_advantages
+    from ttrl.step import estimate_advantages
+    from ttrl.train_batch import TrainBatch
     from ttrl.update import Policy
 
     model, tok = load_model(ModelConfig(architecture=cfg.model.architecture), seed=0)
@@ -201,8 +204,10 @@ def _one_step(cfg, n_prompts=2):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.algorithm.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     policy = Policy(model=model, optimizer=opt, scheduler=sched, ref_model=None, pad_id=tok.pad_token_id)
-    ppo = cfg.algorithm.advantage == "ppo"  # its advantages need a critic: _ppo_step
-    return policy, rollout, groups, None if ppo else estimate_advantages(cfg.algorithm.advantage, groups)
+    batch = TrainBatch.of(rollout, groups, cfg.rollout.temperature)
+    if cfg.algorithm.advantage != "ppo":  # its advantages need a critic: _ppo_step
+        batch = batch.with_advantages(estimate_advantages(cfg.algorithm.advantage, batch))
+    return policy, rollout, groups, batch
 
 
 STEP = ["reward.kind=similarity", "rollout.n_votes=4", "reward.n_train_samples=4", "rollout.max_new_tokens=6",
@@ -216,9 +221,9 @@ def test_splitting_groups_over_micro_batches_leaves_the_update_unchanged():
     weights, stats = [], []
     for extra in (["algorithm.micro_batch_size=16"], ["algorithm.micro_batch_size=3", "algorithm.micro_batch_tokens=20"]):
         cfg = load_config(TINY, STEP + extra)
-        policy, rollout, groups, adv = _one_step(cfg)
-        assert any(float(a.abs().sum()) > 0 for a in adv), "the test needs a learning signal"
-        stats.append(update(policy, rollout, groups, adv, cfg))
+        policy, _, _, batch = _one_step(cfg)
+        assert any(float(a.abs().sum()) > 0 for a in batch.advantages), "the test needs a learning signal"
+        stats.append(update(policy, batch, cfg.algorithm))
         weights.append(torch.cat([p.detach().flatten() for p in policy.model.parameters()]))
     assert stats[0]["optim/grad_norm"] == pytest.approx(stats[1]["optim/grad_norm"], rel=1e-5)
     assert stats[0]["loss/policy"] == pytest.approx(stats[1]["loss/policy"], abs=1e-6)  # ~0 on-policy
@@ -227,25 +232,22 @@ def test_splitting_groups_over_micro_batches_leaves_the_update_unchanged():
 
 def test_one_prompt_per_optimizer_step_equals_single_prompt_updates():
     """algorithm.mini_batch_prompts=1: one update over two prompts = two updates of one prompt each."""
-    from ttrl.rollout import Rollout
+    from ttrl.train_batch import TrainBatch
     from ttrl.update import update
 
     cfg = load_config(TINY, STEP + ["algorithm.mini_batch_prompts=1"])
-    policy, rollout, groups, adv = _one_step(cfg)
-    stats = update(policy, rollout, groups, adv, cfg)
+    policy, _, _, batch = _one_step(cfg)
+    stats = update(policy, batch, cfg.algorithm)
     assert stats["optim/steps"] == 2
     together = torch.cat([p.detach().flatten() for p in policy.model.parameters()])
 
     cfg = load_config(TINY, STEP)
-    policy, rollout, groups, adv = _one_step(cfg)
+    policy, _, _, batch = _one_step(cfg)
     for p in range(2):
-        rows = list(rollout.group(p))
-        part = Rollout(n=rollout.n, prompt_ids=[rollout.prompt_ids[p]],
-                       completion_ids=[rollout.completion_ids[i] for i in rows],
-                       logprobs=[rollout.logprobs[i] for i in rows], entropy=[rollout.entropy[i] for i in rows],
-                       certainty=[rollout.certainty[i] for i in rows], texts=[rollout.texts[i] for i in rows],
-                       truncated=[rollout.truncated[i] for i in rows])
-        update(policy, part, [groups[p]], [adv[p]], cfg)
+        part = TrainBatch(prompt_ids=[batch.prompt_ids[p]], completion_ids=[batch.completion_ids[p]],
+                          old_logprobs=[batch.old_logprobs[p]], rewards=[batch.rewards[p]],
+                          temperature=batch.temperature, advantages=[batch.advantages[p]])
+        update(policy, part, cfg.algorithm)
     apart = torch.cat([p.detach().flatten() for p in policy.model.parameters()])
     initial = torch.cat([p.detach().flatten() for p in _one_step(cfg)[0].model.parameters()])
     assert not torch.allclose(together, initial, atol=1e-6)
@@ -255,16 +257,24 @@ def test_one_prompt_per_optimizer_step_equals_single_prompt_updates():
 def test_optimizer_steps_count_the_steps_taken_and_the_schedule_moves_on_an_empty_step():
     """optim/steps counts optimizer steps actually taken (a skipped prompt's mini-batch takes none),
     optim/grad_norm is their mean, and a step with every prompt skipped still advances the schedule."""
+    from dataclasses import replace
+
+    from ttrl.step import estimate_advantages
+    from ttrl.train_batch import TrainBatch
     from ttrl.update import update
 
     cfg = load_config(TINY, STEP + ["algorithm.mini_batch_prompts=1"])
-    policy, rollout, groups, adv = _one_step(cfg, n_prompts=3)
-    adv[1] = None  # prompt 1 skipped (as by reward.min_majority_ratio)
-    stats = update(policy, rollout, groups, adv, cfg)
+    policy, rollout, groups, _ = _one_step(cfg, n_prompts=3)
+    groups[1] = replace(groups[1], excluded=True)  # as by reward.min_majority_ratio
+    batch = TrainBatch.of(rollout, groups, cfg.rollout.temperature)
+    assert batch.kept == [0, 2] and batch.completion_ids[1] == [] and batch.rewards[1] == []
+    stats = update(policy, batch.with_advantages(estimate_advantages("grpo", batch)), cfg.algorithm)
     assert stats["optim/steps"] == 2 and stats["train/updated"] == 2
+    assert all(p.grad is None for p in policy.model.parameters())  # no gradient outlives the update
 
     policy.scheduler = torch.optim.lr_scheduler.LambdaLR(policy.optimizer, lambda s: 1.0 / (s + 1))
-    stats = update(policy, rollout, groups, [None] * 3, cfg)
+    none = TrainBatch.of(rollout, [replace(g, excluded=True) for g in groups], cfg.rollout.temperature)
+    stats = update(policy, none.with_advantages(estimate_advantages("grpo", none)), cfg.algorithm)
     assert stats["optim/steps"] == 0 and stats["optim/lr"] == cfg.algorithm.lr
     assert policy.scheduler.last_epoch == 1 and policy.optimizer.param_groups[0]["lr"] == cfg.algorithm.lr / 2
 
@@ -273,12 +283,12 @@ def test_reward_metrics_leave_out_skipped_prompts_and_reward_accuracy_needs_0_1_
     from dataclasses import replace
 
     from ttrl.groups import diagnostics
-    from ttrl.trainer import rollout_metrics
+    from ttrl.step import rollout_metrics
 
     cfg = load_config(TINY, STEP)
     _, rollout, groups, _ = _one_step(cfg)
-    kept = replace(groups[0], rewards=[1.0] * 4, skipped=False)
-    skipped = replace(groups[1], rewards=[0.0] * 4, skipped=True)
+    kept = replace(groups[0], rewards=[1.0] * 4, excluded=False)
+    skipped = replace(groups[1], rewards=[0.0] * 4, excluded=True)
     assert rollout_metrics(rollout, [kept, skipped], 1.0)["train/reward"] == 1.0
     gold = kept.vote.pseudo_label or "7"
     binary, graded = diagnostics([kept, skipped], [gold, gold]), diagnostics([kept, skipped], [gold, gold], False)
@@ -293,10 +303,10 @@ def test_policy_loss_is_reported_apart_from_the_kl_term():
     from ttrl.update import update
 
     cfg = load_config(TINY, STEP + ["algorithm.kl_coef=0.5", "algorithm.ppo_epochs=3"])
-    policy, rollout, groups, adv = _one_step(cfg)
+    policy, _, _, batch = _one_step(cfg)
     policy.ref_model, _ = load_model(ModelConfig(architecture=cfg.model.architecture), seed=0)
     policy.ref_model.requires_grad_(False)
-    stats = update(policy, rollout, groups, adv, cfg)
+    stats = update(policy, batch, cfg.algorithm)
     assert stats["loss/kl"] > 0  # the 2nd and 3rd passes run on updated weights
     assert stats["loss/total"] == pytest.approx(stats["loss/policy"] + 0.5 * stats["loss/kl"], rel=1e-4, abs=1e-9)
     assert stats["loss/total"] != pytest.approx(stats["loss/policy"], rel=1e-6, abs=1e-12)
@@ -330,13 +340,14 @@ def _with_critic(policy, cfg, head_seed=1):
 
 
 def _ppo_step(cfg):
+    from ttrl.critic import critic_values
     from ttrl.distributed import Dist
-    from ttrl.trainer import critic_values, estimate_advantages
+    from ttrl.step import estimate_advantages
 
-    policy, rollout, groups, _ = _one_step(cfg)
+    policy, _, _, batch = _one_step(cfg)
     _with_critic(policy, cfg)
-    values = critic_values(policy, rollout, groups, cfg, Dist())
-    return policy, rollout, groups, estimate_advantages("ppo", groups, values), values
+    values = critic_values(policy.critic.model, batch, cfg.algorithm, policy.pad_id, Dist())
+    return policy, batch.with_advantages(estimate_advantages("ppo", batch, values), values)
 
 
 def _flat(model):
@@ -351,11 +362,12 @@ def test_ppo_advantages_are_per_token_and_micro_batches_leave_the_update_unchang
     out = []
     for extra in (["algorithm.micro_batch_size=16"], ["algorithm.micro_batch_size=3", "algorithm.micro_batch_tokens=20"]):
         cfg = load_config(TINY, STEP + ["algorithm.advantage=ppo", "algorithm.critic_lr=1.0"] + extra)
-        policy, rollout, groups, adv, values = _ppo_step(cfg)
-        m, t = len(groups[0].train_idx), values.mask.shape[1]
+        policy, batch = _ppo_step(cfg)
+        adv, values = batch.advantages, batch.values
+        m, t = len(batch.completion_ids[0]), values.mask.shape[1]
         assert [tuple(a.shape) for a in adv] == [(m, t), (m, t)]
         assert float(values.values.abs().sum()) > 0 and float(adv[0].std()) > 0  # per token, not per answer
-        stats = update(policy, rollout, groups, adv, cfg, values=values)
+        stats = update(policy, batch, cfg.algorithm)
         out.append((stats, _flat(policy.model), _flat(policy.critic.model)))
     (a, pa, ca), (b, pb, cb) = out
     for key in ("optim/grad_norm", "critic/grad_norm", "loss/value"):
@@ -366,19 +378,21 @@ def test_ppo_advantages_are_per_token_and_micro_batches_leave_the_update_unchang
 def test_ppo_critic_loss_does_not_reach_the_policy():
     """One backward of policy loss + value loss: the policy moves exactly as with the same
     advantages and no critic, and the critic moves by its own loss."""
+    from dataclasses import replace
+
     from ttrl.update import update
 
     cfg = load_config(TINY, STEP + ["algorithm.advantage=ppo", "algorithm.critic_lr=1.0"])
-    policy, rollout, groups, adv, values = _ppo_step(cfg)
+    policy, batch = _ppo_step(cfg)
     critic_before = _flat(policy.critic.model)
-    stats = update(policy, rollout, groups, adv, cfg, values=values)
+    stats = update(policy, batch, cfg.algorithm)
     assert not torch.allclose(_flat(policy.critic.model), critic_before)
-    assert stats["critic/values"] == pytest.approx(float(values.values.sum() / values.mask.sum()))
+    assert stats["critic/values"] == pytest.approx(float(batch.values.values.sum() / batch.values.mask.sum()))
     with_critic = _flat(policy.model)
 
-    policy, rollout, groups, _, _ = _ppo_step(cfg)
+    policy, fresh = _ppo_step(cfg)
     policy.critic = None
-    update(policy, rollout, groups, adv, cfg)
+    update(policy, replace(fresh, advantages=batch.advantages, values=None), cfg.algorithm)
     assert torch.equal(with_critic, _flat(policy.model))
 
 
@@ -408,17 +422,19 @@ def test_ppo_end_to_end_on_tiny_with_the_critic_in_the_checkpoint(tmp_path, lora
         assert any(k.startswith("backbone.layers.") for k in critic)
 
 
-def test_ppo_under_a_sharded_engine_is_a_config_error_before_any_model_loads():
+def test_ppo_with_fp16_loss_scaling_is_a_config_error_before_any_model_loads():
+    from types import SimpleNamespace
+
     from ttrl.config import ConfigError
     from ttrl.distributed import Dist
     from ttrl.trainer import check_critic_engine
 
-    sharded = Dist()
-    sharded.sharded = True
-    check_critic_engine(load_config(TINY), sharded)  # GRPO: fine
+    fp16 = Dist()
+    fp16.accelerator = SimpleNamespace(mixed_precision="fp16")  # what `accelerate launch --mixed_precision fp16` sets
+    check_critic_engine(load_config(TINY), fp16)  # GRPO: fine
     check_critic_engine(load_config(TINY, ["algorithm.advantage=ppo"]), Dist())  # one process: fine
-    with pytest.raises(ConfigError, match="algorithm.advantage.*DDP.*FSDP/DeepSpeed") as e:
-        check_critic_engine(load_config(TINY, ["algorithm.advantage=ppo"]), sharded)
+    with pytest.raises(ConfigError, match="algorithm.advantage.*fp16") as e:
+        check_critic_engine(load_config(TINY, ["algorithm.advantage=ppo"]), fp16)
     assert e.value.key == "algorithm.advantage"
 def _subset(rollout, keep: list[list[int]]):
     """The rollout with only the samples `keep[p]` (positions within prompt p's group) of each prompt."""
@@ -437,7 +453,8 @@ def test_prompts_with_fewer_votes_vote_reward_and_train_on_their_own_samples():
     from dataclasses import replace
 
     from ttrl.groups import reward, vote
-    from ttrl.trainer import estimate_advantages
+    from ttrl.step import estimate_advantages
+    from ttrl.train_batch import TrainBatch
     from ttrl.update import update
 
     cfg = load_config(TINY, STEP + ["reward.n_train_samples=2"])
@@ -451,7 +468,8 @@ def test_prompts_with_fewer_votes_vote_reward_and_train_on_their_own_samples():
         assert all(set(g.train_idx) <= set(range(len(k))) and len(g.train_idx) == 2 for g, k in zip(drawn, keep))
         fixed = [replace(groups[0], train_idx=[1, 0], rewards=[1.0, 0.0]),  # samples both sides have
                  replace(groups[1], train_idx=[3, 1], rewards=[0.0, 1.0])]
-        update(policy, rollout, fixed, estimate_advantages("grpo", fixed), cfg)
+        batch = TrainBatch.of(rollout, fixed, cfg.rollout.temperature)
+        update(policy, batch.with_advantages(estimate_advantages("grpo", batch)), cfg.algorithm)
         weights.append(torch.cat([p.detach().flatten() for p in policy.model.parameters()]))
     assert torch.allclose(weights[0], weights[1], atol=1e-6)  # the same trained samples, wherever they sit
 
@@ -499,3 +517,52 @@ def test_contrastive_labels_through_the_loop_are_logged_with_their_diversity(tmp
         assert row["train/distinct_labels"] == len(set(labels) - {None}) / len(labels)
         for x in (x for x in logged if x["step"] == row["step"] and x["pseudo_label"] is None):
             assert x["majority_ratio"] == 0.0 and set(x["rewards"]) <= {0.0}  # no label: nothing rewarded
+
+
+QUICK = ["train.prompts_per_step=2", "rollout.n_votes=2", "reward.n_train_samples=2", "rollout.max_new_tokens=2",
+         "eval.n_samples=1", "eval.max_new_tokens=2", "eval.before=false", "data.arithmetic.n=4"]
+
+
+def test_sigterm_while_a_checkpoint_is_written_stops_on_that_checkpoint(tmp_path, monkeypatch):
+    """Not one whole step later: a preemption's grace period need only cover the write."""
+    import os
+    import signal
+
+    import ttrl.trainer
+    from ttrl.trainer import TrainingStopped
+
+    save = ttrl.trainer.save_checkpoint
+
+    def signalled(run_dir, step, *args, **kwargs):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return save(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(ttrl.trainer, "save_checkpoint", signalled)
+    cfg = load_config(TINY, [*QUICK, "train.steps=3", "train.save_every=1"])
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 1 of 3") as e:
+        train(cfg, tmp_path / "run", quiet=True)
+    assert e.value.checkpoint.name == "step-00000001" and e.value.exit_code == 128 + signal.SIGTERM
+
+
+def test_sigterm_while_the_model_is_saved_waits_for_it_and_says_so(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import ttrl.trainer
+
+    export, got = ttrl.trainer.export_model, []
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(ttrl.trainer, "export_model", signalled)
+    previous = signal.signal(signal.SIGTERM, lambda *a: got.append(a))  # what would otherwise end the process
+    try:
+        train(load_config(TINY, [*QUICK, "train.steps=1"]), tmp_path / "run", quiet=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not got and (tmp_path / "run" / "model" / "config.json").is_file()
+    assert (tmp_path / "run" / "summary.json").is_file()
+    assert "SIGTERM arrived while the trained model was being saved" in capsys.readouterr().err

@@ -7,14 +7,17 @@ return the same shape, so any of them plugs in at the same place in the trainer.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # tensor methods only: config validation reads the estimators' names without loading torch
+    import torch
 
 
 def grpo(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """GRPO: (r - group mean) / (group std + eps). A group whose rewards are all equal has
     zero advantage: it carries no learning signal."""
     mean = rewards.mean(-1, keepdim=True)
-    std = rewards.std(-1, keepdim=True, unbiased=True) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
+    std = rewards.std(-1, keepdim=True, unbiased=True) if rewards.shape[-1] > 1 else mean.new_zeros(mean.shape)
     return (rewards - mean) / (std + eps)
 
 
@@ -27,7 +30,7 @@ def rloo(rewards: torch.Tensor) -> torch.Tensor:
     """RLOO: each sample's baseline is the mean reward of the *other* samples of its group."""
     m = rewards.shape[-1]
     if m < 2:
-        return torch.zeros_like(rewards)
+        return rewards.new_zeros(rewards.shape)
     return (rewards - (rewards.sum(-1, keepdim=True) - rewards) / (m - 1))
 
 
@@ -51,9 +54,8 @@ def last_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     """[batch, seq] rewards that are 0 everywhere but at each sample's last token, which holds its
     reward (a vote's verdict is on the whole answer). rewards [batch], mask [batch, seq] 0/1."""
     last = (mask.sum(-1).long() - 1).clamp(min=0)
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    out[torch.arange(len(last), device=mask.device), last] = rewards.to(out) * (mask.sum(-1) > 0)
-    return out
+    out = mask.new_zeros(mask.shape).float()
+    return out.scatter_(1, last[:, None], (rewards.to(out) * (mask.sum(-1) > 0))[:, None])
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
@@ -64,9 +66,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     A + V, the critic's targets); both 0 where mask is 0. With gamma = lam = 1 and the reward at the
     last token, A_t = reward - V(s_t)."""
     values = values * mask
-    out = torch.zeros_like(values)
-    next_value = torch.zeros_like(values[:, 0])
-    running = torch.zeros_like(values[:, 0])
+    out = values.new_zeros(values.shape)
+    next_value = values.new_zeros(values[:, 0].shape)
+    running = values.new_zeros(values[:, 0].shape)
     for t in reversed(range(values.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         step = delta + gamma * lam * running
@@ -82,8 +84,8 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     verl's masked_whiten of GAE advantages, one scale for the whole step."""
     n = mask.sum()
     mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1) if n > 1 else torch.zeros_like(mean)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+    var = (((x - mean) * mask) ** 2).sum() / (n - 1) if n > 1 else mean.new_zeros(mean.shape)
+    return (x - mean) * (var + eps).rsqrt() * mask
 
 
 CRITIC_ESTIMATORS = {"ppo": gae}

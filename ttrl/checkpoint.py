@@ -9,6 +9,7 @@ at any moment leaves either the whole new checkpoint or none of it beside the pr
 `state.json` is written last; a directory without it is never used. `SHA256SUMS` (the format of
 `sha256sum -c`) holds a checksum of each file, so bytes damaged later on disk are caught on load
 and the previous checkpoint is used instead; checkpoints from before checksums load unverified.
+Under train.parallel=fsdp every rank writes its shard instead (ttrl.fsdp, same directory scheme).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ttrl.distributed import warn
+from ttrl.console import warn
 
 
 CHECKPOINTS = "checkpoints"
@@ -130,6 +131,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         if not isinstance(e, OSError) and os.strerror(errno.ENOSPC) in str(e):  # safetensors' own error type
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from e
         raise
+    return publish(run_dir, tmp, final, keep)
+
+
+def publish(run_dir: str | Path, tmp: Path, final: Path, keep: int) -> Path:
+    """Rename the complete checkpoint `tmp` to `final` and keep only the latest `keep`."""
+    root, step = final.parent, step_of(final)
     if final.exists():  # the same step saved again (e.g. stopped right after resuming): swap it out
         _retire(final)
     os.rename(tmp, final)
@@ -158,8 +165,10 @@ def _write(tmp: Path, model, optimizer, scheduler, state: dict, critic: tuple | 
         if critic:
             save_file(trained_weights(critic[0]), tmp / CRITIC)
             sums[CRITIC] = pool.submit(sha256_file, tmp / CRITIC)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": tensors,
-                    **({"critic_optimizer": critic[1].state_dict()} if critic else {})}, tmp / TRAINER)
+        # Through a Python file: a full disk is then an OSError (ENOSPC), not torch's "unexpected pos".
+        with open(tmp / TRAINER, "wb") as f:
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": tensors,
+                        **({"critic_optimizer": critic[1].state_dict()} if critic else {})}, f)
         sums[TRAINER] = pool.submit(sha256_file, tmp / TRAINER)
         (tmp / STATE).write_text(json.dumps({**state, "rng": plain, "checksums": CHECKSUMS,
                                              **({"critic": CRITIC} if critic else {})},
@@ -222,6 +231,9 @@ def load_checkpoint(run_dir: str | Path, model, optimizer, scheduler, critic: tu
     `critic`: PPO's (value model, its optimizer), restored too; a checkpoint without one is refused
     (one with a critic loads into a run without: the critic is left out)."""
     for path in reversed(list_checkpoints(run_dir)):
+        if (path / "shards").is_dir():
+            raise CheckpointError(f"checkpoint {path} was written with train.parallel=fsdp (sharded); resume with "
+                                  "train.parallel=fsdp")
         try:
             state, weights, trainer, critic_weights = _read(path)
         except Exception as e:  # noqa: BLE001 - any damage means: fall back to the one before
@@ -241,3 +253,34 @@ def load_checkpoint(run_dir: str | Path, model, optimizer, scheduler, critic: tu
         state.pop("critic", None)
         return {**state, "path": str(path)}
     return None
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is one checkpoint directory (RUN_DIR/checkpoints/step-N) written by ttrl."""
+    path = Path(path).expanduser()
+    return (path / STATE).is_file() and (path / WEIGHTS).is_file()
+
+
+def checkpoint_config(path: str | Path) -> dict:
+    """The settings (config.json's content) of the run that wrote checkpoint `path`."""
+    file = Path(path).expanduser() / STATE
+    try:
+        config = json.loads(file.read_text(encoding="utf-8")).get("config")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{file} is not a readable checkpoint state ({e}); pick another checkpoint") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} holds no run settings (config); pick another checkpoint")
+    return config
+
+
+def load_policy(path: str | Path, model) -> None:
+    """Copy checkpoint `path`'s trained weights (all of them, or the LoRA adapter's) into `model`,
+    built as the run built it; checked against SHA256SUMS when it has one. Reads no optimizer state."""
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    expected = read_checksums(path) or {}
+    if WEIGHTS in expected and sha256_file(path / WEIGHTS) != expected[WEIGHTS]:
+        raise CheckpointError(f"{path / WEIGHTS} does not match its checksum in {CHECKSUMS} (damaged on disk); "
+                              "pick another checkpoint")
+    _copy_weights(path, model, load_file(path / WEIGHTS))

@@ -51,6 +51,28 @@ def choice_of(answer: str | None, choices: Sequence[str]) -> str | None:
     return _option_named(span, choices)
 
 
+def ambiguity(choices: Sequence[str]) -> str | None:
+    """Why an answer could name two of these options, or None: an option that is itself another
+    option's letter ("A" as option C), or two options equal as maths ("0.5" and "\\frac{1}{2}")."""
+    letters = LETTERS[: len(choices)]
+    for i, text in enumerate(choices):
+        m = _LETTER_ALONE.fullmatch(_unwrap(text))
+        if m and m.group(1).upper() in letters and m.group(1).upper() != letters[i]:
+            other = m.group(1).upper()
+            return (f"option {letters[i]} is {text!r}, the letter of option {other}, so an answer {other!r} would "
+                    "name both; write such options as words (e.g. 'the letter A')")
+    maths = [i for i, text in enumerate(choices) if _is_math(text)]
+    if len(maths) > 1:
+        from ttrl.grading import is_equivalent
+
+        for n, a in enumerate(maths):
+            for b in maths[n + 1:]:
+                if is_equivalent(choices[a], choices[b]):
+                    return (f"options {letters[a]} and {letters[b]} ({choices[a]!r}, {choices[b]!r}) are equal as "
+                            "maths, so an answer naming one would name both; each option must be a different value")
+    return None
+
+
 def extract_choice(text: str | None, choices: Sequence[str]) -> str | None:
     """Letter of the option a completion finally commits to (see module doc); None = no answer."""
     from ttrl.grading import TAIL_CHARS, last_boxed

@@ -1,4 +1,4 @@
-"""`ttrl train | eval | config | report | compare | demo`: thin argument parsing around config,
+"""`ttrl train | eval | data | export | config | plan | report | compare | demo`: thin argument parsing around config,
 runs (run directories), evaluation and report."""
 
 from __future__ import annotations
@@ -39,13 +39,20 @@ def _quiet_libraries() -> None:
 
 
 def before_after_table(evals: dict, k: int) -> str:
-    """Plain-text table: per eval set, base vs TTRL avg@k and maj@k, over the `graded` prompts
-    (those with a gold answer), and the change in avg@k with twice its standard error over those
-    prompts (paired by problem) where the evaluations kept per-problem scores."""
+    """Plain-text table: per eval set, base vs TTRL greedy, avg@k and maj@k, over the `graded`
+    prompts (those with a gold answer), and the change in avg@k with twice its standard error over
+    those prompts (paired by problem) where the evaluations kept per-problem scores. Greedy is how
+    most users deploy the model, so a fall in greedy or avg@k beyond two standard errors is said
+    below the table in plain words."""
     from ttrl.evaluation import paired_change
 
-    lines = [f"{'set':<10} {'prompts':>7} {'graded':>7} {'base avg@' + str(k):>12} {'base maj@' + str(k):>12} "
-             f"{'TTRL avg@' + str(k):>12} {'TTRL maj@' + str(k):>12} {'change ± 2 se':>15}"]
+    def cell(row, key):
+        return f"{row[key]:>12.3f}" if row and row.get(key) is not None else f"{'–':>12}"
+
+    lines = [f"{'set':<10} {'prompts':>7} {'graded':>7} {'base greedy':>12} {'base avg@' + str(k):>12} "
+             f"{'base maj@' + str(k):>12} {'TTRL greedy':>12} {'TTRL avg@' + str(k):>12} {'TTRL maj@' + str(k):>12} "
+             f"{'change ± 2 se':>15}"]
+    worse = []
     for name, rows in evals.items():
         if not rows or f"avg@{k}" not in rows[-1]:
             continue
@@ -53,12 +60,18 @@ def before_after_table(evals: dict, k: int) -> str:
         change = paired_change(first, last, f"avg@{k}") if first else None
         noise = f" ± {2 * change[1]:.3f}" if change and change[1] is not None else ""
         delta = f"{last[f'avg@{k}'] - first[f'avg@{k}']:+.3f}{noise}" if first else "–"
-        base = f"{first[f'avg@{k}']:>12.3f} {first[f'maj@{k}']:>12.3f}" if first else f"{'–':>12} {'–':>12}"
-        lines.append(f"{name:<10} {last['n_prompts']:>7} {last.get('n_labelled', last['n_prompts']):>7} {base} "
-                     f"{last[f'avg@{k}']:>12.3f} {last[f'maj@{k}']:>12.3f} "
-                     f"{delta:>15}")
+        lines.append(f"{name:<10} {last['n_prompts']:>7} {last.get('n_labelled', last['n_prompts']):>7} "
+                     f"{cell(first, 'greedy')} {cell(first, f'avg@{k}')} {cell(first, f'maj@{k}')} "
+                     f"{cell(last, 'greedy')} {cell(last, f'avg@{k}')} {cell(last, f'maj@{k}')} {delta:>15}")
+        for metric in ("greedy", f"avg@{k}"):
+            moved = paired_change(first, last, metric) if first else None
+            if moved and moved[1] is not None and moved[0] < -2 * moved[1]:
+                worse.append(f"{name}: {metric} {moved[0]:+.3f} ± {2 * moved[1]:.3f}")
     if len(lines) == 1:
         return "no prompt has a gold answer, so no accuracy was computed (the run's metrics are in metrics.jsonl)"
+    if worse:
+        lines.append("the trained model is WORSE than the base model, beyond two standard errors, on "
+                     + "; ".join(worse) + " (keep the base model, or see docs/method.md on collapse)")
     return "\n".join(lines)
 
 
@@ -75,8 +88,8 @@ def cmd_train(args) -> int:
     if resume and not args.output_dir:
         raise ConfigError("--resume continues the run in --output-dir: give --output-dir")
     from ttrl.checkpoint import CheckpointError
-    from ttrl.distributed import is_main_process
-    from ttrl.launch import train
+    from ttrl.console import is_main_process
+    from ttrl.launch import CLI_WORDS, train
     from ttrl.trainer import TrainingStopped
 
     out = Path(args.output_dir or f"runs/ttrl-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -85,7 +98,8 @@ def cmd_train(args) -> int:
                        + (["--holdout", str(args.holdout)] if args.holdout is not None else []) + args.overrides)
     t0 = time.time()
     try:
-        summary = train(cfg, out, quiet=args.quiet, resume=resume, overwrite=args.overwrite, report=False)
+        summary = train(cfg, out, quiet=args.quiet, resume=resume, overwrite=args.overwrite, report=False,
+                        words=CLI_WORDS)
     except TrainingStopped as e:
         if is_main_process():
             print(f"{e}\nto continue: {again}", file=sys.stderr)
@@ -139,16 +153,26 @@ def _eval_target(args) -> tuple[Path | None, list[str]]:
 
 
 def cmd_eval(args) -> int:
+    from ttrl.console import warn
+    from ttrl.health import eval_warning
     from ttrl.launch import check_writable, evaluate_sets, run_config
+
+    from ttrl.preview import holdout_note
 
     run_dir, overrides = _eval_target(args)
     cfg = run_config(run_dir, overrides) if run_dir else load_config(args.config, overrides)
+    note = holdout_note(cfg, overrides)
+    if note:
+        from ttrl.data import load_sets
+
+        load_sets(cfg)  # a file that cannot be read is the one thing to say
+        print(f"note: {note}", file=sys.stderr)
     out = Path(args.json) if args.json else None
     if out is not None:  # before the evaluation, not after it
         if out.is_dir():
             raise ConfigError(f"--json {out} is a directory; give a file name, e.g. {out / 'eval.json'}")
         check_writable(out, "--json")
-    results = evaluate_sets(cfg)
+    results = evaluate_sets(cfg, keep_samples=args.samples)
     sets = {name: summary for name, (summary, _) in results.items()}
     print(f"model {cfg.model.name}, data.train {cfg.data.train}, k = {cfg.eval.n_samples}")
     for name, summary in sets.items():
@@ -158,13 +182,34 @@ def cmd_eval(args) -> int:
         for key, value in summary.items():
             if key not in ("n_prompts", "n_labelled"):
                 print(f"{key:>16}  {value:.4f}" if isinstance(value, float) else f"{key:>16}  {value}")
+    for name, summary in sets.items():  # after the figures, where it is read
+        cut = eval_warning(name, summary)
+        if cut:
+            warn(cut)
     head = {"model": cfg.model.name, "data": cfg.data.train}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        per_set = {name: {**summary, "problems": [r.__dict__ for r in problems]}
+        per_set = {name: {**summary, "problems": [r.record() for r in problems]}
                    for name, (summary, problems) in results.items()}
         out.write_text(json.dumps({**head, "sets": per_set}, indent=2))
     print(json.dumps({**head, "sets": sets}))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ttrl.launch import export_weights
+
+    out = export_weights(args.source, args.output)
+    print(f"saved {out}: a Hugging Face model directory (from_pretrained, or `ttrl eval --config ... "
+          f"model.name={out}`)")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from ttrl.preview import describe
+
+    cfg = load_config(args.config, args.overrides)
+    print(describe(cfg, show=args.show, overrides=args.overrides))
     return 0
 
 
@@ -209,6 +254,48 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from ttrl.plan import GB, plan
+
+    cfg = load_config(args.config, args.overrides)
+    p = plan(cfg, args.gpus, args.gpu_memory, None if args.engine == "auto" else args.engine == "fsdp",
+             args.prompt_tokens)
+    if args.json:
+        print(json.dumps({"model": cfg.model.name, **p.to_dict()}))
+        return 0 if p.fits else 1
+    from rich.console import Console
+    from rich.table import Table
+
+    engine = f"FSDP over {p.gpus} GPUs" if p.fsdp else f"DDP over {p.gpus} GPUs" if p.gpus > 1 else "one GPU"
+    table = Table(title=f"{cfg.model.name}: predicted memory per GPU (GB), {engine} of {args.gpu_memory:g} GB")
+    table.add_column("item")
+    for phase in p.phases:
+        table.add_column(phase, justify="right")
+    items = list(dict.fromkeys(k for items in p.phases.values() for k in items))
+    for item in items:
+        table.add_row(item, *(f"{p.phases[ph][item] / GB:.2f}" if item in p.phases[ph] else "" for ph in p.phases))
+    table.add_row("[bold]peak[/bold]", *(f"[bold]{p.peak(ph) / GB:.2f}[/bold]" for ph in p.phases))
+    console = Console(soft_wrap=True)
+    console.print(table)
+    r, u = p.sizes["rollout"], p.sizes["update"]
+    console.print(f"ttrl will decode {r['rows']} samples at once ({r['prompts_at_once']} prompts x N) and train in "
+                  f"micro-batches of {u['micro_batch_rows']} answers, {u['micro_batch_tokens']:,} tokens "
+                  f"(gradient checkpointing {'on' if u['gradient_checkpointing'] else 'off'}); "
+                  f"assumed prompts of {p.sizes['model']['prompt_tokens']} tokens, answers of "
+                  f"{p.sizes['model']['answer_tokens']}")
+    for name, value in p.host.items():
+        console.print(f"host memory per process: {name} {value / GB:.2f} GB")
+    for note in p.notes:
+        console.print(f"note: {note}")
+    verdict = "fits" if p.fits else f"does NOT fit: {p.over_bytes / GB:.1f} GB over"
+    console.print(f"peak {p.peak_bytes / GB:.1f} GB in the {p.peak_phase} phase (+1 GB CUDA context and "
+                  f"fragmentation): {verdict}")
+    for s in p.suggestions:
+        console.print(f"  fits with {s['change']}: peak {s['peak_gb']:.1f} GB ({s['phase']})")
+    console.print("predicted, not measured: see docs/paper.md (what fits) for how far the prediction has been checked")
+    return 0 if p.fits else 1
+
+
 CONFIG_HELP = (f"YAML config file, or a bundled one by name: {', '.join(bundled_configs())} "
                "(`ttrl config --keys` lists the settings)")
 OVERRIDES_HELP = "key.sub=value settings, anywhere on the line, e.g. rollout.n_votes=16"
@@ -238,9 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
                                     "or the model and data of --config and overrides.")
     ev.add_argument("--config", help=CONFIG_HELP)
     ev.add_argument("--json", help="also write the results (with per-problem votes) to this file")
+    ev.add_argument("--samples", action="store_true",
+                    help="keep every sampled completion and the answer extracted from it (in --json's problems)")
     ev.add_argument("items", nargs="*", metavar="[RUN_DIR] key=value",
                     help="a run directory written by `ttrl train`, and/or overrides, e.g. model.name=runs/x/model")
     ev.set_defaults(func=cmd_eval)
+
+    data = sub.add_parser("data", help="show the prompts as the model reads them, their gold answers and the "
+                                       "sets (adapt / heldout / data.eval); loads the tokenizer, no weights")
+    data.add_argument("--config", help=CONFIG_HELP)
+    data.add_argument("--show", type=int, default=2, metavar="N",
+                      help="rendered prompts shown per set (default 2; 0: all)")
+    data.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    data.set_defaults(func=cmd_data)
 
     config = sub.add_parser("config", help="print the resolved config as YAML, or list every key (--keys)")
     config.add_argument("--config", help=CONFIG_HELP)
@@ -254,6 +351,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.add_argument("overrides", nargs="*", help="key.sub=value settings on top of the demo config")
     demo.set_defaults(func=cmd_demo)
+
+    pl = sub.add_parser("plan", help="predict a run's peak memory per GPU, phase by phase, before renting one",
+                        description="Peak memory per GPU of each phase of a training step, predicted from the "
+                                    "config and the model's config.json (no weights loaded), the sizes ttrl will "
+                                    "choose, whether it fits, and if not the smallest changes that make it fit. "
+                                    "Exit status 1 when it does not fit.")
+    pl.add_argument("--config", help=CONFIG_HELP)
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs (processes) the run uses (default 1)")
+    pl.add_argument("--gpu-memory", type=float, default=80.0, help="memory of each GPU in GB (default 80)")
+    pl.add_argument("--engine", choices=("auto", "fsdp", "ddp"), default="auto",
+                    help="how several GPUs share the model: fsdp shards parameters, gradients and AdamW state; "
+                         "ddp copies them (auto: fsdp with more than one GPU)")
+    pl.add_argument("--prompt-tokens", type=int, default=256, help="longest prompt in tokens (default 256)")
+    pl.add_argument("--json", action="store_true", help="print the numbers as one JSON object instead of a table")
+    pl.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    pl.set_defaults(func=cmd_plan)
+
+    export = sub.add_parser("export", help="a run's trained model, or one of its checkpoints, as a Hugging Face "
+                                           "directory (LoRA merged)")
+    export.add_argument("source", help="a run directory (its model/, or its latest checkpoint if it stopped early) "
+                                       "or RUN_DIR/checkpoints/step-N")
+    export.add_argument("--output", required=True, help="a new (or empty) directory to write the model into")
+    export.set_defaults(func=cmd_export)
 
     report = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) and report.md with plots")
     report.add_argument("run_dir", help="a run directory written by `ttrl train`")

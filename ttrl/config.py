@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,13 +15,21 @@ from typing import Any
 
 import yaml
 
+from ttrl.plugins import PluginError, is_plugin
+from ttrl.plugins import load as load_plugin
+
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 """The bundled configs (`configs/` in the repository is a link to it)."""
 
 SEED_LIMIT = 10_000_000
-"""train.seed must be below this: the per-prompt streams derived from it (trainer.prompt_seed
+"""train.seed must be below this: the per-prompt streams derived from it (step.prompt_seed
 multiplies it by ~1e12) must fit the 64 bits of a torch seed."""
+
+
+MAY_CHANGE_ON_RESUME = {"may_change_on_resume": True}
+"""Field metadata of the settings a resumed run may change without a warning: they change how it
+runs (length, memory, checkpoints, logging), not what it computes (`may_change_on_resume`)."""
 
 
 class ConfigError(ValueError):
@@ -92,6 +101,16 @@ class DataConfig:
     template: str = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
     """How a problem becomes the user message; `{problem}` is replaced, and `{choices}` by a
     multiple-choice problem's options as "A) ..." lines (after the problem if there is no `{choices}`)."""
+    answer_extractor: str = ""
+    """Your own answer extraction, `package.module:function` or `file.py:function`: text -> answer
+    or None (ttrl/plugins.py); "" = ttrl's (\\boxed{}, "the answer is", the last number)."""
+    answer_equivalence: str = ""
+    """Your own equivalence of two answers, `package.module:function` or `file.py:function`:
+    (a, b) -> bool, for votes, rewards and evaluation alike; "" = ttrl's maths equivalence."""
+    system_prompt: str = ""
+    """A system message put before each prompt through the tokenizer's chat template (in training
+    and evaluation alike); without a chat template it precedes the prompt, a blank line between.
+    "" = none."""
     too_long: str = "skip"
     """A prompt that leaves no room for max_new_tokens in the model's context: skip (with a
     counted warning) or fail (stop with an error naming the prompt)."""
@@ -114,10 +133,10 @@ class SamplingConfig:
     stop: list = field(default_factory=list)
     """Strings that end an answer besides end-of-sequence (e.g. "</answer>" for a template that asks
     for one); the answer keeps the stop string. Set it in rollout: and eval: alike."""
-    max_batch_rows: int = 512
+    max_batch_rows: int = field(default=512, metadata=MAY_CHANGE_ON_RESUME)
     """At most this many samples decode at once (whole prompts, all samples of each); the other
     prompts are sampled in turn. Samples do not depend on it."""
-    memory_fraction: float = 0.9
+    memory_fraction: float = field(default=0.9, metadata=MAY_CHANGE_ON_RESUME)
     """On CUDA: the share of free device memory the KV caches and per-step buffers may fill; fewer
     prompts decode at once when they would not fit (ttrl.rollout.decode_rows)."""
 
@@ -148,7 +167,8 @@ class RewardConfig:
     every answer a label weighted by its sharpened vote share) or penalized_majority (SCRL/TTPO: a
     penalty for disagreeing with a confident vote); the controls format (1 for any answer) and
     random (a coin) measure what a reward that ignores the vote gives; see ttrl/rewards.py and
-    docs/method.md."""
+    docs/method.md. Or your own, `package.module:function` / `file.py:function` taking (vote,
+    texts, indices) (ttrl/plugins.py)."""
     random_p: float = 0.5
     """Probability of reward 1 under the random control (reward.kind=random)."""
     label_temperature: float = 0.5
@@ -218,7 +238,7 @@ class AlgorithmConfig:
     """PPO: GAE discount per token (verl: 1.0; the reward comes at the answer's last token)."""
     lam: float = 1.0
     """PPO: GAE lambda, from 1 (advantage = return - value, no bias from the critic) to 0 (one-step TD)."""
-    max_bad_steps: int = 3
+    max_bad_steps: int = field(default=3, metadata=MAY_CHANGE_ON_RESUME)
     """Stop (with a checkpoint of the last good weights) after this many steps in a row whose
     update was skipped for a NaN/inf loss or gradient."""
 
@@ -241,7 +261,7 @@ class EvalConfig(SamplingConfig):
 
 @dataclass
 class TrainConfig:
-    steps: int = 0
+    steps: int = field(default=0, metadata=MAY_CHANGE_ON_RESUME)
     """Training steps, each a rollout batch of `prompts_per_step` prompts (and one optimizer step,
     or several: algorithm.mini_batch_prompts); 0 = run `epochs` passes over the prompts."""
     epochs: int = 1
@@ -251,9 +271,14 @@ class TrainConfig:
     seed: int = 0
     """Seeds the model's random initialisation (with model.architecture), the prompt order, the
     sampling streams and the holdout split."""
-    save_every: int = 0
+    parallel: str = "ddp"
+    """How several processes (torchrun / accelerate launch) share the model: ddp (each holds all the
+    weights and optimizer state; gradients all-reduced) or fsdp (ttrl applies PyTorch's FSDP2,
+    fully_shard per decoder layer, so each holds 1/processes of them, and checkpoints are sharded;
+    docs/distributed.md). Checkpoints are written in this setting's format: resume with the same."""
+    save_every: int = field(default=0, metadata=MAY_CHANGE_ON_RESUME)
     """Checkpoint every this many steps (0 = only at the end, or when stopped by a signal)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = field(default=2, metadata=MAY_CHANGE_ON_RESUME)
     """How many of the latest checkpoints to keep in RUN_DIR/checkpoints."""
     stop_on: str = ""
     """Optional early stop on an unlabeled signal: majority_ratio or reward (plateau over
@@ -273,7 +298,7 @@ class TrainConfig:
     collapse_drift: float = 0.5
     """The collapse watch's drift: entropy fell by at least this share of its mean over the first
     stop_window steps, and the mean response length moved by at least this share, either way."""
-    wandb_project: str = ""
+    wandb_project: str = field(default="", metadata=MAY_CHANGE_ON_RESUME)
     """Also log every metrics row to this Weights & Biases project ("" = off; needs
     `pip install 'ttrl[wandb]'`; WANDB_MODE=offline logs without a network, under RUN_DIR/wandb)."""
 
@@ -301,6 +326,7 @@ CHOICES = {
     "algorithm.lr_schedule": ("constant", "cosine"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.too_long": ("skip", "fail"),
+    "train.parallel": ("ddp", "fsdp"),
 }
 """Keys with a fixed set of values; the registries of rewards, advantages and stopping rules
 add theirs in `choices()`."""
@@ -314,6 +340,18 @@ def choices() -> dict[str, tuple[str, ...]]:
 
     return {**CHOICES, "reward.kind": tuple(KINDS), "algorithm.advantage": (*ESTIMATORS, *CRITIC_ESTIMATORS),
             "train.stop_on": ("", *SIGNALS)}
+
+
+def _check_plugins(cfg: Config) -> None:
+    """The user's functions (ttrl.plugins) load and take the arguments ttrl will pass."""
+    for key, arity in (("reward.kind", 3), ("data.answer_extractor", 1), ("data.answer_equivalence", 2)):
+        spec = _get(cfg, key)
+        if not spec or (key == "reward.kind" and not is_plugin(spec)):
+            continue
+        try:
+            load_plugin(spec, arity)
+        except PluginError as e:
+            raise ConfigError(f"config key '{key}' = {spec!r}: {e} (see ttrl/plugins.py for the signature)", key) from None
 
 
 def _sampler_checks(cfg: Config) -> list[tuple[str, bool, str]]:
@@ -331,14 +369,26 @@ def _sampler_checks(cfg: Config) -> list[tuple[str, bool, str]]:
     return rows
 
 
+UNFILLED = re.compile(r"(?<![\\A-Za-z0-9}^_])\{([A-Za-z_][A-Za-z0-9_]*)\}")
+"""A `{name}` in data.template: a placeholder, unless it follows a LaTeX command or script
+(`\\boxed{answer}`, `x^{n}`, `\\frac{a}{b}`), where braces are the answer format's own."""
+
+
 def validate(cfg: Config) -> Config:
     """Impossible values fail here, naming the key, before anything expensive happens."""
+    from ttrl.rewards import REWARDS
+
     checks = [
         ("rollout.n_votes", cfg.rollout.n_votes >= 2, "must be >= 2: a vote needs several samples"),
         *_sampler_checks(cfg),
-        ("rollout.vote_round", cfg.rollout.vote_round >= 0, "must be >= 0 (0 = all N votes at once)"),
+        ("rollout.vote_round", 0 <= cfg.rollout.vote_round <= cfg.rollout.n_votes,
+         f"must be between 0 (all N votes at once) and rollout.n_votes ({cfg.rollout.n_votes}): a prompt draws "
+         "at most N votes"),
         ("rollout.vote_confidence", cfg.rollout.vote_confidence == 0 or 0.5 < cfg.rollout.vote_confidence < 1,
          "must be 0 (stop only when the vote cannot be overtaken) or in (0.5, 1), e.g. 0.95"),
+        ("rollout.vote_confidence", cfg.rollout.vote_confidence == 0 or cfg.rollout.vote_round > 0,
+         "applies only to sequential voting, which is off: set rollout.vote_round too (e.g. 8), or leave "
+         "vote_confidence at 0"),
         ("reward.n_train_samples", 1 <= cfg.reward.n_train_samples <= cfg.rollout.n_votes,
          f"must be between 1 and rollout.n_votes ({cfg.rollout.n_votes}): M samples are drawn from the N votes"),
         ("reward.min_majority_ratio", 0 <= cfg.reward.min_majority_ratio <= 1, "must be in [0, 1]"),
@@ -357,9 +407,9 @@ def validate(cfg: Config) -> Config:
         ("reward.label_temperature", cfg.reward.label_temperature > 0, "must be > 0 (1 = the vote shares)"),
         ("reward.penalty", cfg.reward.penalty >= 0, "must be >= 0: disagreeing samples earn -penalty"),
         ("reward.penalty_min_ratio", 0 <= cfg.reward.penalty_min_ratio <= 1, "must be in [0, 1]"),
-        ("reward.contrast", not cfg.reward.contrast or cfg.reward.kind in ("majority", "penalized_majority"),
-         f"changes the pseudo-label, which reward.kind={cfg.reward.kind} does not use: use majority or "
-         "penalized_majority, or drop reward.contrast"),
+        ("reward.contrast", not cfg.reward.contrast or getattr(REWARDS.get(cfg.reward.kind), "uses_label", True),
+         f"changes the pseudo-label, which reward.kind={cfg.reward.kind} does not use: use "
+         f"{' or '.join(k for k, r in REWARDS.items() if r.uses_label)}, or drop reward.contrast"),
         ("algorithm.max_bad_steps", cfg.algorithm.max_bad_steps >= 1, "must be >= 1"),
         ("algorithm.critic_lr", cfg.algorithm.critic_lr > 0, "must be > 0"),
         ("algorithm.value_clip", cfg.algorithm.value_clip > 0, "must be > 0"),
@@ -392,6 +442,8 @@ def validate(cfg: Config) -> Config:
         ("data.arithmetic.choices", cfg.data.arithmetic.choices == 0 or 2 <= cfg.data.arithmetic.choices <= 26,
          "must be 0 (open answers) or 2..26 options"),
         ("model.lora_rank", cfg.model.lora_rank >= 0, "must be >= 0 (0 = full fine-tune)"),
+        ("model.lora_alpha", cfg.model.lora_alpha > 0,
+         "must be > 0: the adapter's update is scaled by lora_alpha / lora_rank, so 0 trains nothing"),
         ("model.lora_dropout", 0 <= cfg.model.lora_dropout < 1, "must be in [0, 1)"),
         ("train.wandb_project", not cfg.train.wandb_project or importlib.util.find_spec("wandb") is not None,
          "needs Weights & Biases: pip install 'ttrl[wandb]' (or wandb), or leave it empty"),
@@ -399,7 +451,15 @@ def validate(cfg: Config) -> Config:
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' = {_get(cfg, key)!r}: {why}", key)
+    _check_plugins(cfg)
+    unknown = [m.group(0) for m in UNFILLED.finditer(cfg.data.template) if m.group(1) not in ("problem", "choices")]
+    if unknown:
+        raise ConfigError(f"config key 'data.template' = {cfg.data.template!r}: {', '.join(unknown)} is not a "
+                          "placeholder ttrl fills in (only {problem} and {choices}), so the model would read it as "
+                          "it stands; remove it or spell it out", "data.template")
     for key, allowed in choices().items():
+        if key == "reward.kind" and is_plugin(cfg.reward.kind):
+            continue
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"config key '{key}' = {_get(cfg, key)!r}: must be one of {', '.join(allowed)}", key)
     for op in cfg.data.arithmetic.ops:
@@ -634,6 +694,18 @@ def _where(key: str | None, path: Path | None, lines: dict[str, int], overrides:
         if related(k):
             return f"{path}:{lines[k]}: "
     return ""
+
+
+def may_change_on_resume(cls: type = None, prefix: str = "") -> set[str]:
+    """Dotted keys of the settings marked MAY_CHANGE_ON_RESUME."""
+    out = set()
+    for f in dataclasses.fields(cls or Config):
+        kind = typing.get_type_hints(cls or Config).get(f.name)
+        if dataclasses.is_dataclass(kind):
+            out |= may_change_on_resume(kind, f"{prefix}{f.name}.")
+        elif f.metadata.get("may_change_on_resume"):
+            out.add(prefix + f.name)
+    return out
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

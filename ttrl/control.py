@@ -1,6 +1,6 @@
-"""What the loop does between steps besides the algorithm: stop early on an unlabeled signal
-(and flag collapse on them), give up after repeated non-finite steps, evaluate and checkpoint on
-schedule, obey SIGINT and SIGTERM. Kept apart from the loop so the loop reads as the algorithm,
+"""What the loop does between steps besides the algorithm: stop early by an unlabeled rule
+(and flag collapse), give up after repeated non-finite steps, evaluate and checkpoint on
+schedule, obey the OS signals SIGINT and SIGTERM. Kept apart from the loop so the loop reads as the algorithm,
 and tested on its own."""
 
 from __future__ import annotations
@@ -12,12 +12,29 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ttrl.config import Config
-from ttrl.health import no_signal_warnings
+from ttrl.health import learning_warnings
 from ttrl.stopping import collapse_reason, stop_reason
 
 
 HEALTH_WINDOW = 10
 """Steps over which the no-signal check averages (ttrl.health)."""
+
+
+@dataclass
+class Verdict:
+    """What the loop must do after a step, and what it must say and log."""
+    evaluate: bool = False
+    """An evaluation is due now."""
+    stop_reason: str | None = None
+    """An early-stopping rule fired: training ends after this step."""
+    collapse_warning: str | None = None
+    """The collapse watch fired (the first time in a run)."""
+    warnings: list[str] = field(default_factory=list)
+    """Lines for the terminal, in order."""
+
+    def logged(self) -> dict:
+        """The metrics row's record of the verdict (`stop_reason`, `collapse_warning`)."""
+        return {k: v for k, v in (("collapse_warning", self.collapse_warning), ("stop_reason", self.stop_reason)) if v}
 
 
 @dataclass
@@ -52,24 +69,31 @@ class Control:
                    stopped_early=stop["stop_reason"] if stop else None,
                    collapse_warned=any(r.get("collapse_warning") for r in history))
 
-    def after_step(self, done: int, row: dict) -> bool:
-        """Record step `done`'s metrics row (a `stop_reason` is added to it when a stopping rule
-        fires, a `collapse_warning` the first time the collapse watch does); True when an evaluation
-        is due now."""
+    def after_step(self, done: int, row: dict) -> Verdict:
+        """Record step `done`'s metrics row and decide what follows it: stop early (a stopping rule
+        fired), flag collapse (the first time the watch fires), evaluate now, warn."""
         t = self.cfg.train
         self.history.append(row)
         self.bad_steps = self.bad_steps + 1 if row.get("optim/skipped_updates") else 0
+        verdict = Verdict()
+        if row.get("optim/skipped_updates"):
+            verdict.warnings.append(f"step {done}: NaN/inf loss, gradient or logits; update skipped ({self.bad_steps} "
+                                    f"in a row, algorithm.max_bad_steps={self.cfg.algorithm.max_bad_steps})")
         if not self.collapse_warned:
-            watch = collapse_reason(self.history, t.stop_window, t.collapse_ratio, t.collapse_drift)
-            if watch:
-                row["collapse_warning"], self.collapse_warned = watch, True
+            verdict.collapse_warning = collapse_reason(self.history, t.stop_window, t.collapse_ratio, t.collapse_drift)
+            self.collapse_warned = bool(verdict.collapse_warning)
         reason = stop_reason(self.history, t.stop_on, t.stop_window, t.stop_min_delta, t.entropy_floor,
                              t.collapse_ratio, t.collapse_drift)
+        if verdict.collapse_warning and verdict.collapse_warning != reason:  # said once
+            verdict.warnings.append(f"step {done}: {verdict.collapse_warning}")
         if reason:
-            row["stop_reason"] = self.stopped_early = reason
+            verdict.stop_reason = self.stopped_early = reason
             self.steps = done
+            verdict.warnings.append(f"stopping early after step {done}: {reason}")
+        verdict.warnings += self.health_warnings(done)
         every = self.cfg.eval.every
-        return bool(every) and done % every == 0 and done < self.steps
+        verdict.evaluate = bool(every) and done % every == 0 and done < self.steps
+        return verdict
 
     @property
     def finished(self) -> bool:
@@ -78,15 +102,21 @@ class Control:
     def halt(self, done: int, signal_name: str | None) -> Halt | None:
         """Why training must end after step `done` other than reaching its last step, if it must."""
         if self.bad_steps >= self.cfg.algorithm.max_bad_steps:
+            rates = "algorithm.lr or algorithm.critic_lr" if self.cfg.algorithm.advantage == "ppo" else "algorithm.lr"
             return Halt(f"stopped after step {done}: {self.bad_steps} steps in a row had a NaN/inf loss, gradient "
-                        "or logits (algorithm.max_bad_steps); their updates were skipped, so {path} holds the last "
-                        "good weights. Lower algorithm.lr or algorithm.max_grad_norm, or use model.dtype=float32", 1)
+                        "or logits, or a critic that blew up (algorithm.max_bad_steps); their updates were undone, so "
+                        f"{{path}} holds the last good weights. Lower {rates} or algorithm.max_grad_norm, or use "
+                        "model.dtype=float32; --resume with a lower rate continues from there", 1)
+        return self.stopped_by(done, signal_name)
+
+    def stopped_by(self, done: int, signal_name: str | None) -> Halt | None:
+        """The halt an OS signal (SIGINT/SIGTERM) received by step `done` calls for, if one was."""
         if signal_name:
             return Halt(f"stopped by {signal_name} after step {done} of {self.steps}; checkpoint saved in {{path}}",
                         128 + signal.Signals[signal_name])
         return None
 
-    def signal_warnings(self, done: int) -> list[str]:
+    def health_warnings(self, done: int) -> list[str]:
         """ttrl.health's no-signal warnings over the last HEALTH_WINDOW steps, checked when that many
         have run (and every HEALTH_WINDOW steps after, or at the last step of a shorter run), each
         kind said once: early enough to stop a run that learns nothing, late enough that a run
@@ -94,7 +124,7 @@ class Control:
         due = done % HEALTH_WINDOW == 0 or (done == self.steps and done < HEALTH_WINDOW)
         if not due:
             return []
-        new = [w for w in no_signal_warnings(self.history[-HEALTH_WINDOW:]) if w.split(":")[0] not in self.said]
+        new = [w for w in learning_warnings(self.history[-HEALTH_WINDOW:]) if w.split(":")[0] not in self.said]
         self.said.update(w.split(":")[0] for w in new)
         return new
 

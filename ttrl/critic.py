@@ -16,13 +16,14 @@ rewards themselves; only the head learns until it is non-zero, then the backbone
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ttrl.config import ModelConfig
-from ttrl.rollout import _cache_kwarg, _checkpointing, group_inputs
+from ttrl import batches
+from ttrl.advantages import CRITIC_ESTIMATORS, last_token_rewards
+from ttrl.config import AlgorithmConfig, ModelConfig
+from ttrl.scoring import TeacherForced, cache_kwarg, checkpointing_on, is_sharded
+from ttrl.train_batch import StepValues, TrainBatch
 
 
 class ValueModel(nn.Module):
@@ -62,69 +63,57 @@ def load_critic(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "c
 def token_values(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
                  group_size: int | list[int] = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """V(s_t) before each completion token t (the state the token was sampled in: the prompt and
-    the answer so far), laid out as `ttrl.rollout.score` lays out log-probs, and computed the same
-    way: each prompt runs once and its KV cache is expanded to its group of completions, except
-    under activation checkpointing (training), where each row runs prompt and completion as one
-    sequence. `model`: a ValueModel, wrapped (DDP) or not. `prompts` has one entry per group of
-    `group_size` consecutive completions. Returns (values [B, T], 0 past each completion's end;
-    mask [B, T])."""
+    the answer so far), laid out and run as `ttrl.scoring.score` runs log-probs (`TeacherForced`).
+    `model`: a ValueModel, wrapped (DDP) or not. Returns (values [B, T], 0 past each completion's
+    end; mask [B, T])."""
     from transformers import DynamicCache
 
-    device = next(model.parameters()).device
-    sizes, rows, (p_ids, p_mask), (c_ids, c_mask) = group_inputs(prompts, completions, pad_id, group_size, device)
-    width = c_ids.shape[1]
-    if model.training and torch.is_grad_enabled() and _checkpointing(model):
-        mask = torch.cat([p_mask[rows], c_mask[:, :-1]], 1)
-        values = model(input_ids=torch.cat([p_ids[rows], c_ids[:, :-1]], 1), attention_mask=mask,
-                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0), n_values=width)
-        return values * c_mask, c_mask.float()
+    b = TeacherForced.of(prompts, completions, pad_id, group_size, next(model.parameters()).device)
+    if model.training and torch.is_grad_enabled() and checkpointing_on(model):
+        return model(**b.whole(), n_values=b.width) * b.c_mask, b.c_mask.float()
     cache = DynamicCache()
-    cache_kw = {"use_cache": True, _cache_kwarg(getattr(model, "module", model).backbone): cache}
-    first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
-                  n_values=1, **cache_kw)  # [prompts, 1]: the state before each answer's first token
-    if len(set(sizes)) == 1 and sizes[0] > 1:
-        cache.batch_repeat_interleave(sizes[0])
-    elif len(set(sizes)) > 1:
-        cache.batch_select_indices(rows)
-    values, p_mask = first[rows], p_mask[rows]
-    if width > 1:
-        mask = torch.cat([p_mask, c_mask[:, :-1]], 1)
-        c_pos = p_mask.sum(-1, keepdim=True) + torch.arange(width - 1, device=device)
-        rest = model(input_ids=c_ids[:, :-1], attention_mask=mask, position_ids=c_pos, n_values=width - 1, **cache_kw)
-        values = torch.cat([values, rest], 1)
-    return values * c_mask, c_mask.float()
+    cache_kw = {"use_cache": True, cache_kwarg(getattr(model, "module", model).backbone): cache}
+    first = model(**b.prompt_pass(), n_values=1, **cache_kw)  # [prompts, 1]: the state before each answer's first token
+    values = b.expand(cache, first)
+    if b.width > 1:
+        values = torch.cat([values, model(**b.answer_pass(b.width - 1), n_values=b.width - 1, **cache_kw)], 1)
+    elif is_sharded(model):  # under FSDP every rank runs as many forwards (each gathers the parameters)
+        with torch.no_grad():
+            model(**b.answer_pass(1), n_values=1, **cache_kw)
+    return values * b.c_mask, b.c_mask.float()
 
 
 def zero_value_loss(model, pad_id: int) -> torch.Tensor:
     """0 through every critic parameter, for a rank out of work in a micro-batch (it must still
-    join the gradient all-reduce, as `ttrl.distributed.zero_loss` does for the policy)."""
+    join the gradient all-reduce, as `ttrl.update.zero_loss` does for the policy)."""
     values, _ = token_values(model, [[pad_id]], [[pad_id, pad_id]], pad_id)
     return values.sum() * 0.0
 
 
-@dataclass
-class StepValues:
-    """One step's trained samples as one padded batch, before the update: what PPO's critic
-    predicted, and what it is trained towards. Rows are the kept groups' trained samples in order."""
-    values: torch.Tensor
-    """[B, T] V(s_t) at sampling time: the anchor of value clipping."""
-    advantages: torch.Tensor
-    """[B, T] GAE advantages before whitening."""
-    returns: torch.Tensor
-    """[B, T] advantages + values: the critic's regression targets."""
-    mask: torch.Tensor
-    """[B, T] 1 on answer tokens."""
-    rows: list[list[int] | None]
-    """Per group of the step: the rows of its trained samples (in `train_idx` order); None if skipped."""
-
-    def stats(self) -> dict:
-        """critic/values, critic/returns (token means) and critic/explained_variance =
-        1 - Var(R - V) / Var(R) over the step's tokens: 1 is a perfect critic, <= 0 no better than
-        predicting the mean (None when every return is equal: a unanimous step, common late in TTRL,
-        whose float rounding would otherwise divide by ~1e-15)."""
-        m, n = self.mask, self.mask.sum().clamp(min=1)
-        mean = lambda x: float((x * m).sum() / n)  # noqa: E731
-        var = lambda x: mean((x - mean(x)) ** 2)  # noqa: E731
-        var_r = var(self.returns)
-        return {"critic/values": mean(self.values), "critic/returns": mean(self.returns),
-                "critic/explained_variance": 1 - var(self.returns - self.values) / var_r if var_r > 1e-8 else None}
+def critic_values(model, batch: TrainBatch, algo: AlgorithmConfig, pad_id: int, dist) -> StepValues:
+    """PPO's reading of a step before any update: the value model's V(s_t) on every token of the
+    batch's trained answers (each rank its share of the prompts, then gathered), and GAE over them
+    (`algorithm.gamma`, `lam`) with each answer's reward at its last token. `model`: the value
+    model as the engine wraps it."""
+    lengths, rows, n = batch.lengths, [], 0
+    for answers in lengths:
+        rows.append(list(range(n, n + len(answers))) if answers else None)
+        n += len(answers)
+    mine = batches.pack(batches.samples_of(list(dist.share(len(lengths))), lengths), lengths, batch.prompt_lengths,
+                        algo.micro_batch_size, algo.micro_batch_tokens)
+    model = dist.unwrap(model).eval()
+    computed = []
+    with torch.no_grad(), dist.autocast(), dist.gathered(model):  # ranks run different numbers of passes
+        for pieces in mine:
+            prompts, completions, sizes = batch.inputs(pieces)
+            v, _ = token_values(model, prompts, completions, pad_id, sizes)
+            computed.append(([rows[piece.prompt][j] for piece in pieces for j in piece.samples], v.float().cpu()))
+    flat = [length for answers in lengths for length in answers]
+    values, mask = torch.zeros(n, max(flat, default=1)), torch.zeros(n, max(flat, default=1))
+    for idx, v in dist.gather(computed):
+        values[idx, : v.shape[1]] = v
+    for r, length in enumerate(flat):
+        mask[r, :length] = 1.0
+    rewards = last_token_rewards(torch.tensor([x for answers in batch.rewards for x in answers]), mask)
+    advantages, returns = CRITIC_ESTIMATORS[algo.advantage](rewards, values, mask, algo.gamma, algo.lam)
+    return StepValues(values=values, advantages=advantages, returns=returns, mask=mask, rows=rows)

@@ -13,8 +13,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ttrl.choices import LETTERS, MAX_CHOICES, MIN_CHOICES, choice_of, render_choices
+from ttrl.choices import LETTERS, MAX_CHOICES, MIN_CHOICES, ambiguity, choice_of, render_choices
 from ttrl.config import ArithmeticConfig, Config, DataConfig
+from ttrl.console import warn
 
 DATASETS_DIR = Path(__file__).parent / "datasets"
 BUNDLED = ("aime2024", "amc", "math500", "arithmetic")
@@ -127,8 +128,8 @@ def load_file(path: str | Path, prompt_field: str = "problem", answer_field: str
         what = "is a directory" if path.is_dir() else "not found"
         raise DataError(f"data file {path} {what}; give a .jsonl/.json/.parquet file or one of: "
                         f"{', '.join(BUNDLED)}")
-    problems, seen = [], {}
-    for where, record in _read_records(path):
+    problems, seen, records = [], {}, _read_records(path)
+    for where, record in records:
         at = f"{path}:{where}" if path.suffix.lower() in (".jsonl", ".ndjson") else f"{path} record {where}"
         if not isinstance(record, dict):
             raise DataError(f"{at}: expected a JSON object, got {type(record).__name__}")
@@ -166,7 +167,26 @@ def load_file(path: str | Path, prompt_field: str = "problem", answer_field: str
         problems.append(Problem(id=pid, prompt=prompt, answer=answer, choices=choices, source=at))
     if not problems:
         raise DataError(f"{path}: no prompts found; the file is empty")
+    if choices_field and not any(p.choices for p in problems):
+        _unread_options(path, [record for _, record in records], choices_field)
     return problems
+
+
+def _unread_options(path: Path, records: list, choices_field: str) -> None:
+    """Warn when no record has `choices_field` but most hold another field that looks like the
+    options of a multiple-choice question (a list of 2..26 texts): the model would get open
+    questions, never seeing the options."""
+    counts: dict[str, int] = {}
+    for record in records:
+        for key, value in record.items() if isinstance(record, dict) else ():
+            if isinstance(value, list) and MIN_CHOICES <= len(value) <= MAX_CHOICES and \
+                    all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+                counts[key] = counts.get(key, 0) + 1
+    likely = [key for key, n in sorted(counts.items(), key=lambda kv: -kv[1]) if n > len(records) / 2]
+    if likely:
+        warn(f"{path}: no record has a '{choices_field}' field (data.choices_field), but field '{likely[0]}' holds "
+             "lists like the options of a multiple-choice question; they are not shown to the model, which gets "
+             f"open questions. If they are the options, set data.choices_field={likely[0]}")
 
 
 def _duplicate_id(pid: str, id_field: str, this: tuple[str, bool], first: tuple[str, bool]) -> str:
@@ -195,6 +215,9 @@ def _choices(value, at: str, name: str) -> tuple[str, ...] | None:
     if twice is not None:
         raise DataError(f"{at}: options {LETTERS[keys.index(keys[twice])]} and {LETTERS[twice]} are both "
                         f"{value[twice]!r}; each option must differ, or a text could not name one letter")
+    why = ambiguity(value)
+    if why:
+        raise DataError(f"{at}: {why}")
     return tuple(value)
 
 
@@ -208,7 +231,7 @@ def _encodable(text: str) -> bool:
 
 def drop_too_long(problems: list[Problem], lengths: list[int], budget: int, policy: str,
                   why: str) -> tuple[list[Problem], list[Problem]]:
-    """(kept, skipped): prompts of more than `budget` tokens are skipped, or fail when
+    """(kept, dropped): prompts of more than `budget` tokens are dropped, or fail when
     policy == "fail". `why` says where the budget comes from, for the message."""
     over = {i for i, n in enumerate(lengths) if n > budget}
     if over and policy == "fail":
@@ -227,20 +250,31 @@ def drop_too_long(problems: list[Problem], lengths: list[int], budget: int, poli
 def fit_context(problems: list[Problem], tok, model, cfg: Config, max_new_tokens: int, key: str) -> list[Problem]:
     """Leave out (data.too_long=skip, with a warning) or fail on prompts that leave no room for
     `max_new_tokens` (the setting `key`) in the model's context."""
-    from ttrl.distributed import warn
-    from ttrl.models import encode_problems
-
-    context = getattr(model.config, "max_position_embeddings", None)
-    if not context or not problems:
+    if not problems:
         return problems
     ids = encode_problems(tok, problems, cfg)
+    check_encoded(problems, ids, getattr(model.config, "vocab_size", None), cfg.model.name)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not context:
+        return problems
     budget, why = context - max_new_tokens, f"context {context} (max_position_embeddings) - {key} {max_new_tokens}"
-    kept, skipped = drop_too_long(problems, [len(x) for x in ids], budget, cfg.data.too_long, why)
-    if skipped:
-        names = ", ".join(repr(p.id) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        warn(f"skipped {len(skipped)} of {len(problems)} prompts longer than {budget} tokens ({why}): "
+    kept, dropped = drop_too_long(problems, [len(x) for x in ids], budget, cfg.data.too_long, why)
+    if dropped:
+        names = ", ".join(repr(p.id) for p in dropped[:5]) + (", ..." if len(dropped) > 5 else "")
+        warn(f"skipped {len(dropped)} of {len(problems)} prompts longer than {budget} tokens ({why}): "
              f"{names}; set data.too_long=fail to stop instead")
     return kept
+
+
+def check_encoded(problems: list[Problem], ids: list[list[int]], vocab: int | None, model: str) -> None:
+    """Every prompt must encode to tokens the model knows: none (a tokenizer without a vocabulary)
+    or ids past its vocabulary (another model's tokenizer) would fail only inside the sampler."""
+    for p, x in zip(problems, ids):
+        if not x or (vocab and max(x) >= vocab):
+            what = "no tokens" if not x else f"token id {max(x)}, past the model's vocabulary of {vocab}"
+            raise DataError(f"prompt {p.id!r} encodes to {what} with the tokenizer of model.name = {model!r}; "
+                            "the model directory needs its own tokenizer files (tokenizer.json, "
+                            "tokenizer_config.json)")
 
 
 def load_problems(source: str, cfg: DataConfig) -> list[Problem]:
@@ -280,6 +314,24 @@ def render_prompt(problem: Problem, template: str) -> str:
     if options and "{choices}" not in template:
         text, options = f"{text}\n{options}", ""
     return _PLACEHOLDER.sub(lambda m: text if m.group(1) == "problem" else options, template)
+
+
+def encode_prompts(tokenizer, texts: list[str], chat_template: bool = True, system_prompt: str = "") -> list[list[int]]:
+    """Prompt token ids, each text as one user chat turn (after a system turn, when given) when the
+    tokenizer has a template; otherwise the plain text, the system prompt and a blank line first."""
+    if chat_template and tokenizer.chat_template:
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        return [list(tokenizer.apply_chat_template(system + [{"role": "user", "content": t}],
+                                                   add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"]) for t in texts]
+    return [tokenizer(f"{system_prompt}\n\n{t}" if system_prompt else t)["input_ids"] for t in texts]
+
+
+def encode_problems(tokenizer, problems, cfg) -> list[list[int]]:
+    """Prompt token ids of `problems` as the config renders them (data.template, data.system_prompt,
+    model.chat_template): what the trainer and the evaluation feed the model."""
+    return encode_prompts(tokenizer, [render_prompt(p, cfg.data.template) for p in problems], cfg.model.chat_template,
+                          cfg.data.system_prompt)
 
 
 def load_sets(cfg: Config) -> tuple[list[Problem], dict[str, list[Problem]]]:

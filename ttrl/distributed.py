@@ -4,31 +4,19 @@ One process per GPU (or per CPU process, on gloo), started by `torchrun` or `acc
 Each rank samples and votes on its contiguous share of a step's prompts, so all N votes of a
 prompt stay on one rank; the shares are then gathered, so every rank holds the whole step and
 computes advantages and metrics exactly as a single process would; each rank trains on its
-share, and the engine (DDP, FSDP, DeepSpeed) all-reduces the gradients. See docs/distributed.md.
+share, and the engine all-reduces the gradients: accelerate's DDP, or (`train.parallel=fsdp`)
+PyTorch's FSDP2 applied by ttrl itself (ttrl.fsdp). See docs/distributed.md.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import contextmanager, nullcontext
 
 import torch
 
 from ttrl.config import ConfigError
-from ttrl.rollout import score
-
-
-def is_main_process() -> bool:
-    """Rank 0, read from the launcher's environment (usable before any process group exists)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def warn(message: str) -> None:
-    """Every warning ttrl prints: one line on stderr, from rank 0 only (every rank would say the
-    same); rich's live progress bar redirects stderr above itself."""
-    if is_main_process():
-        print(f"warning: {message}", file=sys.stderr)
+from ttrl.console import warn
 
 
 def shard(n: int, rank: int, world: int) -> range:
@@ -59,18 +47,27 @@ def make_accelerator():
 
 class Dist:
     """This process's place among the ranks, and the collectives the trainer uses. Without an
-    Accelerator: one process, and every operation is the identity."""
+    Accelerator: one process, and every operation is the identity. `parallel`: train.parallel."""
 
-    def __init__(self, accelerator=None):
+    def __init__(self, accelerator=None, parallel: str = "ddp"):
         self.accelerator = accelerator
         self.rank = accelerator.process_index if accelerator else 0
         self.world = accelerator.num_processes if accelerator else 1
         self.is_main = self.rank == 0
         self.device = accelerator.device if accelerator else torch.device("cpu")
         kind = str(accelerator.distributed_type) if accelerator else "NO"
-        self.deepspeed = "DEEPSPEED" in kind
-        self.sharded = self.deepspeed or "FSDP" in kind
-        """Parameters and/or optimizer state are split across ranks (FSDP, DeepSpeed ZeRO)."""
+        if "FSDP" in kind or "DEEPSPEED" in kind:
+            engine = "FSDP" if "FSDP" in kind else "DeepSpeed"
+            raise ConfigError(f"this launch asks accelerate for {engine}, which ttrl "
+                              "does not use: launch with a DDP accelerate config (configs/accelerate/multi_gpu.yaml) "
+                              "or torchrun, and set train.parallel=fsdp to shard the model (docs/distributed.md)")
+        self.parallel = parallel
+        self.sharded = parallel == "fsdp" and self.world > 1
+        """Parameters, gradients and optimizer state are split across ranks (FSDP2, ttrl.fsdp)."""
+        if self.sharded and getattr(accelerator, "mixed_precision", "no") == "fp16":
+            raise ConfigError("config key 'train.parallel' = 'fsdp': FSDP trains in float32 or bf16 (bf16 parameters, "
+                              "float32 gradient reduction), not with fp16 loss scaling; use mixed_precision bf16 or "
+                              "no in the accelerate config", "train.parallel")
 
     def share(self, n: int, rank: int | None = None) -> range:
         return shard(n, self.rank if rank is None else rank, self.world)
@@ -81,14 +78,20 @@ class Dist:
                               f"at most the number of training prompts): must be divisible by the {self.world} "
                               f"processes, so each trains on as many; use a multiple of {self.world}")
 
+    def shard(self, model):
+        """Under FSDP `model` sharded in place (ttrl.fsdp.shard_model); build its optimizer after this."""
+        if not self.sharded:
+            return model
+        from ttrl.fsdp import shard_model
+
+        bf16 = self.device.type == "cuda" and self.accelerator.mixed_precision == "bf16"
+        return shard_model(model, self.device, self.world, bf16=bf16)
+
     def prepare(self, model, optimizer):
-        """(model, optimizer) wrapped for the engine; the model is moved to this rank's device."""
-        if self.accelerator is None:
+        """(model, optimizer) wrapped for the engine (DDP); the model is moved to this rank's device.
+        A model sharded by `shard` is its own engine and is returned as it is."""
+        if self.accelerator is None or self.sharded:
             return model, optimizer
-        if self.deepspeed:  # no DataLoader is prepared, so DeepSpeed cannot infer its micro-batch size
-            ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
-            if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-                ds["train_micro_batch_size_per_gpu"] = 1
         return self.accelerator.prepare(model, optimizer)
 
     def unwrap(self, model):
@@ -142,7 +145,7 @@ class Dist:
     # --- the backward pass --------------------------------------------------------------------
 
     def backward(self, loss: torch.Tensor) -> None:
-        if self.accelerator is None:
+        if self.accelerator is None or self.sharded:
             loss.backward()
         else:
             self.accelerator.backward(loss)
@@ -153,21 +156,22 @@ class Dist:
         micro-batch of an optimizer step) all-reduces them, so a step costs one all-reduce."""
         if self.accelerator is None:
             yield
-            return
-        if self.deepspeed:  # DeepSpeed reads the boundary from accelerate's state, and steps inside backward
-            self.accelerator.gradient_state._set_sync_gradients(sync)
-        try:
+        elif self.sharded:  # FSDP2: unsharded gradients accumulate until the reduce-scatter of the last
+            model.set_requires_gradient_sync(sync)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        else:
             with nullcontext() if sync else self.accelerator.no_sync(model):
                 yield
-        finally:
-            if self.deepspeed:
-                self.accelerator.gradient_state._set_sync_gradients(True)
 
     def clip_grad_norm_(self, params, max_norm: float) -> float:
-        if self.accelerator is None:
-            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        norm = self.accelerator.clip_grad_norm_(params, max_norm)
-        return float(norm) if norm is not None else 0.0  # DeepSpeed clips inside its step and may not report
+        """Clip to the norm of the whole gradient (under FSDP, of every rank's shards together)."""
+        if self.accelerator is None or self.sharded:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return float(self.accelerator.clip_grad_norm_(params, max_norm))
 
     def autocast(self):
         """Mixed precision (bf16/fp16 from the accelerate config) for forwards outside the prepared model."""
@@ -175,48 +179,18 @@ class Dist:
 
     @contextmanager
     def generation(self, model):
-        """The plain model to sample from. Under ZeRO-3 and FSDP its parameters are gathered for the
-        whole rollout (ranks decode different numbers of steps, so a collective per forward would
+        """The plain model to sample from. Under FSDP its parameters are gathered for the whole
+        rollout (ranks decode different numbers of steps, so a collective per forward would
         deadlock); otherwise this is just the unwrapped model."""
         plain = self.unwrap(model)
-        with self.autocast():
-            if self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-                try:  # TRL's helper: gather once, lift DeepSpeed's per-module hooks, put them back after
-                    from trl.models import unwrap_model_for_generation
-                except ImportError:
-                    raise ConfigError("DeepSpeed ZeRO-3 rollouts gather the parameters with TRL's helper: "
-                                      "pip install 'ttrl[trl]' (or use ZeRO-2 or FSDP)") from None
-                with unwrap_model_for_generation(model, self.accelerator) as gathered:
-                    yield gathered
-            elif self.sharded and not self.deepspeed:
-                with _fsdp_full_params(plain):
-                    yield plain
-            else:
-                yield plain
+        with self.autocast(), self.gathered(plain):
+            yield plain
 
+    def gathered(self, model):
+        """Under FSDP, `model`'s parameters gathered whole until the block ends (ttrl.fsdp.full_params):
+        for passes whose number differs between ranks. Otherwise nothing."""
+        if not self.sharded:
+            return nullcontext(model)
+        from ttrl.fsdp import full_params
 
-@contextmanager
-def _fsdp_full_params(module):
-    """FSDP2: all-gather every sharded module once and keep it unsharded through the rollout."""
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
-    if not units:
-        raise ConfigError("FSDP rollouts need FSDP2 (fully_shard): set fsdp_version: 2 in the accelerate config, "
-                          "as configs/accelerate/fsdp.yaml does")
-    for m in units:
-        m.unshard()
-        m.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield module
-    finally:
-        for m in units:
-            m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
-
-
-def zero_loss(model, pad_id: int, temperature: float) -> torch.Tensor:
-    """A loss of 0 through every parameter, for a rank out of work in a micro-batch: it still has
-    to join the gradient all-reduce (and, under FSDP, as many forwards) as the others."""
-    logp, _ = score(model, [[pad_id]], [[pad_id, pad_id]], temperature, pad_id)
-    return logp.sum() * 0.0
+        return full_params(model)

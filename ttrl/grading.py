@@ -65,15 +65,24 @@ _CHOICE = r"[A-J]"
 # ---------------------------------------------------------------- extraction
 
 
+CUSTOM: dict = {"extract": None, "equivalent": None}
+"""The user's answer extractor and equivalence (data.answer_extractor / answer_equivalence), when
+installed by ttrl.plugins.use_answer_checker: every stage reads answers through the two functions
+below, which then defer to them."""
+
+
 def extract_answer(text: str) -> str | None:
     """Final answer of a completion; None = no answer (never wins a vote, reward 0).
 
-    Tries, in order: the last `\\boxed{}`/`\\fbox{}`; the later of "the answer is X" /
+    With a custom extractor installed, its answer (a blank one counts as none). Else tries, in order: the last `\\boxed{}`/`\\fbox{}`; the later of "the answer is X" /
     "Answer: X" and "#### X"; the last number (or "(B)") near the end, unless it is the
     right operand of an expression left unevaluated ("9 + 8": no answer).
     """
     if not isinstance(text, str) or not text:
         return None
+    if CUSTOM["extract"] is not None:
+        answer = CUSTOM["extract"](text)
+        return str(answer) if answer is not None and str(answer).strip() else None
     for found in (last_boxed(text), _answer_phrase(text), _last_number(text)):
         answer = _clean(found) if found is not None else None
         if answer:
@@ -217,10 +226,13 @@ def _clean(answer: str) -> str | None:
 def is_equivalent(a: str | None, b: str | None) -> bool:
     """Math equivalence, cached per distinct (a, b) pair, never raises, bounded time.
 
-    None is equivalent to nothing; neither is an empty answer. Symmetric.
+    None is equivalent to nothing; neither is an empty answer. Symmetric. With a custom
+    equivalence installed, its judgement of two non-empty answers.
     """
     if not isinstance(a, str) or not isinstance(b, str):
         return False
+    if CUSTOM["equivalent"] is not None:
+        return bool(a.strip() and b.strip()) and bool(CUSTOM["equivalent"](a, b))
     if a == b:
         return bool(a.strip())
     if max(len(a), len(b)) > MAX_CACHED_CHARS:  # keeps the caches small and sympy away

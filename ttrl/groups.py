@@ -27,8 +27,8 @@ class Group:
     """Indices (within the group) of the M samples that are rewarded and trained on."""
     rewards: list[float] = field(default_factory=list)
     """Reward of each sample in `train_idx`, in that order."""
-    skipped: bool = False
-    """Left out of the update (majority ratio below reward.min_majority_ratio)."""
+    excluded: bool = False
+    """Left out of the update: its vote is less decisive than reward.min_majority_ratio."""
 
 
 def vote(rollout: Rollout, choices: list[tuple[str, ...] | None] | None = None) -> list[Group]:
@@ -70,22 +70,22 @@ def reward(groups: list[Group], rollout: Rollout, cfg: RewardConfig, seeds: list
                                      penalty=cfg.penalty, penalty_min_ratio=cfg.penalty_min_ratio,
                                      penalty_entropy_gate=cfg.penalty_entropy_gate)
         out.append(replace(g, train_idx=chosen, rewards=list(rewards),
-                           skipped=g.vote.majority_ratio < cfg.min_majority_ratio))
+                           excluded=g.vote.majority_ratio < cfg.min_majority_ratio))
     return out
 
 
 def diagnostics(groups: list[Group], golds: list[str | None], binary: bool = True) -> dict:
     """Gold-based metrics (label accuracy, reward accuracy, rollout accuracy); read-only, over the
     step's prompts that have a gold answer (none: no metrics), as evaluation counts labelled prompts.
-    Reward accuracy is over the samples trained on (skipped prompts aside) and only for `binary`
-    reward kinds (`rewards.BINARY_KINDS`): a graded reward (soft_majority's 0.9) never equals gold's 1/0."""
+    Reward accuracy is over the samples trained on (excluded prompts aside) and only for `binary`
+    reward kinds (`rewards.RewardKind.binary`): a graded reward (soft_majority's 0.9) never equals gold's 1/0."""
     labelled = [(g, gold) for g, gold in zip(groups, golds) if gold is not None]
     if not labelled:
         return {}
     label_ok = [is_equivalent(g.vote.pseudo_label, gold) for g, gold in labelled]
     rollout_ok = [is_equivalent(a, gold) for g, gold in labelled for a in g.answers]
     reward_ok = [float(is_equivalent(g.answers[i], gold)) == r
-                 for g, gold in labelled if not g.skipped for i, r in zip(g.train_idx, g.rewards)]
+                 for g, gold in labelled if not g.excluded for i, r in zip(g.train_idx, g.rewards)]
     return {"train/label_accuracy": float(np.mean(label_ok)),
             "train/reward_accuracy": float(np.mean(reward_ok)) if reward_ok and binary else None,
             "train/rollout_accuracy": float(np.mean(rollout_ok))}

@@ -27,20 +27,15 @@ def _mean(rows: Sequence[Mapping], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def no_signal_warnings(rows: Sequence[Mapping]) -> list[str]:
+def learning_warnings(rows: Sequence[Mapping]) -> list[str]:
     """Sentences saying why the training rows (metrics.jsonl rows with `train/...` keys) carried
     little or no signal, and what to change; [] when the signal looks usable. Means are taken
     over all the rows given: pass the whole run for a verdict, the last few steps for a live check."""
     no_answer, cut_off = _mean(rows, "train/no_answer"), _mean(rows, "train/truncated")
     ratio = _mean(rows, "train/majority_ratio")
     out = []
-    if no_answer is not None and no_answer > NO_ANSWER_LIMIT:
-        if cut_off is not None and cut_off >= no_answer / 2:
-            fix = (f"{cut_off:.0%} were cut off by rollout.max_new_tokens: raise it (or ask for a shorter "
-                   "answer in data.template)")
-        else:
-            fix = ("most of them ended without an answer the grader can find: check that data.template asks "
-                   "for a final answer it extracts (e.g. \\boxed{}) and that rollout.stop does not end answers early")
+    fix = missing_answers(no_answer, cut_off, "rollout")
+    if fix:
         out.append(f"No signal: {no_answer:.0%} of the training samples had no answer (train/no_answer, "
                    f"mean over {len(rows)} step{'s' * (len(rows) != 1)}), so they neither voted nor earned a "
                    f"reward; {fix}.")
@@ -50,3 +45,27 @@ def no_signal_warnings(rows: Sequence[Mapping]) -> list[str]:
                    "answers. Try more votes (rollout.n_votes), a lower rollout.temperature, or easier prompts: "
                    "TTRL helps only where the base model's maj@N beats a single sample.")
     return out
+
+
+def missing_answers(no_answer: float | None, cut_off: float | None, section: str) -> str | None:
+    """Why most samples had no answer and what to change (`section`: rollout or eval, whose
+    max_new_tokens and stop apply); None when most samples had one."""
+    if no_answer is None or no_answer <= NO_ANSWER_LIMIT:
+        return None
+    if cut_off is not None and cut_off >= no_answer / 2:
+        return (f"{cut_off:.0%} were cut off by {section}.max_new_tokens: raise it (or ask for a shorter "
+                "answer in data.template)")
+    return ("most of them ended without an answer the grader can find: check that data.template asks "
+            f"for a final answer it extracts (e.g. \\boxed{{}}) and that {section}.stop does not end answers early")
+
+
+def eval_warning(name: str, summary: Mapping) -> str | None:
+    """One evaluation's counterpart of the training check: a sentence when most of its samples
+    had no answer (so every accuracy of it reads as 0), else None."""
+    no_answer, cut_off = summary.get("no_answer"), summary.get("truncated")
+    fix = missing_answers(no_answer if is_number(no_answer) else None, cut_off if is_number(cut_off) else None,
+                          "eval")
+    if fix is None:
+        return None
+    return (f"{name}: {no_answer:.0%} of the evaluation samples had no answer, so they count as wrong and its "
+            f"accuracies say little about the model; {fix}")

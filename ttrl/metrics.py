@@ -68,6 +68,8 @@ class MetricsWriter:
             self._wandb.log(scalars, step=row.get("step", 0))
 
     def close(self) -> None:
+        """W&B's service process completes its offline file after this returns: at the latest when
+        this process exits (wandb's exit hook waits for it), or at `wandb.teardown()`."""
         self._file.close()
         if self._tb is not None:
             self._tb.close()
@@ -213,13 +215,57 @@ def progress_bar(disable: bool = False, interval: float = 10.0, stream=None):
         return PlainProgress(None)
     if stream.isatty():
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
 
+        return rich_progress(Console(file=stream))
+    return PlainProgress(stream, interval)
+
+
+NARROW = 100
+"""Terminal columns under which the live bar drops its bar graphic and the word "eta", so that the
+description, counts, times and info still fit on one line (an 80-column terminal)."""
+
+
+def rich_progress(console):
+    """rich's live bar on `console`, laid out for its width: on a narrow terminal no bar graphic,
+    counts and times never cut, and the info wrapped rather than cut."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    from rich.table import Column
+
+    if console.width >= NARROW:
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                        TextColumn("{task.fields[info]}"), console=Console(file=stream))
-    return PlainProgress(stream, interval)
+                        TextColumn("{task.fields[info]}"), console=console)
+    whole = {"table_column": Column(no_wrap=True)}  # a count or a time is never cut
+    return Progress(TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis")),
+                    MofNCompleteColumn(**whole), TimeElapsedColumn(**whole), TextColumn("eta", **whole),
+                    TimeRemainingColumn(compact=True, **whole),
+                    TextColumn("{task.fields[info]}", table_column=Column(overflow="fold")), console=console)
+
+
+_DECODE_WATCHERS: list = []
+
+
+@contextlib.contextmanager
+def watch_decoding(callback):
+    """While inside, `callback(tokens_done, max_new_tokens)` is told after each decoded token of
+    the sampling engine, so a progress display moves within a long decode batch."""
+    _DECODE_WATCHERS.append(callback)
+    try:
+        yield
+    finally:
+        _DECODE_WATCHERS.remove(callback)
+
+
+def tell_decoding(done: int, total: int) -> None:
+    """Called by the sampling engine after each decoding step (cheap when nobody watches)."""
+    for callback in _DECODE_WATCHERS:
+        callback(done, total)
+
+
+def _count(x: float) -> str:
+    """A progress count: whole numbers as such, a fraction (part of a batch decoded) to one decimal."""
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
 
 
 def _clock(seconds: float) -> str:
@@ -244,9 +290,12 @@ class PlainProgress:
                 self._say(task)
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields) -> int:
+        """A new task, said at once (`... 0/30 · elapsed 0:00:00`): a log shows what started."""
         now = self.clock()
         self.tasks.append({"description": description, "total": total, "completed": completed, "fields": fields,
-                           "start": now, "start_completed": completed, "said": None, "unsaid": False})
+                           "start": now, "start_completed": completed, "said": None, "unsaid": False,
+                           "started": True})
+        self._say(self.tasks[-1])
         return len(self.tasks) - 1
 
     def update(self, task_id: int, *, total: float | None = None, completed: float | None = None,
@@ -258,7 +307,8 @@ class PlainProgress:
         task["completed"] += advance or 0
         task["fields"].update(fields)
         done = task["total"] is not None and task["completed"] >= task["total"]
-        if task["said"] is None or done or self.clock() - task["said"] >= self.interval:
+        done = done and task["last"] != (task["completed"], str(task["fields"].get("info", "")))  # said once
+        if task.pop("started", False) or done or self.clock() - task["said"] >= self.interval:
             self._say(task)
         else:
             task["unsaid"] = True
@@ -266,10 +316,11 @@ class PlainProgress:
     def _say(self, task: dict) -> None:
         now = self.clock()
         task["said"], task["unsaid"] = now, False
+        task["last"] = (task["completed"], str(task["fields"].get("info", "")))
         if self.stream is None:
             return
         total, done = task["total"], task["completed"]
-        parts = [f"{task['description']} {done:g}" + (f"/{total:g} ({done / total:.0%})" if total else "")]
+        parts = [f"{task['description']} {_count(done)}" + (f"/{_count(total)} ({done / total:.0%})" if total else "")]
         info = str(task["fields"].get("info", "")).strip()
         if info:
             parts[0] += f" {info}"

@@ -189,6 +189,7 @@ def load_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cp
     if cfg.lora_rank > 0:
         check_lora_targets(config, cfg)
     tok = load_tokenizer(cfg.name)
+    check_tokenizer(tok, config, cfg.name)
     device = torch.device(device)
     if cfg.architecture:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
@@ -211,6 +212,25 @@ def load_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cp
     if cfg.lora_rank > 0:
         model = add_lora(model, cfg)
     return model, tok
+
+
+def check_tokenizer(tok, config, name: str) -> None:
+    """The tokenizer must be the model's: every id it can give (its special tokens among them)
+    inside the model's vocabulary, or the first embedding lookup fails in the middle of a run."""
+    vocab = getattr(config, "vocab_size", None)
+    if tok.eos_token_id is None:
+        raise ModelError(f"model.name = {name!r}: its tokenizer has no end-of-sequence token, so no answer could "
+                         "end; give the directory the model's own tokenizer files (tokenizer.json, "
+                         "tokenizer_config.json)")
+    if not vocab:
+        return
+    special = {n: getattr(tok, f"{n}_token_id", None) for n in ("bos", "eos", "pad")}
+    outside = [f"{n} id {i}" for n, i in special.items() if isinstance(i, int) and i >= vocab]
+    if len(tok) > vocab or outside:
+        raise ModelError(f"model.name = {name!r}: its tokenizer ({len(tok)} tokens{'; ' if outside else ''}"
+                         f"{', '.join(outside)}) does not fit the model's vocabulary of {vocab} (vocab_size); the "
+                         "tokenizer files must be the model's own, and model.architecture.vocab_size, if set, at "
+                         f"least {len(tok)}")
 
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -243,7 +263,12 @@ def load_adapter(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "
         raise ModelError(f"{cfg.name} holds a LoRA adapter of the base model {base!r}, which cannot be loaded: {e}. "
                          f"Edit base_model_name_or_path in {Path(cfg.name) / ADAPTER_CONFIG} to where the base "
                          "model is now") from None
-    model = PeftModel.from_pretrained(model, Path(cfg.name).expanduser()).merge_and_unload()
+    try:
+        model = PeftModel.from_pretrained(model, Path(cfg.name).expanduser()).merge_and_unload()
+    except Exception as e:  # peft, safetensors and torch raise many types for damaged files
+        raise ModelError(f"{cfg.name} holds a LoRA adapter that cannot be loaded ({type(e).__name__}: "
+                         f"{_first_line(e)}); its adapter_model.safetensors is damaged or not of this base model: "
+                         "restore it, or evaluate a checkpoint of the run") from None
     return model, load_tokenizer(cfg.name)
 
 
@@ -323,16 +348,46 @@ def merged_lora(model):
             m._disable_adapters = disabled
 
 
-def encode_prompts(tokenizer, texts: list[str], chat_template: bool = True) -> list[list[int]]:
-    """Prompt token ids, each text as one user chat turn when the tokenizer has a template."""
-    if chat_template and tokenizer.chat_template:
-        return [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                   tokenize=True, return_dict=True)["input_ids"]) for t in texts]
-    return [tokenizer(t)["input_ids"] for t in texts]
+def export_model(model, tok, run_dir: Path, state_dict=None) -> Path:
+    """RUN_DIR/model: the trained model (or LoRA adapter) with its tokenizer."""
+    return save_model(model, tok, run_dir / "model", state_dict)
 
 
-def encode_problems(tokenizer, problems, cfg) -> list[list[int]]:
-    """Prompt token ids of `problems` as the config renders them (data.template, model.chat_template)."""
-    from ttrl.data import render_prompt
+def save_model(model, tok, final: Path, state_dict=None, readme: bool = True) -> Path:
+    """`final`: the model (or LoRA adapter) with its tokenizer (and a README on loading it from the
+    run), written beside and renamed into place, so a kill never leaves weights without a tokenizer."""
+    tmp = final.parent / f".tmp-model-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict)
+    tok.save_pretrained(tmp)
+    if readme:
+        (tmp / "README.md").write_text(how_to_load(model, final), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
 
-    return encode_prompts(tokenizer, [render_prompt(p, cfg.data.template) for p in problems], cfg.model.chat_template)
+
+def how_to_load(model, path: Path) -> str:
+    """RUN_DIR/model/README.md: how to use what ttrl saved, from the command line and from Python."""
+    lines = [f"# {path}", "", "Saved by `ttrl train`. Evaluate it again on the run's own sets: "
+             f"`ttrl eval {path.parent}`.", ""]
+    if hasattr(model, "peft_config"):
+        base = next(iter(model.peft_config.values())).base_model_name_or_path
+        lines += ["This directory holds a **LoRA adapter** (adapter_config.json, adapter_model.safetensors) "
+                  f"trained on top of `{base}`, not a whole model. Load base + adapter merged:", "",
+                  "```python", "from ttrl.config import ModelConfig", "from ttrl.models import load_model",
+                  f'model, tokenizer = load_model(ModelConfig(name="{path}"))', "```", "",
+                  "or with peft directly:", "", "```python", "from peft import PeftModel",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+                  f'model = PeftModel.from_pretrained(base, "{path}").merge_and_unload()',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{path}")', "```", "",
+                  "A run whose base had random weights (model.architecture) rebuilds them from the run's seed: "
+                  "use `ttrl eval RUN_DIR`, which reads the run's config.json."]
+    else:
+        lines += ["A whole Hugging Face model with its tokenizer:", "", "```python",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f'model = AutoModelForCausalLM.from_pretrained("{path}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{path}")', "```"]
+    return "\n".join(lines) + "\n"

@@ -15,10 +15,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ttrl.console import warn
 from ttrl.evaluation import paired_change
-from ttrl.health import no_signal_warnings
+from ttrl.health import learning_warnings
 from ttrl.metrics import is_number, write_csv
 from ttrl.plots import RUN_COLOURS, Plot, make_plots
+from ttrl.plugins import PluginError, use_answer_checker
 from ttrl.rundir import ENVIRONMENT_FILE, ReportError, Run, graded, load_run
 
 __all__ = ["ENVIRONMENT_FILE", "ReportError", "Run", "load_run", "write_report", "write_compare",
@@ -64,9 +66,41 @@ class Doc:
         self.blocks.append((kind, *args))
 
 
+def moved(run: Run) -> list[tuple[str, float, float]]:
+    """(set, change, standard error) of each eval set whose avg@k moved from the base model's beyond
+    two paired standard errors: evidence that training changed the model, whatever the training
+    metrics say."""
+    out = []
+    for name in run.evals:
+        base, final = run.base(name), run.final(name)
+        change = paired_change(base, final, f"avg@{run.k}") if base and final else None
+        if change is not None and change[1] is not None and beyond(change[0], change[1]) == "beyond":
+            out.append((name, change[0], change[1]))
+    return out
+
+
+def signal_warnings(run: Run) -> list[tuple[str, str]]:
+    """The training-signal checks (ttrl.health) as report blocks, (kind, text): "warn" as they stand,
+    or, where the evaluation moved beyond noise, a "note" that says both, so the box never
+    contradicts the table below it."""
+    changed = moved(run)
+    out = []
+    for warning in learning_warnings(run.steps):
+        head, body = (part.strip() for part in warning.split(":", 1))
+        if not changed:
+            out.append(("warn", f"**{head}.** {body}"))
+            continue
+        where = ", ".join(f"{name} {pts(m)} ± {200 * se:.1f} points" for name, m, se in changed)
+        out.append(("note", f"**Weak training signal.** {body} Still, what signal there was moved the model: avg@{run.k} "
+                            f"changed from the base model's beyond two standard errors ({where}; paired by prompt), "
+                            "so the results below are a real, if small, effect."))
+    return out
+
+
 def beats_voting(run: Run) -> str:
     """The plain answer to "does training beat just voting?": TTRL avg@k against the bar, the
-    better of the base model's greedy answer and its maj@k (greedy alone often beats a vote)."""
+    better of the base model's greedy answer and its maj@k (greedy alone often beats a vote), and
+    how each comparison stands against its noise, each named."""
     base, final, k, bar = run.base(), run.final(), run.k, run.bar()
     q = "Does training beat just voting?"
     if not base or not final:
@@ -78,15 +112,15 @@ def beats_voting(run: Run) -> str:
     both = is_number(base.get("greedy")) and is_number(base.get(f"maj@{k}"))
     against = f"{of} ({pct(m)} {what.removeprefix('base ')}" + (f", the better of base greedy and maj@{k})" if both
                                                                  else ")")
-    small = _noise(base, final, f"avg@{k}", "greedy" if what == "base greedy" else f"maj@{k}", a - m)
+    small = _noise(base, final, f"avg@{k}", "greedy" if what == "base greedy" else f"maj@{k}", a - m, what)
     where = graded(final)
     small += f" ({where})" if where else ""
-    warnings = no_signal_warnings(run.steps)
-    if warnings:  # nothing (or little) was learnt from: equal numbers are not "a tie"
-        head = warnings[0].split(":", 1)[0].lower()
+    own = _own_change(base, final, k)
+    if any(kind == "warn" for kind, _ in signal_warnings(run)):  # nothing (or little) learnt from: not "a tie"
+        head = learning_warnings(run.steps)[0].split(":", 1)[0].lower()
         return (f"{q} **No verdict ({head} in training).** After TTRL one sample is right {pct(a)} of the time "
                 f"(avg@{k}) against {against}, but with so little to learn from this says little about what "
-                f"TTRL did{small}.")
+                f"TTRL did{small}.{own}")
     if a > m:
         verdict = f"**Yes.** After TTRL one sample is right {pct(a)} of the time (avg@{k}), above {against}: " \
                   f"{pts(a - m)} points"
@@ -96,7 +130,7 @@ def beats_voting(run: Run) -> str:
     else:
         verdict = f"**Not yet.** After TTRL one sample is right {pct(a)} of the time (avg@{k}), below {against}: " \
                   f"{pts(a - m)} points"
-    return f"{q} {verdict}{small}."
+    return f"{q} {verdict}{small}.{own}"
 
 
 def beyond(difference: float, se: float) -> str:
@@ -104,16 +138,29 @@ def beyond(difference: float, se: float) -> str:
     return "beyond" if abs(difference) > 2 * se else "within"
 
 
-def _noise(base: dict, final: dict, metric: str, bar_metric: str, gain: float) -> str:
-    """How the gain over the bar compares with its noise: twice the standard error of the per-problem
+def _noise(base: dict, final: dict, metric: str, bar_metric: str, gain: float, what: str = "the bar") -> str:
+    """How the gap to the bar compares with its noise: twice the standard error of the per-problem
     differences (`evaluation.paired_change`); for runs without per-problem scores, a caution on
-    small sets."""
+    small sets. Names the comparison, so it is not read as the table's change from base avg@k."""
     change = paired_change(base, final, bar_metric, metric)
     if change is None or change[1] is None:
         n = base.get("n_prompts")
         return f"; on {n} prompts a few points are noise" if is_number(n) and n < 50 else ""
     _, se, n = change
-    return f"; {beyond(gain, se)} two standard errors of no change (±{200 * se:.1f} points over these {n} prompts)"
+    return (f"; this gap to {what} is {beyond(gain, se)} two standard errors of zero (±{200 * se:.1f} points, "
+            f"paired over these {n} prompts)")
+
+
+def _own_change(base: dict, final: dict, k: int) -> str:
+    """A sentence on the other comparison, the table's: TTRL avg@k minus the base model's avg@k,
+    with its paired noise ("" without per-problem scores)."""
+    change = paired_change(base, final, f"avg@{k}")
+    if change is None or change[1] is None:
+        return ""
+    m, se, n = change
+    return (f" Against the base model's own avg@{k} (the change in the table below), one sample is right "
+            f"{pts(m)} points more often, ±{200 * se:.1f}: {beyond(m, se)} two standard errors of no change "
+            f"over these {n} prompts.")
 
 
 def _mean(run: Run, key: str) -> float | None:
@@ -129,9 +176,10 @@ def headline(run: Run, doc: Doc) -> None:
                  f"samples, T = {run.cfg('rollout.temperature')}, lr {run.cfg('algorithm.lr')}), evaluated with "
                  f"k = {k} samples." + ("" if run.finished else f" **The run has not finished** "
                                                                 f"({len(run.steps)} of {steps} steps logged)."))
-    no_signal = no_signal_warnings(run.steps)
-    for warning in no_signal:  # before any number, so that nobody reads a no-signal run as a result
-        doc.add("warn", f"**{warning.split(':', 1)[0]}.** {warning.split(':', 1)[1].strip()}")
+    signal = signal_warnings(run)
+    no_signal = [text for kind, text in signal if kind == "warn"]
+    for kind, text in signal:  # before any number, so that nobody reads a no-signal run as a result
+        doc.add(kind, text)
     collapse = next((r for r in run.steps if isinstance(r.get("collapse_warning"), str)), None)
     if collapse:  # recorded by the trainer the step ttrl.stopping.collapse_reason first fired
         doc.add("warn", f"**Collapse watch, step {collapse['step']}.** "
@@ -212,7 +260,9 @@ def setup_table(runs: list[Run]) -> tuple[list[str], list[list]]:
     fields = [("model", describe_model), ("data", lambda r: str(r.cfg("data.train"))),
               ("N", lambda r: r.cfg("rollout.n_votes")), ("M", lambda r: r.cfg("reward.n_train_samples")),
               ("T", lambda r: r.cfg("rollout.temperature")),
-              ("algorithm", lambda r: f"{r.cfg('algorithm.advantage')}, {r.cfg('reward.kind')} reward"),
+              ("algorithm", lambda r: f"{r.cfg('algorithm.advantage')}, {r.cfg('reward.kind')} reward"
+                                      + (", contrast" if r.cfg("reward.contrast") else "")),
+              ("voting", voting),
               ("lr", lambda r: r.cfg("algorithm.lr")), ("KL coef", lambda r: r.cfg("algorithm.kl_coef")),
               ("steps × prompts", lambda r: f"{len(r.steps)} × {r.cfg('train.prompts_per_step')}"),
               ("holdout", lambda r: r.cfg("data.holdout")), ("eval k, T", lambda r: f"{r.k}, "
@@ -221,6 +271,14 @@ def setup_table(runs: list[Run]) -> tuple[list[str], list[list]]:
     if len(runs) == 1:
         return ["setting", "value"], [[k, str(f(runs[0]))] for k, f in fields]
     return ["run"] + [k for k, _ in fields], [[r.name] + [str(f(r)) for _, f in fields] for r in runs]
+
+
+def voting(run: Run) -> str:
+    """How the N votes were drawn: all at once, or sequentially (rollout.vote_round, vote_confidence)."""
+    rounds, confidence = run.cfg("rollout.vote_round") or 0, run.cfg("rollout.vote_confidence") or 0
+    if not rounds:
+        return "all N at once"
+    return f"sequential, rounds of {rounds}" + (f", stop at confidence {confidence}" if confidence else "")
 
 
 def env_table(run: Run) -> list[list]:
@@ -294,17 +352,25 @@ def damaged(run: Run, doc: Doc, many: bool = False) -> None:
         doc.add("note", f"**Damaged run files{f' in {run.name}' if many else ''}.** Left out: {shown}.")
 
 
-def paired_table(runs: list[Run]) -> tuple[list[str], list[list]] | None:
+def paired_table(runs: list[Run], left_out: list[str] | None = None) -> tuple[list[str], list[list]] | None:
     """The first run's final avg@k minus each other run's, per eval set, over the prompts both
     evaluated, with twice the paired standard error (`evaluation.paired_change`): is TTRL (listed
-    first) ahead of a control arm beyond noise? None when no pair of evaluations kept per-prompt scores."""
+    first) ahead of a control arm beyond noise? None when no pair of evaluations kept per-prompt scores.
+    `left_out` gets a sentence per run or set that could have been paired but was not, and why."""
     first, rows = runs[0], []
+    said = left_out if left_out is not None else []
     for other in runs[1:]:
         if first.k != other.k:
+            said.append(f"{other.name} is left out: it was evaluated with k = {other.k} samples, {first.name} with "
+                        f"k = {first.k}; evaluate both with the same eval.n_samples (`ttrl eval RUN "
+                        f"eval.n_samples={first.k}`) to pair them")
             continue
         for name in first.evals:
             a, b = first.final(name), other.final(name)
             change = paired_change(b, a, f"avg@{first.k}") if a and b else None
+            if change is None and a and b and all(f"avg@{first.k}" in (r.get("scores") or {}) for r in (a, b)):
+                said.append(f"{other.name} on {name} is left out: it shares no evaluated prompt with {first.name} "
+                            "(other data, or another data.holdout split)")
             if change is None or change[1] is None:
                 continue
             mean, se, n = change
@@ -320,15 +386,18 @@ def build_compare(runs: list[Run], plots: list[Plot], missing: list[str]) -> Doc
     doc.add("p", "Does training beat just voting?")
     for r in runs:
         doc.add("p", f"**{r.name}**: {beats_voting(r).split('? ', 1)[1]}")
-        for warning in no_signal_warnings(r.steps):
+        for warning in learning_warnings(r.steps):
             doc.add("warn", f"**{r.name}**: {warning}")
     doc.add("h2", "Results")
     doc.add("table", *results_table(runs))
-    paired = paired_table(runs)
+    left_out: list[str] = []
+    paired = paired_table(runs, left_out)
     if paired:
         doc.add("p", f"**{runs[0].name}** against each other run, prompt by prompt (its final avg@k minus the "
                      "other's, on the prompts both evaluated; ± two paired standard errors):")
         doc.add("table", *paired)
+    for sentence in left_out:
+        doc.add("note", f"**Not paired.** {sentence}.")
     doc.add("h2", "Curves")
     doc.add("legend", [(r.name, RUN_COLOURS[i % len(RUN_COLOURS)]) for i, r in enumerate(runs)])
     doc.add("figures", plots)
@@ -462,12 +531,23 @@ def _md(text) -> str:
     """Text from a run (ids, answers, file names) as literal Markdown: no raw HTML (`<script>`
     stays text, as report.html escapes it) and no stray emphasis, links or table cells."""
     text = html.escape(str(text).replace("\n", " "), quote=False)
-    return re.sub(r"([\\`*_\[\]|#])", r"\\\1", text)
+    # `_` inside a word (max_new_tokens) never emphasises in CommonMark, so it stays as written
+    return re.sub(r"([\\`*\[\]|#]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))", r"\\\1", text)
 
 
 def _md_prose(text: str) -> str:
-    """Our own sentences with `**bold**` kept; values inside them cannot open raw HTML."""
-    return html.escape(text, quote=False)
+    """Our own sentences with their `**bold**` kept and everything else literal: the values in them
+    (a run's name, data set, model, stop message) can open no link, HTML or emphasis."""
+    parts = re.split(r"\*\*(.+?)\*\*", text)
+    return "".join(f"**{_md(part)}**" if i % 2 else _md(part) for i, part in enumerate(parts))
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _printable(text: str) -> str:
+    """Control characters from a run's text (a NUL in an answer) as U+FFFD, as a browser shows them."""
+    return _CONTROL.sub("\ufffd", text)
 
 
 def _fence(text: str, lang: str = "") -> list[str]:
@@ -553,9 +633,9 @@ def _write(doc: Doc, plots: list[Plot], out_dir: Path, stem: str) -> Path:
             old.unlink()
         for p in plots:
             (plot_dir / f"{p.slug}.png").write_bytes(p.png)
-        (out_dir / f"{stem}.md").write_text(to_markdown(doc, stem), encoding="utf-8")
+        (out_dir / f"{stem}.md").write_text(_printable(to_markdown(doc, stem)), encoding="utf-8")
         page = to_html(doc, {p.slug: base64.b64encode(p.png).decode() for p in plots})
-        (out_dir / f"{stem}.html").write_text(page, encoding="utf-8")
+        (out_dir / f"{stem}.html").write_text(_printable(page), encoding="utf-8")
     except OSError as e:
         raise ReportError(f"cannot write {stem}.html / {stem}.md in {out_dir}: {e.strerror or e}; "
                           "choose a directory you can write to") from None
@@ -565,6 +645,12 @@ def _write(doc: Doc, plots: list[Plot], out_dir: Path, stem: str) -> Path:
 def write_report(run_dir: str | Path) -> Path:
     """RUN_DIR/report.html, report.md, report/*.png and metrics.csv; returns the HTML path."""
     run = load_run(run_dir)
+    data = run.config.get("data", {}) if isinstance(run.config, dict) else {}
+    try:  # the examples are graded as the run graded them
+        use_answer_checker(str(data.get("answer_extractor") or ""), str(data.get("answer_equivalence") or ""))
+    except PluginError as e:
+        warn(f"the run's own answer checker does not load ({e}); its examples are graded by ttrl's")
+        use_answer_checker()
     plots, missing = make_plots([run])
     page = _write(build_report(run, plots, missing), plots, Path(run_dir), "report")
     write_csv(run_dir)
@@ -573,6 +659,13 @@ def write_report(run_dir: str | Path) -> Path:
 
 def write_compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     """OUT_DIR/compare.html, compare.md and compare/*.png: runs side by side, curves overlaid."""
+    resolved = [Path(d).resolve() for d in run_dirs]
+    for i, path in enumerate(resolved):
+        if path in resolved[:i]:
+            first = run_dirs[resolved.index(path)]
+            also = f" (as {first} and {run_dirs[i]})" if str(first) != str(run_dirs[i]) else ""
+            raise ReportError(f"{first} is given twice{also}: a run compared with itself says nothing; "
+                              "give different runs")
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]
     for r in runs:  # two runs both named `run` in different folders: tell them apart by path

@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import random
 import re
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:  # the type only: importing the grader (sympy) here would slow config validation
     from ttrl.voting import Vote
@@ -89,30 +91,6 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return len(a) - v.bit_count()
 
 
-KINDS = ("majority", "similarity", "semantic_entropy", "neg_entropy", "self_certainty", "soft_majority",
-         "penalized_majority", "format", "random")
-"""Label-free rewards selectable by `reward.kind`, all computed from one prompt's samples:
-- majority: TTRL, 1 if in the majority vote's equivalence class;
-- similarity: ROUGE-L F1 to the consensus text, for open-ended outputs;
-- semantic_entropy: EMPO, the frequency of the sample's answer class (its share of the N
-  votes), so minimising semantic entropy over answers;
-- neg_entropy: RENT, minus the sample's mean token entropy;
-- self_certainty: Intuitor, the sample's mean KL(uniform || next-token distribution);
-- soft_majority: RESTRAIN's pseudo-label weighting, every answer a label weighted by its
-  sharpened vote share (`soft_majority_rewards`);
-- penalized_majority: SCRL / TTPO, majority's 1 for agreeing, and a penalty for disagreeing
-  with a confident vote (`penalized_majority_rewards`);
-- format (a CONTROL, never a method): 1 if the sample has an answer at all, whatever it is;
-- random (a CONTROL): 1 with probability `random_p`, a seeded coin per sample.
-The controls tell a gain from the vote apart from one any reward would give (a format effect,
-or GRPO's response to noise: Spurious Rewards, arXiv 2506.10947); see docs/method.md."""
-
-
-BINARY_KINDS = ("majority", "format", "random")
-"""The kinds whose rewards are 1 or 0, as a gold answer's would be: only for them does
-`train/reward_accuracy` (reward equals gold's) mean something."""
-
-
 def format_rewards(vote: Vote, indices: Sequence[int]) -> list[float]:
     """Control: 1.0 for a sample with an extracted answer (one that voted), else 0.0."""
     return [1.0 if vote.cluster_of[i] >= 0 else 0.0 for i in indices]
@@ -165,6 +143,90 @@ def penalized_majority_rewards(vote: Vote, entropy: Sequence[float], indices: Se
     return out
 
 
+@dataclass(frozen=True)
+class RewardKind:
+    """One `reward.kind`: how it scores a group's samples, and what the rest of ttrl must know of it."""
+    compute: Callable[..., list[float]]
+    """(vote, texts, entropy, certainty, indices, seed, settings) -> rewards of the samples at
+    `indices`; `settings` holds the reward.* keys (label_temperature, penalty, random_p, ...)."""
+    binary: bool = False
+    """Rewards are 1 or 0, as a gold answer's would be: only then does train/reward_accuracy mean something."""
+    uses_label: bool = False
+    """Reads the vote's pseudo-label, so reward.contrast (which elects another label) changes it."""
+    needs_entropy: bool = False
+    """Reads per-token entropy or certainty, which only the torch sampler gives (not vLLM)."""
+
+
+def _semantic_entropy(vote: Vote, indices: Sequence[int]) -> list[float]:
+    n = len(vote.cluster_of)
+    return [vote.counts[vote.cluster_of[i]] / n if vote.cluster_of[i] >= 0 else 0.0 for i in indices]
+
+
+REWARDS: dict[str, RewardKind] = {
+    "majority": RewardKind(lambda vote, texts, ent, cert, idx, seed, s: majority_rewards(vote, idx),
+                           binary=True, uses_label=True),
+    "similarity": RewardKind(lambda vote, texts, ent, cert, idx, seed, s: similarity_rewards(texts, idx)),
+    "semantic_entropy": RewardKind(lambda vote, texts, ent, cert, idx, seed, s: _semantic_entropy(vote, idx)),
+    "neg_entropy": RewardKind(lambda vote, texts, ent, cert, idx, seed, s: [-float(ent[i]) for i in idx],
+                              needs_entropy=True),
+    "self_certainty": RewardKind(lambda vote, texts, ent, cert, idx, seed, s: [float(cert[i]) for i in idx],
+                                 needs_entropy=True),
+    "soft_majority": RewardKind(lambda vote, texts, ent, cert, idx, seed, s:
+                                soft_majority_rewards(vote, idx, s.label_temperature)),
+    "penalized_majority": RewardKind(lambda vote, texts, ent, cert, idx, seed, s: penalized_majority_rewards(
+        vote, ent, idx, s.penalty, s.penalty_min_ratio, s.penalty_entropy_gate), uses_label=True),
+    "format": RewardKind(lambda vote, texts, ent, cert, idx, seed, s: format_rewards(vote, idx), binary=True),
+    "random": RewardKind(lambda vote, texts, ent, cert, idx, seed, s: random_rewards(len(texts), idx, s.random_p, seed),
+                         binary=True),
+}
+"""Label-free rewards selectable by `reward.kind`, all computed from one prompt's samples:
+- majority: TTRL, 1 if in the majority vote's equivalence class;
+- similarity: ROUGE-L F1 to the consensus text, for open-ended outputs;
+- semantic_entropy: EMPO, the frequency of the sample's answer class (its share of the N
+  votes), so minimising semantic entropy over answers;
+- neg_entropy: RENT, minus the sample's mean token entropy;
+- self_certainty: Intuitor, the sample's mean KL(uniform || next-token distribution);
+- soft_majority: RESTRAIN's pseudo-label weighting, every answer a label weighted by its
+  sharpened vote share (`soft_majority_rewards`);
+- penalized_majority: SCRL / TTPO, majority's 1 for agreeing, and a penalty for disagreeing
+  with a confident vote (`penalized_majority_rewards`);
+- format (a CONTROL, never a method): 1 if the sample has an answer at all, whatever it is;
+- random (a CONTROL): 1 with probability `random_p`, a seeded coin per sample.
+The controls tell a gain from the vote apart from one any reward would give (a format effect,
+or GRPO's response to noise: Spurious Rewards, arXiv 2506.10947); see docs/method.md."""
+
+KINDS = tuple(REWARDS)
+
+
+def needs_entropy(kind: str, penalty_entropy_gate: bool) -> bool:
+    """Whether `reward.kind` reads per-token entropy (penalized_majority only through its gate)."""
+    return reward_kind(kind).needs_entropy or (kind == "penalized_majority" and penalty_entropy_gate)
+
+
+@dataclass
+class RewardSettings:
+    """The reward.* settings the kinds read (ttrl.config.RewardConfig has them all)."""
+    random_p: float = 0.5
+    label_temperature: float = 0.5
+    penalty: float = 1.0
+    penalty_min_ratio: float = 0.5
+    penalty_entropy_gate: bool = True
+
+
+@lru_cache(maxsize=None)
+def reward_kind(kind: str) -> RewardKind:
+    """The registry's kind, or the user's reward `module:function` (ttrl.plugins) as one."""
+    if kind in REWARDS:
+        return REWARDS[kind]
+    from ttrl.plugins import is_plugin, load
+
+    if not is_plugin(kind):
+        raise ValueError(f"unknown reward kind {kind!r}; use one of {', '.join(KINDS)} or 'package.module:function'")
+    fn = load(kind, 3)
+    return RewardKind(lambda vote, texts, ent, cert, idx, seed, s: [float(r) for r in fn(vote, list(texts), list(idx))],
+                      uses_label=True)
+
+
 def label_free_rewards(kind: str, vote: Vote, texts: Sequence[str], entropy: Sequence[float],
                        certainty: Sequence[float], indices: Sequence[int], seed: int = 0,
                        random_p: float = 0.5, *, label_temperature: float = 0.5, penalty: float = 1.0,
@@ -172,23 +234,8 @@ def label_free_rewards(kind: str, vote: Vote, texts: Sequence[str], entropy: Seq
     """Rewards of the samples at `indices` of one group; entropy and certainty are per-sample
     means over tokens; `seed` and `random_p` serve the random control only, `label_temperature`
     soft_majority, the `penalty*` settings penalized_majority (the reward.* keys of those names)."""
-    if kind == "majority":
-        return majority_rewards(vote, indices)
-    if kind == "soft_majority":
-        return soft_majority_rewards(vote, indices, label_temperature)
-    if kind == "penalized_majority":
-        return penalized_majority_rewards(vote, entropy, indices, penalty, penalty_min_ratio, penalty_entropy_gate)
-    if kind == "similarity":
-        return similarity_rewards(texts, indices)
-    if kind == "semantic_entropy":
-        n = len(vote.cluster_of)
-        return [vote.counts[vote.cluster_of[i]] / n if vote.cluster_of[i] >= 0 else 0.0 for i in indices]
-    if kind == "neg_entropy":
-        return [-float(entropy[i]) for i in indices]
-    if kind == "self_certainty":
-        return [float(certainty[i]) for i in indices]
-    if kind == "format":
-        return format_rewards(vote, indices)
-    if kind == "random":
-        return random_rewards(len(texts), indices, random_p, seed)
-    raise ValueError(f"unknown reward kind {kind!r}; use one of {', '.join(KINDS)}")
+    settings = RewardSettings(random_p, label_temperature, penalty, penalty_min_ratio, penalty_entropy_gate)
+    rewards = reward_kind(kind).compute(vote, texts, entropy, certainty, indices, seed, settings)
+    if len(rewards) != len(indices):
+        raise ValueError(f"reward.kind={kind} gave {len(rewards)} rewards for {len(indices)} samples")
+    return rewards

@@ -11,17 +11,16 @@ was tried and dropped: benchmarks/README.md (rollout.py).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
-from ttrl.models import ModelError, merged_lora
 
 from ttrl.config import SamplingConfig
+from ttrl.metrics import tell_decoding
+from ttrl.models import merged_lora
+from ttrl.scoring import cache_kwarg, pad, tempered_logprobs
 
 
 @dataclass
@@ -121,15 +120,6 @@ class TorchSampler:
         pass
 
 
-def tempered_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / T) in float32: the one definition of the policy's distribution,
-    shared by the sampler and by teacher-forced scoring so the two agree exactly."""
-    logits = logits.float()
-    if temperature > 0:
-        logits = logits / temperature
-    return F.log_softmax(logits, dim=-1)
-
-
 def stop_window(stop: tuple[str, ...] | list[str]) -> int:
     """Trailing tokens enough to hold any stop string: counted in bytes, since a token holds at least
     one (a character can take several tokens: '答案：' is 3 characters and 6 of SmolLM2's tokens)."""
@@ -188,26 +178,6 @@ def _uniforms(gens: list[torch.Generator], n: int, row_id: torch.Tensor, alive: 
     for g in torch.unique(row_id[alive] // n).tolist():
         table[g] = torch.rand(n, generator=gens[g])
     return table.view(-1)[row_id]
-
-
-def _cache_kwarg(model) -> str:
-    """transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version takes."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-
-
-def _pad(seqs: list[list[int]], pad_id: int, device, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask) [len(seqs), longest]; prompts are left-padded so they end together."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        cols = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[i, cols] = torch.tensor(s, dtype=torch.long)
-        mask[i, cols] = 1
-    return ids, mask
 
 
 def _decode_cache(model, capacity: int):
@@ -278,12 +248,12 @@ def _stop_hits(tokenizer, tails: list[list[int]], stop: tuple[str, ...]) -> list
 def _generate_chunk(model, tokenizer, prompts: list[list[int]], s: Sampling, eos: set[int], pad_id: int,
                     seeds: list[int]):
     device = next(model.parameters()).device
-    ids, mask = _pad(prompts, pad_id, device, left=True)
+    ids, mask = pad(prompts, pad_id, device, left=True)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     T = s.max_new_tokens
     width = ids.shape[1]
     cache = _decode_cache(model, width + T)
-    cache_kw = {_cache_kwarg(model): cache}
+    cache_kw = {cache_kwarg(model): cache}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
                 **cache_kw)
     # Prefix sharing: one prefill per prompt, then its cache is copied to its n samples.
@@ -321,6 +291,7 @@ def _generate_chunk(model, tokenizer, prompts: list[list[int]], s: Sampling, eos
             hits = _stop_hits(tokenizer, tokens[row_id[alive], max(0, t + 1 - tail): t + 1].tolist(), s.stop)
             alive[alive.clone()] = ~torch.tensor(hits, dtype=torch.bool)
         n_alive = int(alive.sum())
+        tell_decoding(t + 1, T)  # a progress display moves inside a long batch
         if t == T - 1 or n_alive == 0:
             break
         if len(alive) - n_alive >= max(1, COMPACT_FRACTION * len(alive)):
@@ -358,16 +329,25 @@ def decode_rows(budget_bytes: int, kv_per_token: int, tokens: int, vocab: int, n
     return max(n, min(cap, budget_bytes // per_row) // n * n)
 
 
+def batch_rows(s: SamplingConfig, n: int, config, dtype: torch.dtype, longest_prompt: int,
+               free_bytes: int | None) -> int:
+    """Samples that decode at once: s.max_batch_rows in whole prompts of n, lowered to what
+    `free_bytes` of device memory holds (`decode_rows`); None = no fixed budget (CPU). The one
+    sizing rule of the sampler, which ttrl.plan calls too."""
+    if free_bytes is None:
+        return max(n, s.max_batch_rows // n * n)
+    return decode_rows(int(free_bytes * s.memory_fraction), kv_bytes_per_token(config, dtype),
+                       longest_prompt + s.max_new_tokens, config.vocab_size, n, s.max_batch_rows)
+
+
 def _batch_rows(model, prompt_ids: list[list[int]], s: Sampling) -> int:
-    """s.max_batch_rows, lowered on CUDA to what the free memory holds (`decode_rows`)."""
+    """`batch_rows` with this device's free memory (on CUDA; none on CPU)."""
     param = next(model.parameters())
-    if param.device.type != "cuda":
-        return max(s.n, s.max_batch_rows // s.n * s.n)
-    free, _ = torch.cuda.mem_get_info(param.device)
-    free += torch.cuda.memory_reserved(param.device) - torch.cuda.memory_allocated(param.device)  # torch's cache
-    tokens = max(len(p) for p in prompt_ids) + s.max_new_tokens
-    return decode_rows(int(free * s.memory_fraction), kv_bytes_per_token(model.config, param.dtype), tokens,
-                       model.config.vocab_size, s.n, s.max_batch_rows)
+    free = None
+    if param.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(param.device)
+        free += torch.cuda.memory_reserved(param.device) - torch.cuda.memory_allocated(param.device)  # torch's cache
+    return batch_rows(s, s.n, model.config, param.dtype, max(len(p) for p in prompt_ids), free)
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -410,139 +390,3 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], s: Sampling,
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(n=s.n, prompt_ids=[list(p) for p in prompt_ids], completion_ids=completion_ids,
                    logprobs=lps, entropy=ents, certainty=certs, texts=texts, truncated=truncated)
-
-
-LOGPROB_CHUNK_MB = 64
-"""Default `algorithm.logprob_chunk_mb`: float32 logits scored at once (64 MB = 441 positions of
-Qwen2.5's 151,936-token vocabulary, 1,365 of SmolLM2's 49,152)."""
-
-
-def group_inputs(prompts: list[list[int]], completions: list[list[int]], pad_id: int, group_size: int | list[int],
-                 device) -> tuple[list[int], torch.Tensor, tuple, tuple]:
-    """What teacher-forcing a batch of groups needs: the group sizes, each completion's prompt row,
-    (ids, mask) of the left-padded prompts and of the right-padded completions."""
-    sizes = [group_size] * len(prompts) if isinstance(group_size, int) else list(group_size)
-    if len(sizes) != len(prompts) or sum(sizes) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts with group sizes {group_size} != {len(completions)} completions")
-    rows = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
-    return sizes, rows, _pad(prompts, pad_id, device, left=True), _pad(completions, pad_id, device, left=False)
-
-
-def score(model, prompts: list[list[int]], completions: list[list[int]], temperature: float,
-          pad_id: int, group_size: int | list[int] = 1,
-          chunk_mb: float = LOGPROB_CHUNK_MB) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced log-probs of `completions` (with grad when enabled).
-
-    `prompts` has one entry per group of consecutive completions, `group_size` of them (one size
-    for all, or one per prompt; a subset of a prompt's samples is a group too). Each prompt is run once and its KV cache (with its autograd
-    graph) is expanded to the group: the same gradient as repeating the prompt, at a fraction of the
-    cost. Under activation checkpointing (training) the layers keep no cache, so each row runs its
-    prompt and completion as one sequence instead. Inside the model's forward (so DDP, FSDP and
-    mixed precision see it as usual) the LM head computes the completion tokens' log-probs directly,
-    at most `chunk_mb` MB of float32 logits at a time (`token_logprobs`).
-    Returns (logprobs [B, Tc], 0 past each completion's end; mask [B, Tc]).
-    """
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    sizes, rows, (p_ids, p_mask), (c_ids, c_mask) = group_inputs(prompts, completions, pad_id, group_size, device)
-    plain = _plain(model)
-    head = plain.get_output_embeddings()
-    per_chunk = chunk_positions(chunk_mb, plain.config.vocab_size)
-    # Completion token t is predicted at position t-1: the prompt's last position, then the completion's own.
-    if model.training and torch.is_grad_enabled() and _checkpointing(model):
-        ids = torch.cat([p_ids[rows], c_ids[:, :-1]], 1)
-        mask = torch.cat([p_mask[rows], c_mask[:, :-1]], 1)
-        with _head_scores(head, c_ids, c_mask, temperature, per_chunk) as scored:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                        use_cache=False, logits_to_keep=c_ids.shape[1])
-        return scored(out.logits), c_mask.float()
-    cache = DynamicCache()
-    cache_kw = {_cache_kwarg(model): cache}
-    p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
-    last = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1,
-                 **cache_kw).logits[:, -1]  # [prompts, vocab]: one position each
-    if len(set(sizes)) == 1 and sizes[0] > 1:
-        cache.batch_repeat_interleave(sizes[0])
-    elif len(set(sizes)) > 1:  # groups of different sizes (a group split over micro-batches)
-        cache.batch_select_indices(rows)
-    last, p_mask = last[rows], p_mask[rows]
-    first = tempered_logprobs(last, temperature).gather(-1, c_ids[:, :1]).squeeze(-1) * c_mask[:, 0]
-    if c_ids.shape[1] == 1:
-        return first[:, None], c_mask.float()
-    mask = torch.cat([p_mask, c_mask], 1)
-    c_pos = p_mask.sum(-1, keepdim=True) + torch.arange(c_ids.shape[1], device=device)
-    with _head_scores(head, c_ids[:, 1:], c_mask[:, 1:], temperature, per_chunk) as scored:
-        out = model(input_ids=c_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=c_pos[:, :-1],
-                    use_cache=True, **cache_kw)
-    return torch.cat([first[:, None], scored(out.logits)], 1), c_mask.float()
-
-
-def chunk_positions(chunk_mb: float, vocab: int) -> int:
-    """Positions whose float32 logits fit in `chunk_mb` MB (at least 1); 0 = no chunking."""
-    return 0 if chunk_mb <= 0 else max(1, int(chunk_mb * 2**20) // (4 * vocab))
-
-
-@contextmanager
-def _head_scores(head, targets: torch.Tensor, mask: torch.Tensor, temperature: float, per_chunk: int):
-    """While inside: the LM head, when the model's forward calls it, returns the log-probs [B, T] of
-    `targets` instead of logits [B, T, vocab]. Yields a function that checks the forward returned
-    them untouched (a model that post-processes its logits, e.g. soft-capping, would be scored
-    wrongly) and gives them back."""
-    forward, own = head.forward, head.__dict__.get("forward")
-    returned = []
-
-    def scores(hidden):
-        returned.append(token_logprobs(forward, hidden, targets, mask, temperature, per_chunk))
-        return returned[-1]
-
-    def checked(logits):
-        if not returned or not (logits is returned[-1] or torch.equal(logits, returned[-1])):
-            raise ModelError("this model changes its logits after the LM head (e.g. Gemma-2's soft-capping), "
-                             "which ttrl's scoring (log-probs computed inside the head) does not support yet")
-        return logits
-
-    head.forward = scores
-    try:
-        yield checked
-    finally:
-        if own is None:
-            del head.forward
-        else:
-            head.forward = own
-
-
-def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float,
-                   per_chunk: int = 0) -> torch.Tensor:
-    """[B, T] log-probs of `targets` under tempered_logprobs(head(hidden)) where mask is 1, else 0;
-    `head` maps [n, H] hidden states to [n, vocab] logits.
-
-    Only the masked positions are scored, `per_chunk` at a time (0 = all at once). With several
-    chunks each runs under activation checkpointing, so no [positions, vocab] tensor outlives its
-    chunk: the backward recomputes each chunk's logits. Memory then grows with tokens x hidden
-    size, not tokens x vocabulary.
-    """
-    keep = mask.bool()
-    h, t = hidden[keep], targets[keep]
-    if not per_chunk or per_chunk >= len(t):  # one chunk: recomputing it would cost time and save nothing
-        lp = _chunk_logprobs(head, h, t, temperature)
-    else:
-        lp = torch.cat([checkpoint(_chunk_logprobs, head, h[i:i + per_chunk], t[i:i + per_chunk], temperature,
-                                   use_reentrant=False) for i in range(0, len(t), per_chunk)])
-    out = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device)
-    out[keep] = lp
-    return out
-
-
-def _chunk_logprobs(head, h: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
-    return tempered_logprobs(head(h), temperature).gather(-1, t[:, None]).squeeze(-1)
-
-
-def _plain(model):
-    """The transformers model inside the DDP / peft wrappers."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _checkpointing(model) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in _plain(model).modules())

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ttrl.distributed import warn
+from ttrl.console import warn
 from ttrl.metrics import METRICS_FILE, is_number, read_metrics, snippet
 
 ENVIRONMENT_FILE = "environment.json"

@@ -209,7 +209,7 @@ class MajorityVoteReward:
         out = {"ttrl/majority_ratio": sum(v.majority_ratio for v in votes) / len(votes),
                "ttrl/no_answer": sum(a is None for a in answers) / len(answers)}
         per_group = [Group(vote=v, answers=[answers[i] for i in rows], train_idx=list(range(len(rows))),
-                           rewards=[rewards[i] for i in rows], skipped=False) for v, rows in zip(votes, groups)]
+                           rewards=[rewards[i] for i in rows], excluded=False) for v, rows in zip(votes, groups)]
         gold_of_group = [golds[rows[0]] for rows in groups]
         for key, value in diagnostics(per_group, gold_of_group).items():
             if value is not None:
