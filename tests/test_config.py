@@ -44,7 +44,7 @@ def test_overrides_are_typed():
     ({"reward": {"penalty": -1}}, "reward.penalty"),
     ({"reward": {"penalty_min_ratio": 1.5}}, "reward.penalty_min_ratio"),
     ({"train": {"stop_on": "collapsed"}}, "train.stop_on"),
-    ({"reward": {"kind": "format", "contrast": True}}, "reward.contrast"),  # format has no label to contrast
+    ({"train": {"guard": "off"}}, "train.guard"),
 ])
 def test_bad_values_name_the_key(raw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -19,8 +19,10 @@ def test_evaluation_and_checkpoints_fall_due_on_schedule():
     c = _control(eval__every=3, train__save_every=4)
     due = [(s, c.after_step(s, {"train/reward": 0.5})) for s in range(1, 11)]
     assert [s for s, verdict in due if verdict.evaluate] == [3, 6, 9]  # not 10: the final evaluation follows anyway
-    assert [s for s in range(1, 11) if c.checkpoint_due(s)] == [4, 8, 10]
+    # 5: train.guard=rollback (the default) keeps one every stop_window steps to roll back to
+    assert [s for s in range(1, 11) if c.checkpoint_due(s)] == [4, 5, 8, 10]
     assert not c.finished and c.halt(10, None) is None
+    assert [s for s in range(1, 11) if _control(train__save_every=4, train__guard="warn").checkpoint_due(s)] == [4, 8, 10]
 
 
 def test_an_early_stopping_rule_ends_the_run_at_that_step():
@@ -130,14 +132,14 @@ def _collapsing_rows(n: int) -> list[dict]:
 
 
 def test_the_collapse_watch_warns_once_and_stops_only_when_asked():
-    c = _control(train__stop_window=2)
+    c = _control(train__stop_window=2, train__guard="warn")
     rows = _collapsing_rows(12)
     verdicts = [c.after_step(s, row) for s, row in enumerate(rows, 1)]
     warned = [s for s, v in enumerate(verdicts, 1) if v.collapse_warning]
     assert [s for s, v in enumerate(verdicts, 1) if v.warnings] == warned  # said once
     # Step 10: ratio (0.9 + 1.0) / 2 >= 0.9 (step 9: 0.85); entropy 1.5 -> 0.21, length 6 -> 0.84 long before.
     assert warned == [10] and not c.finished
-    stopping = _control(train__stop_window=2, train__stop_on="collapse")
+    stopping = _control(train__stop_window=2, train__stop_on="collapse", train__guard="warn")
     rows = _collapsing_rows(12)
     for s, row in enumerate(rows, 1):
         verdict = stopping.after_step(s, row)
@@ -162,14 +164,14 @@ def _steps(control: Control, rows: list[dict], start: int = 1) -> list[dict]:
 def test_a_resumed_run_records_what_an_uninterrupted_one_does():
     """Resumed after step 12 (the watch fired at 10), the collapse warning is not written again; resumed
     after an early stop, the run stays stopped there instead of training on to train.steps."""
-    cfg = _control(train__stop_window=2).cfg
+    cfg = _control(train__stop_window=2, train__guard="warn").cfg
     whole = _steps(Control(cfg, steps=14), _collapsing_rows(14))
     first = _steps(Control(cfg, steps=12), _collapsing_rows(14)[:12])
     rest = _steps(Control.resumed(cfg, 14, list(first)), _collapsing_rows(14)[12:], start=13)
     assert [("collapse_warning" in r) for r in first + rest] == [("collapse_warning" in r) for r in whole]
     assert sum("collapse_warning" in r for r in rest) == 0 and len(rest) == 2
 
-    stop_cfg = _control(train__stop_window=2, train__stop_on="collapse").cfg
+    stop_cfg = _control(train__stop_window=2, train__stop_on="collapse", train__guard="warn").cfg
     stopped = Control(stop_cfg, steps=14)
     rows = _steps(stopped, _collapsing_rows(14))
     assert stopped.steps == 10 and len(rows) == 10
@@ -177,3 +179,26 @@ def test_a_resumed_run_records_what_an_uninterrupted_one_does():
     assert again.finished and again.steps == 10 and again.stopped_early == rows[-1]["stop_reason"]
     fresh = Control.resumed(stop_cfg, 14, [])
     assert not fresh.finished and fresh.steps == 14 and not fresh.collapse_warned
+
+
+@pytest.mark.parametrize("guard", ["rollback", "stop", "warn"])
+def test_the_guard_ends_training_where_the_watch_fires_and_names_the_step_to_roll_back_to(guard):
+    """Step 10 fires the watch (stop_window 2). rollback: training ends there, no checkpoint is written
+    at step 10 (its model is discarded, and writing one would retire the older ones), and the step to
+    roll back to is 8, before the watch's window 9-10; stop: ends there, saving step 10; warn: trains
+    on. A resumed run remembers where the guard fired."""
+    c = _control(train__stop_window=2, train__guard=guard)
+    c.steps = 14
+    rows = _steps(c, _collapsing_rows(14))
+    fired = [r["step"] for r in rows if "collapse_warning" in r]
+    assert fired == [10]
+    if guard == "warn":
+        assert not c.finished and len(rows) == 14 and c.guarded_at is None and c.rollback_step() is None
+        return
+    assert c.finished and c.steps == 10 and len(rows) == 10 and c.guarded_at == 10
+    assert rows[-1]["stop_reason"] == rows[-1]["collapse_warning"]
+    assert c.rollback_step() == (8 if guard == "rollback" else None)
+    assert c.checkpoint_due(10) == (guard == "stop")
+    assert [s for s in range(1, 10) if c.checkpoint_due(s)] == ([2, 4, 6, 8] if guard == "rollback" else [])
+    again = Control.resumed(c.cfg, 14, list(rows))
+    assert again.finished and again.guarded_at == 10 and again.rollback_step() == c.rollback_step()

@@ -217,7 +217,8 @@ def test_contrasted_labels_under_two_processes_match_one(tmp_path):
     assert [(r["step"], r["prompt_id"], r["pseudo_label"], r["rewards"]) for r in logged[0]] == \
            [(r["step"], r["prompt_id"], r["pseudo_label"], r["rewards"]) for r in logged[1]]
     plain = tmp_path / "plain"
-    _ttrl(plain, *[a for a in args if a != "reward.contrast=true"], "train.steps=1", script=script)
+    _ttrl(plain, *[a for a in args if a != "reward.contrast=true"], "reward.contrast=false", "train.steps=1",
+          script=script)
     first = [[r["pseudo_label"] for r in runs if r["step"] == 1]
              for runs in (logged[0], map(json.loads, (plain / "rollouts.jsonl").read_text().splitlines()))]
     assert first[0] != first[1], first  # step 1 has the same samples: contrast changed labels

@@ -79,25 +79,59 @@ def _arithmetic_file(path: Path, gold: str) -> Path:
     return path
 
 
-def test_gold_answers_never_reach_training(tmp_path):
+# A watch this touchy fires on the real SmolLM2 at lr 1e-4 within four steps: the guard then rolls back.
+TOUCHY_WATCH = ["train.stop_window=2", "train.collapse_ratio=0.3", "train.collapse_drift=0.01", "algorithm.lr=1e-4"]
+
+
+def test_gold_answers_never_reach_training_nor_the_guard(tmp_path):
     """Real SmolLM2 (so votes and rewards are non-trivial): training with the gold answers
-    shuffled or removed gives bit-identical parameters and training rewards."""
-    params, rewards = {}, {}
+    shuffled or removed gives bit-identical parameters, training rewards, and step handed back by
+    the guard (here one that rolls back: gold cannot move its pick either)."""
+    from safetensors.torch import load_file
+
+    params, rewards, picked = {}, {}, {}
     for gold in ("true", "shuffled", "removed"):
         data = _arithmetic_file(tmp_path / f"{gold}.jsonl", gold)
         cfg = load_config(TINY, ["model.architecture={}", f"data.train={data}", "data.holdout=0",
-                                 "train.steps=2", "train.prompts_per_step=2", "rollout.max_new_tokens=5",
-                                 "eval.before=false", "eval.n_samples=1", "eval.greedy=false", "algorithm.lr=1e-5"])
-        train(cfg, tmp_path / gold, quiet=True)
+                                 "train.steps=4", "train.prompts_per_step=2", "rollout.max_new_tokens=5",
+                                 "eval.before=false", "eval.n_samples=1", "eval.greedy=false", *TOUCHY_WATCH])
+        summary = train(cfg, tmp_path / gold, quiet=True)
         rows = [json.loads(l) for l in (tmp_path / gold / "metrics.jsonl").read_text().splitlines()]
         rewards[gold] = [(r["train/reward"], r["loss/policy"]) for r in rows if "train/reward" in r]
-        from safetensors.torch import load_file
-
         params[gold] = load_file(tmp_path / gold / "model" / "model.safetensors")
+        picked[gold] = summary["model"]
     assert any(r != 0 for r, _ in rewards["true"]), "test needs a non-zero reward to be meaningful"
+    assert picked["true"]["rolled_back"], "test needs the guard to act to be meaningful"
     assert rewards["true"] == rewards["shuffled"] == rewards["removed"]
+    assert picked["true"] == picked["shuffled"] == picked["removed"]
     for name, tensor in params["true"].items():
         assert torch.equal(tensor, params["shuffled"][name]) and torch.equal(tensor, params["removed"][name]), name
+
+
+def test_guard_hands_back_the_checkpoint_before_the_collapse_and_says_so(tmp_path):
+    """The collapse watch fires at step s: training ends there, and the evaluated, exported model is
+    the checkpoint of step s - stop_window (kept for it: none was asked for), named in summary.json,
+    the console and the report."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    proc = _run_cli("train", "--config", TINY, "--output-dir", out, "model.architecture={}", "train.steps=12",
+                    "train.prompts_per_step=2", "rollout.max_new_tokens=5", "eval.n_samples=1", "eval.greedy=false",
+                    *TOUCHY_WATCH)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    fired, kept = summary["model"]["collapse_step"], summary["model"]["step"]
+    assert summary["model"]["rolled_back"] and summary["steps"] == fired < 12
+    assert kept == (fired - 2) // 2 * 2  # the newest checkpoint (every stop_window steps) at or before s - 2
+    steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "train/reward" in r] == list(range(1, fired + 1))
+    last = next(r for r in steps if "train/reward" in r and r["step"] == fired)
+    assert last["stop_reason"] == last["collapse_warning"]
+    exported = load_file(out / "model" / "model.safetensors")
+    saved = load_file(out / "checkpoints" / f"step-{kept:08d}" / "model.safetensors")
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+    assert f"model/: step {kept}'s weights" in proc.stdout and "rolled back" in proc.stdout
+    assert f"Model handed back: step {kept}'s." in (out / "report.md").read_text()
 
 
 def test_resume_names_changed_settings_and_refuses_another_model(tmp_path, tiny, capsys):

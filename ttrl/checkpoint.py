@@ -98,13 +98,13 @@ def set_rng_states(plain: dict, tensors: dict) -> None:
         torch.cuda.set_rng_state_all(tensors["cuda"])
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (with state.json), oldest first."""
+def list_checkpoints(run_dir: str | Path, upto: int | None = None) -> list[Path]:
+    """Complete checkpoints (with state.json), oldest first; only those of step `upto` or before, when given."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [p for p in root.glob("step-*") if (p / STATE).is_file() and p.name[5:].isdigit()]
-    return sorted(found, key=step_of)
+    return sorted((p for p in found if upto is None or step_of(p) <= upto), key=step_of)
 
 
 def step_of(checkpoint: Path) -> int:
@@ -225,12 +225,14 @@ def _read(path: Path) -> tuple[dict, dict, dict, dict | None]:
     return state, weights, trainer, critic
 
 
-def load_checkpoint(run_dir: str | Path, model, optimizer, scheduler, critic: tuple | None = None) -> dict | None:
-    """Restore the newest readable checkpoint into the given objects and the global RNGs; return
-    its `state` (None when there is none). A damaged checkpoint is skipped with a warning.
-    `critic`: PPO's (value model, its optimizer), restored too; a checkpoint without one is refused
-    (one with a critic loads into a run without: the critic is left out)."""
-    for path in reversed(list_checkpoints(run_dir)):
+def load_checkpoint(run_dir: str | Path, model, optimizer, scheduler, critic: tuple | None = None,
+                    upto: int | None = None) -> dict | None:
+    """Restore the newest readable checkpoint (of step `upto` or before, when given) into the given
+    objects and the global RNGs; return its `state` (None when there is none). A damaged checkpoint
+    is skipped with a warning. `critic`: PPO's (value model, its optimizer), restored too; a
+    checkpoint without one is refused (one with a critic loads into a run without: the critic is
+    left out)."""
+    for path in reversed(list_checkpoints(run_dir, upto)):
         if (path / "shards").is_dir():
             raise CheckpointError(f"checkpoint {path} was written with train.parallel=fsdp (sharded); resume with "
                                   "train.parallel=fsdp")

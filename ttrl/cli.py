@@ -117,6 +117,7 @@ def cmd_train(args) -> int:
     if not is_main_process():
         return 0
     print(before_after_table(summary["evals"], cfg.eval.n_samples))
+    print(f"model/: step {summary['model']['step']}'s weights; {summary['model']['why']}")
     if not getattr(args, "no_report", False):  # `ttrl demo` has no --no-report: it always reports
         from ttrl.report import write_report
 

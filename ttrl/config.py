@@ -183,11 +183,14 @@ class RewardConfig:
     prompt's mean (SCRL's gate: a sure minority answer may be right; needs the torch backend)."""
     min_majority_ratio: float = 0.0
     """Prompts whose majority ratio is below this are skipped for training."""
-    contrast: bool = False
+    contrast: bool = True
     """Elect each pseudo-label by its lift over the step's other prompts (its share here minus its
     mean share there) instead of its share alone, so an answer the policy gives to every question
-    earns nothing (`voting.contrastive_vote`); changes the label of the kinds that use one
-    (majority, penalized_majority). Off: the paper's plain majority vote."""
+    earns nothing (`voting.contrastive_vote`); where a step's questions have different answers it is
+    the majority vote. Changes the label of the kinds that use one (majority, penalized_majority);
+    the others ignore it. false: the paper's plain majority vote (configs/paper/*, --config
+    demo_plain), which on the demo collapsed onto one answer for every question on four seeds of
+    five (benchmarks/README.md). Off for multiple choice, where letters repeat across questions."""
 
 
 @dataclass
@@ -197,18 +200,19 @@ class AlgorithmConfig:
     token-level GAE advantages from a critic (a value model trained beside the policy, ttrl/critic.py)."""
     clip_eps: float = 0.2
     """PPO clip range: the probability ratio is clipped to [1 - clip_eps, 1 + clip_eps]."""
-    kl_coef: float = 0.0
-    """Weight of the k3 KL penalty to the frozen reference model (0 = no reference model kept)."""
+    kl_coef: float = 0.001
+    """Weight of the k3 KL penalty to the frozen reference model (official TTRL scripts: 0.001;
+    0 = no reference model kept, which saves its memory)."""
     lr: float = 5e-7
     """AdamW learning rate (official TTRL scripts: 5e-7)."""
     weight_decay: float = 0.01
     """AdamW decoupled weight decay."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global L2 norm before each optimizer step."""
-    lr_schedule: str = "constant"
+    lr_schedule: str = "cosine"
     """constant, or cosine: a half cosine from lr towards 0, reached one step after the last
     (verl's formula; official TTRL scripts)."""
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.03
     """Share of the run's steps over which the learning rate rises linearly from 0 (official
     TTRL scripts: 0.03); as verl, the first warm-up step trains at lr 0."""
     ppo_epochs: int = 1
@@ -285,6 +289,13 @@ class TrainConfig:
     stop_window steps), entropy (below entropy_floor), or collapse (the collapse watch, which
     otherwise only warns: majority ratio saturated while entropy and length drift; see
     collapse_ratio). Never on gold-based metrics."""
+    guard: str = "rollback"
+    """What the collapse watch (collapse_ratio, collapse_drift) does when it fires, since a run without
+    gold answers cannot see a collapse otherwise: rollback (training ends and the run evaluates and
+    exports the newest checkpoint from before the watch's last window of stop_window steps, the
+    saturated stretch it saw; a checkpoint is kept every stop_window steps for it), stop (training
+    ends at that step, its model exported), or warn (say so once and train on, as the paper). The run
+    says which step's model it exported and why (console, summary.json, report)."""
     stop_window: int = 5
     """Steps per window of the plateau rule: the mean of the last window is compared with the one before."""
     stop_min_delta: float = 0.01
@@ -339,7 +350,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     from ttrl.stopping import SIGNALS
 
     return {**CHOICES, "reward.kind": tuple(KINDS), "algorithm.advantage": (*ESTIMATORS, *CRITIC_ESTIMATORS),
-            "train.stop_on": ("", *SIGNALS)}
+            "train.stop_on": ("", *SIGNALS), "train.guard": ("rollback", "stop", "warn")}
 
 
 def _check_plugins(cfg: Config) -> None:
@@ -376,7 +387,6 @@ UNFILLED = re.compile(r"(?<![\\A-Za-z0-9}^_])\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 def validate(cfg: Config) -> Config:
     """Impossible values fail here, naming the key, before anything expensive happens."""
-    from ttrl.rewards import REWARDS
 
     checks = [
         ("rollout.n_votes", cfg.rollout.n_votes >= 2, "must be >= 2: a vote needs several samples"),
@@ -407,9 +417,6 @@ def validate(cfg: Config) -> Config:
         ("reward.label_temperature", cfg.reward.label_temperature > 0, "must be > 0 (1 = the vote shares)"),
         ("reward.penalty", cfg.reward.penalty >= 0, "must be >= 0: disagreeing samples earn -penalty"),
         ("reward.penalty_min_ratio", 0 <= cfg.reward.penalty_min_ratio <= 1, "must be in [0, 1]"),
-        ("reward.contrast", not cfg.reward.contrast or getattr(REWARDS.get(cfg.reward.kind), "uses_label", True),
-         f"changes the pseudo-label, which reward.kind={cfg.reward.kind} does not use: use "
-         f"{' or '.join(k for k, r in REWARDS.items() if r.uses_label)}, or drop reward.contrast"),
         ("algorithm.max_bad_steps", cfg.algorithm.max_bad_steps >= 1, "must be >= 1"),
         ("algorithm.critic_lr", cfg.algorithm.critic_lr > 0, "must be > 0"),
         ("algorithm.value_clip", cfg.algorithm.value_clip > 0, "must be > 0"),

@@ -58,6 +58,8 @@ class Control:
     """Kinds of no-signal warning already given ("No signal", "Weak signal")."""
     collapse_warned: bool = False
     """The collapse watch has fired (it is said once a run)."""
+    guarded_at: int | None = None
+    """The step at which the collapse watch stopped training (train.guard rollback or stop)."""
 
     @classmethod
     def resumed(cls, cfg: Config, steps: int, history: list[dict], bad_steps: int = 0) -> Control:
@@ -65,9 +67,11 @@ class Control:
         goes on as if never interrupted: a collapse watch that fired is not recorded again, and a
         run that stopped early stays stopped at that step."""
         stop = next((r for r in reversed(history) if r.get("stop_reason")), None)
+        guarded = stop is not None and stop.get("stop_reason") == stop.get("collapse_warning")
         return cls(cfg, stop["step"] if stop else steps, history, bad_steps,
                    stopped_early=stop["stop_reason"] if stop else None,
-                   collapse_warned=any(r.get("collapse_warning") for r in history))
+                   collapse_warned=any(r.get("collapse_warning") for r in history),
+                   guarded_at=stop["step"] if guarded and cfg.train.guard != "warn" else None)
 
     def after_step(self, done: int, row: dict) -> Verdict:
         """Record step `done`'s metrics row and decide what follows it: stop early (a stopping rule
@@ -84,6 +88,8 @@ class Control:
             self.collapse_warned = bool(verdict.collapse_warning)
         reason = stop_reason(self.history, t.stop_on, t.stop_window, t.stop_min_delta, t.entropy_floor,
                              t.collapse_ratio, t.collapse_drift)
+        if verdict.collapse_warning and t.guard != "warn":  # the guard ends training on it, whatever stop_on says
+            reason, self.guarded_at = verdict.collapse_warning, done
         if verdict.collapse_warning and verdict.collapse_warning != reason:  # said once
             verdict.warnings.append(f"step {done}: {verdict.collapse_warning}")
         if reason:
@@ -129,8 +135,21 @@ class Control:
         return new
 
     def checkpoint_due(self, done: int) -> bool:
-        every = self.cfg.train.save_every
-        return done == self.steps or bool(every and done % every == 0)
+        """At the last step, every train.save_every steps, and with train.guard=rollback every
+        stop_window steps (what the guard rolls back to) but not at the step it rolls back from,
+        whose model is discarded (so the older checkpoints it needs are not retired)."""
+        t = self.cfg.train
+        if t.guard == "rollback" and self.guarded_at == done:
+            return False
+        return (done == self.steps or bool(t.save_every and done % t.save_every == 0)
+                or (t.guard == "rollback" and done % t.stop_window == 0))
+
+    def rollback_step(self) -> int | None:
+        """With train.guard=rollback, after the collapse watch stopped training: the newest step a
+        checkpoint may hold to be before the stretch the watch saw (its last stop_window steps)."""
+        if self.guarded_at is None or self.cfg.train.guard != "rollback":
+            return None
+        return self.guarded_at - self.cfg.train.stop_window
 
 
 class StopSignals:

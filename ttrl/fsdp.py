@@ -190,14 +190,15 @@ def _complete(path: Path, dist) -> str | None:
     return "; ".join(problems) or None
 
 
-def load_sharded(run_dir: str | Path, model, optimizer, scheduler, dist, critic: tuple | None = None) -> dict | None:
-    """Restore the newest complete sharded checkpoint (on any number of processes: DCP reshards);
-    its state, or None when there is none. A damaged one (a shard or the metadata missing or not
-    matching its checksum) is skipped with a warning."""
+def load_sharded(run_dir: str | Path, model, optimizer, scheduler, dist, critic: tuple | None = None,
+                 upto: int | None = None) -> dict | None:
+    """Restore the newest complete sharded checkpoint (of step `upto` or before, when given; on any
+    number of processes: DCP reshards); its state, or None when there is none. A damaged one (a
+    shard or the metadata missing or not matching its checksum) is skipped with a warning."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    for path in reversed(list_checkpoints(run_dir)):
+    for path in reversed(list_checkpoints(run_dir, upto)):
         if not is_sharded_checkpoint(path):
             raise CheckpointError(f"checkpoint {path} was written with train.parallel=ddp (whole weights); resume "
                                   "with train.parallel=ddp")

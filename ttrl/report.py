@@ -184,6 +184,9 @@ def headline(run: Run, doc: Doc) -> None:
     if collapse:  # recorded by the trainer the step ttrl.stopping.collapse_reason first fired
         doc.add("warn", f"**Collapse watch, step {collapse['step']}.** "
                         f"{collapse['collapse_warning'].removeprefix('collapse watch: ')}.")
+    if run.handed_back:  # which step's model the run exported (train.guard)
+        doc.add("warn" if run.handed_back.get("rolled_back") else "p",
+                f"**Model handed back: step {run.handed_back['step']}'s.** {run.handed_back['why'][:1].upper()}{run.handed_back['why'][1:]}.")
     cards = []
     for name in run.evals:  # the headline number of each eval set: avg@k, base -> after
         base, final, metric = run.base(name), run.final(name), f"avg@{k}"

@@ -36,6 +36,8 @@ class Run:
     finished: bool
     problems: list[str] = field(default_factory=list)
     """Damaged lines and fields left out while reading, as "file:line: why"."""
+    handed_back: dict | None = None
+    """summary.json's `model`: the step whose model the run exported and why (train.guard)."""
 
     def cfg(self, dotted: str, default=None):
         node = self.config
@@ -243,4 +245,15 @@ def load_run(run_dir: str | Path) -> Run:
     for line in problems:
         warn(line)
     return Run(path=path, name=path.resolve().name, config=config, env=env, steps=[steps[s] for s in sorted(steps)],
-               evals=eval_rows, finished=(path / "summary.json").is_file(), problems=problems)
+               evals=eval_rows, finished=(path / "summary.json").is_file(), problems=problems,
+               handed_back=_handed_back(summary.get("model"), problems))
+
+
+def _handed_back(value, problems: list[str]) -> dict | None:
+    """summary.json's `model` entry, if it is what the trainer writes (a step and a reason)."""
+    if value is None:
+        return None
+    if isinstance(value, dict) and _whole(value.get("step")) and isinstance(value.get("why"), str):
+        return value
+    problems.append(f"summary.json: model is {snippet(value)}, not a step and a reason; left out")
+    return None

@@ -5,7 +5,8 @@ rollouts — quantities the model produces without any answer key. It must never
 metrics (label/reward/rollout accuracy): stopping on them would leak the test labels into training.
 
 The collapse watch (`collapse_reason`) is the one rule that also runs when it is not the stopping
-rule: the trainer warns the first time it fires, and stops on it with train.stop_on=collapse.
+rule: the trainer warns the first time it fires, and train.guard says what follows (by default,
+training ends and the run hands back the checkpoint from before the watch's window).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def collapse_reason(history: Sequence[Mapping], window: int = 5, ratio: float = 
     return (f"collapse watch: the majority ratio is {now:.2f} over the last {window} steps (>= {ratio}) while, since "
             f"the first {window}, entropy fell {(e0 - e1) / e0:.0%} ({e0:.3f} -> {e1:.3f} nats) and response length "
             f"moved {(l1 - l0) / l0:+.0%} ({l0:.1f} -> {l1:.1f} tokens): the model now agrees with itself, so a wrong "
-            "pseudo-label is reinforced with full confidence; check held-out accuracy, or stop here "
-            "(train.stop_on=collapse)")
+            "pseudo-label is reinforced with full confidence (train.guard: rollback, the default, ends training "
+            "here and hands back an earlier checkpoint)")
 
 
 def stop_reason(history: Sequence[Mapping], rule: str, window: int = 5, min_delta: float = 0.01,

@@ -102,13 +102,14 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
                 if halt:
                     dist.close()
                     raise TrainingStopped(halt.message.format(path=path), path, halt.exit_code)
+                handed_back = guard(r, cfg, run_dir)
                 evaluate(control.steps, bar)
         finally:
             if r.writer is not None:
                 r.writer.close()
     # Under FSDP the full weights are gathered from every rank (a collective).
     weights = full_state_dict(r.model) if dist.sharded else None
-    summary = {"steps": control.steps, "evals": r.evals, "stopped_early": control.stopped_early}
+    summary = {"steps": control.steps, "evals": r.evals, "stopped_early": control.stopped_early, "model": handed_back}
     if dist.is_main:  # a signal waits for the model to be saved (a second one stops at once)
         with StopSignals(announce=False) as stop, stop.deferred(), library_bars(enabled=not quiet):
             export_model(r.model, r.tok, run_dir, weights)
@@ -118,6 +119,41 @@ def train(cfg: Config, run_dir: str | Path, quiet: bool = False, resume: bool = 
                  "is complete")
     dist.close()
     return summary
+
+
+def guard(r: Training, cfg: Config, run_dir: Path) -> dict:
+    """Which step's model the run hands back (evaluates and exports), and why: with train.guard=
+    rollback, after the collapse watch stopped training, the weights of the newest checkpoint from
+    before the stretch it saw (ttrl.control.Control.rollback_step); otherwise the last step's.
+    Reads unlabeled signals only, through the watch."""
+    control = r.control
+    fired = control.guarded_at or next((row["step"] for row in control.history if row.get("collapse_warning")), None)
+    if fired is None:
+        return {"step": control.steps, "rolled_back": False,
+                "why": "the collapse watch did not fire: the last step's model"}
+    if control.guarded_at is None:
+        return {"step": control.steps, "rolled_back": False, "collapse_step": fired,
+                "why": f"the collapse watch fired at step {fired} and train.guard=warn trained on: the last step's model"}
+    upto = control.rollback_step()
+    if upto is None:
+        return {"step": fired, "rolled_back": False, "collapse_step": fired,
+                "why": f"the collapse watch fired at step {fired}; training stopped there (train.guard=stop)"}
+    policy, dist = r.learner.policy, r.learner.dist
+    critic = critic_parts(policy.critic, dist)
+    state = (load_sharded(run_dir, r.model, policy.optimizer, policy.scheduler, dist, critic, upto=upto)
+             if cfg.train.parallel == "fsdp" else
+             load_checkpoint(run_dir, r.model, policy.optimizer, policy.scheduler, critic, upto=upto))
+    if state is None:
+        out = {"step": fired, "rolled_back": False, "collapse_step": fired,
+               "why": f"the collapse watch fired at step {fired}, but no checkpoint of step {upto} or before is kept "
+                      f"to roll back to (raise train.keep_checkpoints): step {fired}'s model"}
+    else:
+        r.learner.sampler.sync(r.learner.policy.model)
+        out = {"step": state["step"], "rolled_back": True, "collapse_step": fired,
+               "why": f"the collapse watch fired at step {fired} (its window: steps {upto + 1}-{fired}); rolled back "
+                      f"to the checkpoint of step {state['step']} (train.guard=rollback)"}
+    warn(out["why"])
+    return out
 
 
 def show_progress(bar, task, row: dict, steps: int) -> None:

@@ -142,7 +142,8 @@ class VLLMSampler:
         import vllm
 
         warn("rollout.backend=vllm gives no per-token entropy: train/entropy is NaN, and the collapse watch "
-             "(docs/method.md), which needs it, does not run; watch train/majority_ratio and response length")
+             "(docs/method.md), which needs it, does not run, nor does train.guard; watch train/majority_ratio and "
+             "response length")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights sync in place
         self.cfg, self.tokenizer, self.dist, self._vllm = cfg, tokenizer, dist, vllm
         settings = engine_settings(cfg, policy.config, _platform().is_cpu(), dist.world)
