@@ -332,15 +332,21 @@ def test_eval_skips_prompts_too_long_for_the_context(tmp_path, capsys):
 
 
 def test_eval_of_a_run_directory_reproduces_the_runs_final_evaluation(tmp_path, capsys):
+    """...and puts the base model's figures from the run's own evaluation before training beside them."""
     run = tmp_path / "majority+reward.contrast=true"  # named as benchmark arms are: "=" in a directory name
     assert main(["train", "--config", TINY, "--output-dir", str(run), "--quiet", "--no-report", *QUICK,
-                 "data.holdout=0.25", "data.eval=[arithmetic]", "eval.before=false"]) == 0
+                 "data.holdout=0.25", "data.eval=[arithmetic]"]) == 0
     capsys.readouterr()
     assert main(["eval", str(run), "--json", str(tmp_path / "e.json")]) == 0
     out = capsys.readouterr().out
     assert "adapt: 6 prompts, 6 graded" in out and "heldout: 2 prompts" in out
+    evals = json.loads((run / "summary.json").read_text())["evals"]
+    for name, rows in evals.items():
+        block = out.split(f"\n{name}: ")[1]
+        assert f"greedy  {rows[-1]['greedy']:.4f}   base {rows[0]['greedy']:.4f}" in block, name
+        assert f"avg@2  {rows[-1]['avg@2']:.4f}   base {rows[0]['avg@2']:.4f}" in block, name
     sets = json.loads((tmp_path / "e.json").read_text())["sets"]
-    final = {name: rows[-1] for name, rows in json.loads((run / "summary.json").read_text())["evals"].items()}
+    final = {name: rows[-1] for name, rows in evals.items()}
     assert set(sets) == set(final) == {"adapt", "heldout", "arithmetic"}
     for name, row in final.items():
         for key in ("n_prompts", "avg@2", "maj@2", "pass@2", "greedy", "majority_ratio", "mean_length"):

@@ -409,6 +409,26 @@ def test_the_verdict_weighs_the_gain_against_its_paired_standard_error():
     assert "**Yes.**" in noisy and "within two standard errors" in noisy and "over these 6 prompts" in noisy
 
 
+def test_the_verdict_says_in_plain_words_when_greedy_fell_below_the_base_model():
+    """Greedy is how most deploy the trained model: its change from the base model's greedy answer is
+    given with its paired error, and called "worse than the base model" only beyond two of them."""
+    def run(base_greedy: list[int], greedy: list[int]):
+        ids = [str(i) for i in range(len(greedy))]
+        base = {"step": 0, "n_prompts": len(ids), "avg@4": 0.1, "maj@4": 0.2, "greedy": sum(base_greedy) / len(ids),
+                "scores": {"id": ids, "avg@4": [0.1] * len(ids), "greedy": base_greedy}}
+        final = {"step": 5, "n_prompts": len(ids), "avg@4": 0.3, "maj@4": 0.3, "greedy": sum(greedy) / len(ids),
+                 "scores": {"id": ids, "avg@4": [0.3] * len(ids), "greedy": greedy}}
+        return Run(Path("x"), "x", {"eval": {"n_samples": 4}}, {}, [], {"adapt": [base, final]}, True)
+
+    collapsed = beats_voting(run([1] * 12 + [0] * 4, [0] * 14 + [1] * 2))  # 12 of 16 right -> 2 of 16
+    assert "**The trained model is worse than the base model** at its greedy answer: 12.5% against 75.0%" in collapsed
+    assert "beyond two standard errors" in collapsed
+    wobble = beats_voting(run([1, 0, 1, 0, 1, 0, 1, 0], [0, 1, 0, 1, 0, 0, 1, 0]))  # -1/8 from +1s and -1s
+    assert "worse than the base model" not in wobble
+    assert "Greedy answer (how most deploy a model): 37.5% against the base model's 50.0%, -12.5 points" in wobble
+    assert "within two standard errors" in wobble.split("Greedy answer")[1]
+
+
 def test_report_names_the_bar_pass_at_k_and_both_majority_ratios(tmp_path):
     run = recorded_run(tmp_path)
 

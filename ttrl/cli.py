@@ -117,7 +117,8 @@ def cmd_train(args) -> int:
     if not is_main_process():
         return 0
     print(before_after_table(summary["evals"], cfg.eval.n_samples))
-    print(f"model/: step {summary['model']['step']}'s weights; {summary['model']['why']}")
+    if summary.get("model"):
+        print(f"model/: step {summary['model']['step']}'s weights; {summary['model']['why']}")
     if not getattr(args, "no_report", False):  # `ttrl demo` has no --no-report: it always reports
         from ttrl.report import write_report
 
@@ -175,14 +176,20 @@ def cmd_eval(args) -> int:
         check_writable(out, "--json")
     results = evaluate_sets(cfg, keep_samples=args.samples)
     sets = {name: summary for name, (summary, _) in results.items()}
-    print(f"model {cfg.model.name}, data.train {cfg.data.train}, k = {cfg.eval.n_samples}")
+    bases = base_evals(run_dir, sets) if run_dir else {}
+    print(f"model {cfg.model.name}, data.train {cfg.data.train}, k = {cfg.eval.n_samples}"
+          + (f"; beside each accuracy, the base model's from {run_dir}/summary.json" if bases else ""))
     for name, summary in sets.items():
         graded = (f"{summary['n_labelled']} graded" if summary["n_labelled"]
                   else "none has a gold answer, so no accuracy")
         print(f"\n{name}: {summary['n_prompts']} prompts, {graded}")
+        base = bases.get(name, {})
+        k = cfg.eval.n_samples
         for key, value in summary.items():
             if key not in ("n_prompts", "n_labelled"):
-                print(f"{key:>16}  {value:.4f}" if isinstance(value, float) else f"{key:>16}  {value}")
+                accuracy = key in ("greedy", f"avg@{k}", f"maj@{k}", f"pass@{k}")
+                was = f"   base {base[key]:.4f}" if accuracy and isinstance(base.get(key), float) else ""
+                print(f"{key:>16}  {value:.4f}{was}" if isinstance(value, float) else f"{key:>16}  {value}")
     for name, summary in sets.items():  # after the figures, where it is read
         cut = eval_warning(name, summary)
         if cut:
@@ -195,6 +202,22 @@ def cmd_eval(args) -> int:
         out.write_text(json.dumps({**head, "sets": per_set}, indent=2))
     print(json.dumps({**head, "sets": sets}))
     return 0
+
+
+def base_evals(run_dir: Path, sets: dict) -> dict:
+    """The base model's evaluation of each of `sets` from the run's summary.json (its step-0
+    evaluation), where it covered as many prompts: what the trained model's figures are read against."""
+    try:
+        evals = json.loads((run_dir / "summary.json").read_text()).get("evals") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    out = {}
+    for name, summary in sets.items():
+        rows = evals.get(name) or []
+        if rows and isinstance(rows[0], dict) and rows[0].get("step") == 0 and \
+                rows[0].get("n_prompts") == summary.get("n_prompts"):
+            out[name] = rows[0]
+    return out
 
 
 def cmd_export(args) -> int:

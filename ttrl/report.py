@@ -115,7 +115,7 @@ def beats_voting(run: Run) -> str:
     small = _noise(base, final, f"avg@{k}", "greedy" if what == "base greedy" else f"maj@{k}", a - m, what)
     where = graded(final)
     small += f" ({where})" if where else ""
-    own = _own_change(base, final, k)
+    own = _own_change(base, final, k) + _greedy_change(base, final)
     if any(kind == "warn" for kind, _ in signal_warnings(run)):  # nothing (or little) learnt from: not "a tie"
         head = learning_warnings(run.steps)[0].split(":", 1)[0].lower()
         return (f"{q} **No verdict ({head} in training).** After TTRL one sample is right {pct(a)} of the time "
@@ -161,6 +161,21 @@ def _own_change(base: dict, final: dict, k: int) -> str:
     return (f" Against the base model's own avg@{k} (the change in the table below), one sample is right "
             f"{pts(m)} points more often, ±{200 * se:.1f}: {beyond(m, se)} two standard errors of no change "
             f"over these {n} prompts.")
+
+
+def _greedy_change(base: dict, final: dict) -> str:
+    """A sentence on greedy accuracy, how most users deploy the model: trained against base, with
+    its paired noise; said as "worse than the base model" when it fell beyond two standard errors."""
+    change = paired_change(base, final, "greedy")
+    if change is None or change[1] is None:
+        return ""
+    m, se, n = change
+    if m < -2 * se:
+        return (f" **The trained model is worse than the base model** at its greedy answer: {pct(final['greedy'])} "
+                f"against {pct(base['greedy'])}, {pts(m)} points, ±{200 * se:.1f} (beyond two standard errors over "
+                f"these {n} prompts): keep the base model, or see docs/method.md on collapse.")
+    return (f" Greedy answer (how most deploy a model): {pct(final['greedy'])} against the base model's "
+            f"{pct(base['greedy'])}, {pts(m)} points, ±{200 * se:.1f}: {beyond(m, se)} two standard errors.")
 
 
 def _mean(run: Run, key: str) -> float | None:
