@@ -60,7 +60,8 @@ def matches(run_dir: Path, config: str | Path, overrides: list[str]) -> bool:
 def run_arm(run_dir: str | Path, overrides: list[str], config: str | Path = DEMO, threads: int = 0) -> dict:
     """Train (or reuse) one arm; returns {"evals": summary's evals, "rows": per-step metrics rows,
     "config": the run's config.json, "train_s": seconds of the training steps (evaluations
-    excluded), "reused": bool}."""
+    excluded), "handed_back": summary.json's `model` (which step's model the run exported and
+    why: train.guard), "reused": bool}."""
     from ttrl.rundir import load_run
 
     run_dir = Path(run_dir)
@@ -72,7 +73,8 @@ def run_arm(run_dir: str | Path, overrides: list[str], config: str | Path = DEMO
     run = load_run(run_dir)
     rows = [r for r in run.steps if "train/reward" in r]
     train_s = round(sum(r.get("perf/step_seconds", 0.0) for r in rows), 1)
-    return {"evals": run.evals, "rows": rows, "config": run.config, "train_s": train_s, "reused": reused}
+    return {"evals": run.evals, "rows": rows, "config": run.config, "train_s": train_s,
+            "handed_back": run.handed_back, "reused": reused}
 
 
 def eval_k(evals: dict) -> int:

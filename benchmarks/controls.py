@@ -5,8 +5,10 @@ DIR/seed-S/ARM and finished ones are reused (benchmarks/_arms.py): reward_zoo.py
 
     .venv/bin/python benchmarks/controls.py [--seeds 0,1,2,3,4] [--ttrl ARM,...] [--output-dir DIR] [key=value ...]
 
-The TTRL arms (--ttrl) are plain majority voting (the paper's) and majority voting with labels
-contrasted across prompts (`reward.contrast`, docs/method.md). Prints per seed and arm the
+The TTRL arms (--ttrl) are ttrl's defaults (`majority`: labels contrasted across prompts, cosine
+schedule, KL 0.001, the collapse guard) and the paper's plain vote as `--config demo_plain` runs it
+(plain majority, constant rate, no KL, no guard); each seed's guard picks are printed and kept
+(`handed_back`). Prints per seed and arm the
 adapted and held-out avg@16 / maj@16, each TTRL arm's margin over the best control, and its
 margins over the base model's greedy answer and maj@16 (the bar to beat is the better of the
 two). `ttrl compare DIR/seed-0/ARM DIR/seed-0/format DIR/seed-0/random` puts a seed's arms side
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _arms import DEMO, arm_dir, arm_overrides, eval_k, run_arm  # noqa: E402
 
 CONTROLS = ("format", "random")
-TTRL = "majority,majority+reward.contrast=true"
+TTRL = "majority,majority+reward.contrast=false+algorithm.lr_schedule=constant+algorithm.warmup_ratio=0+algorithm.kl_coef=0+train.guard=warn"
 
 
 def figures(evals: dict, k: int, when: int) -> dict:
@@ -73,6 +75,7 @@ def main():
         base = figures(runs[ttrl_arms[0]]["evals"], k, 0)
         after = {arm: figures(r["evals"], k, -1) for arm, r in runs.items()}
         row = {"seed": seed, "base": base, "after": after, "train_s": {a: r["train_s"] for a, r in runs.items()},
+               "handed_back": {a: r["handed_back"] for a, r in runs.items()},
                "margins": {arm: margins(after[arm], after, base, _noise(runs, arm, after, k)) for arm in ttrl_arms}}
         if unseen:
             row["untrained"] = untrained(root, seed, arms, ttrl_arms, args.config, args.overrides, unseen)
@@ -189,6 +192,9 @@ def _print_seed(row: dict, k: int, arms: tuple) -> None:
     for name, src in [("base", base)] + [(arm, row["after"][arm]) for arm in arms]:
         print(f"  {name:<32} {src['adapt']['avg']:10.3f} {src['adapt']['maj']:7.3f}   "
               f"{src['heldout']['avg']:14.3f} {src['heldout']['maj']:7.3f}")
+    for arm, picked in row["handed_back"].items():
+        if picked and picked.get("collapse_step"):  # the guard's pick, where the collapse watch fired
+            print(f"  {arm}: model of step {picked['step']}: {picked['why']}")
     for arm, m in row["margins"].items():
         se = lambda n: "" if m[n].get("over_best_control_se") is None else f" ± {2 * m[n]['over_best_control_se']:.3f}"  # noqa: E731
         print(f"  {arm}: " + "; ".join(

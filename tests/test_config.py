@@ -15,10 +15,20 @@ def test_defaults_follow_official_scripts():
     assert cfg.eval.n_samples == 16 and cfg.eval.temperature == 0.6 and cfg.eval.top_p == 0.95
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "demo.yaml", "demo_mc.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "demo.yaml", "demo_mc.yaml", "demo_plain.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.reward.n_train_samples <= cfg.rollout.n_votes
+
+
+def test_demo_plain_is_the_demo_with_the_papers_plain_vote_and_nothing_else():
+    """The two files are kept in step: they differ in the settings the defaults added, nothing more."""
+    from ttrl.config import flatten
+
+    demo, plain = (flatten(load_config(CONFIGS / f"{n}.yaml").to_dict()) for n in ("demo", "demo_plain"))
+    assert {k: (demo[k], plain[k]) for k in demo if demo[k] != plain[k]} == {
+        "reward.contrast": (True, False), "algorithm.lr_schedule": ("cosine", "constant"),
+        "algorithm.warmup_ratio": (0.03, 0.0), "algorithm.kl_coef": (0.001, 0.0), "train.guard": ("rollback", "warn")}
 
 
 def test_overrides_are_typed():
