@@ -18,8 +18,10 @@ TINY = ROOT / "configs" / "tiny.yaml"
 # advantage statistics (reinforce_pp), a reference model, two optimisation passes, two micro-batches
 # per rank (no_sync), two optimizer steps per rollout batch (whose prompts each rank must not cut
 # up by its own share), sharded evaluation of an uneven set (3 held-out prompts). 12 adapt prompts,
-# 3 steps of 4: each prompt is trained on exactly once.
+# 3 steps of 4: each prompt is trained on exactly once. A constant rate: runs stopped at step 2 resume
+# with train.steps=3, which would lay a cosine schedule over another length.
 RUN = ["reward.kind=similarity", "algorithm.advantage=reinforce_pp", "algorithm.kl_coef=0.1",
+       "algorithm.lr_schedule=constant",
        "algorithm.ppo_epochs=2", "algorithm.micro_batch_size=4", "algorithm.mini_batch_prompts=2", "data.arithmetic.n=15", "data.holdout=0.2",
        "eval.n_samples=2", "eval.greedy=true", "rollout.max_new_tokens=5", "eval.max_new_tokens=4"]
 # One CPU thread per process in every run (torchrun's default): no oversubscription of the CPU.

@@ -207,10 +207,11 @@ def test_a_resumed_run_trains_at_the_rate_its_config_gives(tmp_path, capsys):
     """The checkpoint's optimizer and schedule held the old algorithm.lr: a resume with another rate
     (after a blow-up, say) went on at the old one while the warning said it had changed."""
     out = tmp_path / "run"
+    constant = "algorithm.lr_schedule=constant"  # the base rate is the rate
     assert main(["train", "--config", TINY, "--output-dir", str(out), "--quiet", *QUICK, "algorithm.lr=1e-3",
-                 "train.steps=1"]) == 0
+                 "train.steps=1", constant]) == 0
     assert main(["train", "--config", TINY, "--output-dir", str(out), "--quiet", "--resume", *QUICK,
-                 "algorithm.lr=2e-6"]) == 0
+                 "algorithm.lr=2e-6", constant]) == 0
     rates = [r["optim/lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "optim/lr" in r]
     assert rates == [1e-3, 2e-6]
 

@@ -128,7 +128,7 @@ def test_guard_hands_back_the_checkpoint_before_the_collapse_and_says_so(tmp_pat
     last = next(r for r in steps if "train/reward" in r and r["step"] == fired)
     assert last["stop_reason"] == last["collapse_warning"]
     exported = load_file(out / "model" / "model.safetensors")
-    saved = load_file(out / "checkpoints" / f"step-{kept:08d}" / "model.safetensors")
+    saved = load_file(out / "checkpoints" / f"step-{kept:08d}" / "weights.safetensors")
     assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
     assert f"model/: step {kept}'s weights" in proc.stdout and "rolled back" in proc.stdout
     assert f"Model handed back: step {kept}'s." in (out / "report.md").read_text()
@@ -139,13 +139,14 @@ def test_resume_names_changed_settings_and_refuses_another_model(tmp_path, tiny,
     from ttrl.trainer import resumed_state
 
     model, _ = tiny
-    cfg = load_config(TINY)
+    constant = ["algorithm.lr_schedule=constant"]  # (a cosine schedule warns of its own when train.steps changes)
+    cfg = load_config(TINY, constant)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     assert resumed_state(tmp_path, cfg, model, opt, sched) is None
     assert "no checkpoint" in capsys.readouterr().err
     save_checkpoint(tmp_path, 2, model, opt, sched, state={"config": cfg.to_dict(), "evals": {}})
-    changed = load_config(TINY, ["algorithm.lr=0.5", "train.steps=9"])
+    changed = load_config(TINY, ["algorithm.lr=0.5", "train.steps=9", *constant])
     assert resumed_state(tmp_path, changed, model, opt, sched)["step"] == 2
     err = capsys.readouterr().err
     assert "algorithm.lr 0.0001 -> 0.5" in err and "train.steps" not in err

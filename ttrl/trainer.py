@@ -207,7 +207,9 @@ def resumed_state(run_dir: Path, cfg: Config, model, optimizer, scheduler, criti
     if state.get("bad_steps") and {"algorithm.lr", "algorithm.critic_lr", "algorithm.max_grad_norm"} & set(changed):
         state["bad_steps"] = 0  # the streak of rejected steps was the old rates'; the new ones start afresh
     a = cfg.algorithm
-    if old.get("train.steps") != new.get("train.steps") and (a.lr_schedule != "constant" or a.warmup_ratio > 0):
+    before, after = old.get("train.steps") or 0, new.get("train.steps") or 0
+    if before != after and (a.lr_schedule != "constant"
+                            or int(a.warmup_ratio * before) != int(a.warmup_ratio * after)):  # as make_scheduler
         warn(f"train.steps {old.get('train.steps')!r} -> {new.get('train.steps')!r} with algorithm.lr_schedule="
              f"{a.lr_schedule} (warmup_ratio {a.warmup_ratio}): the schedule is laid over the new length, so the "
              "learning rate jumps at the resumed step")
