@@ -33,10 +33,10 @@ ROOT = Path(__file__).parent.parent
 DEMO = ROOT / "configs" / "demo.yaml"
 VLLM = ["rollout.backend=vllm"]
 # Small and quick; ROUGE-L rewards give non-zero gradients, a high learning rate visible changes.
-# No KL term: no reference model to load, a quicker test.
+# No KL term (no reference model to load) and no evaluation before training: quicker runs.
 RUN = [*VLLM, "reward.kind=similarity", "algorithm.lr=1e-4", "algorithm.kl_coef=0", "train.steps=3",
        "train.save_every=1", "train.prompts_per_step=2", "rollout.n_votes=4", "reward.n_train_samples=2",
-       "data.arithmetic.n=4", "eval.n_samples=1", "eval.greedy=false"]
+       "data.arithmetic.n=4", "eval.n_samples=1", "eval.greedy=false", "eval.before=false"]
 TIMEOUT = 1200  # seconds a run may take on a busy 2-core machine
 
 
