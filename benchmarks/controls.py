@@ -76,7 +76,8 @@ def main():
         after = {arm: figures(r["evals"], k, -1) for arm, r in runs.items()}
         row = {"seed": seed, "base": base, "after": after, "train_s": {a: r["train_s"] for a, r in runs.items()},
                "handed_back": {a: r["handed_back"] for a, r in runs.items()},
-               "margins": {arm: margins(after[arm], after, base, _noise(runs, arm, after, k)) for arm in ttrl_arms}}
+               "margins": {arm: margins(after[arm], after, base, _noise(runs, arm, after, k)) for arm in ttrl_arms},
+               "greedy_change": {arm: greedy_change(runs[arm]["evals"]) for arm in ttrl_arms}}
         if unseen:
             row["untrained"] = untrained(root, seed, arms, ttrl_arms, args.config, args.overrides, unseen)
         results.append(row)
@@ -132,7 +133,7 @@ def untrained(root: Path, seed: int, arms: tuple, ttrl_arms: list, config: str, 
     where = root / f"seed-{seed}" / "untrained"
     where.mkdir(parents=True, exist_ok=True)
     extra = [f"data.eval=[{unseen}]"]
-    per = {}
+    per, greedy_of = {}, {}
     for arm in ("base", *arms):
         out = where / f"{arm}.json"
         if not out.is_file():
@@ -143,6 +144,7 @@ def untrained(root: Path, seed: int, arms: tuple, ttrl_arms: list, config: str, 
             Path(str(out) + ".part").replace(out)
         problems = [p for name in ("heldout", unseen.stem) for p in json.loads(out.read_text())["sets"][name]["problems"]]
         per[arm] = {p["id"]: p["n_correct"] / p["n_samples"] for p in problems}
+        greedy_of[arm] = {p["id"]: p["greedy_correct"] for p in problems}
         if arm == "base":  # the bar to beat there: the better of its greedy answer and maj@k
             greedy = [p["greedy_correct"] for p in problems]
             base = {"maj": mean(float(p["maj_correct"]) for p in problems),
@@ -151,9 +153,24 @@ def untrained(root: Path, seed: int, arms: tuple, ttrl_arms: list, config: str, 
     best = max(CONTROLS, key=avg.get)
     after = {arm: {"untrained": {"avg": v}} for arm, v in avg.items()}  # one set, in figures()' shape
     se = {arm: standard_error([v - per[best][pid] for pid, v in per[arm].items()]) for arm in ttrl_arms}
+    moved = {arm: [float(v) - float(greedy_of["base"][pid]) for pid, v in greedy_of[arm].items()
+                   if v is not None and greedy_of["base"].get(pid) is not None] for arm in ttrl_arms}
     return {"n_prompts": len(per["base"]), "avg": avg, "base": base, "best_control": best,
+            "greedy_change": {arm: [mean(d), standard_error(d)] if d else None for arm, d in moved.items()},
             "margins": {arm: margins(after[arm], after, {"untrained": base}, {"untrained": se[arm]})["untrained"]
                         for arm in ttrl_arms}}
+
+
+def greedy_change(evals: dict) -> dict:
+    """Per set, the arm's final greedy accuracy minus the base model's (its step-0 evaluation), with
+    the standard error of the per-prompt differences: {set: [change, se]} (None without greedy scores)."""
+    from ttrl.evaluation import paired_change
+
+    out = {}
+    for name in ("adapt", "heldout"):
+        change = paired_change(evals[name][0], evals[name][-1], "greedy")
+        out[name] = None if change is None else [change[0], change[1]]
+    return out
 
 
 def _noise(runs: dict, arm: str, after: dict, k: int) -> dict:

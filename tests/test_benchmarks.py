@@ -108,7 +108,7 @@ def test_controls_smoke_run_on_tiny_gives_each_margin_with_its_paired_error(tmp_
     root = Path(__file__).parent.parent
     out = subprocess.run([sys.executable, str(root / "benchmarks" / "controls.py"), "--config",
                           str(root / "configs" / "tiny.yaml"), "--seeds", "0", "--ttrl", "majority",
-                          "--output-dir", str(tmp_path), "train.steps=1", "eval.greedy=false"],
+                          "--output-dir", str(tmp_path), "train.steps=1"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
     assert out.returncode == 0, out.stderr[-2000:]
     (row,) = json.loads(out.stdout.strip().splitlines()[-1])["results"]
@@ -120,6 +120,8 @@ def test_controls_smoke_run_on_tiny_gives_each_margin_with_its_paired_error(tmp_
         summary = {a: json.loads((tmp_path / "seed-0" / a / "summary.json").read_text())["evals"][name][-1]
                    for a in ("majority", best)}
         assert m["over_best_control_se"] == paired_change(summary[best], summary["majority"], "avg@4")[1]
+        own = json.loads((tmp_path / "seed-0" / "majority" / "summary.json").read_text())["evals"][name]
+        assert row["greedy_change"]["majority"][name] == list(paired_change(own[0], own[-1], "greedy")[:2])
     # every question no arm trained on: the 4 held-out prompts and the 84 sums data.arithmetic.n=16
     # leaves out, from each model's `ttrl eval`, which reproduces the run's own final held-out figure
     u = row["untrained"]
@@ -136,6 +138,10 @@ def test_controls_smoke_run_on_tiny_gives_each_margin_with_its_paired_error(tmp_
     assert u["best_control"] == best
     assert u["margins"]["majority"]["over_best_control"] == pytest.approx(sum(diffs) / 88)
     assert u["margins"]["majority"]["over_best_control_se"] == pytest.approx(statistics.stdev(diffs) / 88 ** 0.5)
+    greedy = {a: {p["id"]: float(p["greedy_correct"]) for n in ("heldout", "unseen") for p in e[n]["problems"]}
+              for a, e in evals.items()}
+    moved = [greedy["majority"][i] - greedy["base"][i] for i in greedy["majority"]]
+    assert u["greedy_change"]["majority"] == pytest.approx([sum(moved) / 88, statistics.stdev(moved) / 88 ** 0.5])
 
 
 def test_controls_unseen_questions_are_those_the_generator_never_draws(tmp_path):

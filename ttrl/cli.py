@@ -178,7 +178,7 @@ def cmd_eval(args) -> int:
     sets = {name: summary for name, (summary, _) in results.items()}
     bases = base_evals(run_dir, sets) if run_dir else {}
     print(f"model {cfg.model.name}, data.train {cfg.data.train}, k = {cfg.eval.n_samples}"
-          + (f"; beside each accuracy, the base model's from {run_dir}/summary.json" if bases else ""))
+          + ("; beside each accuracy, the base model's from the run's evaluation before training" if bases else ""))
     for name, summary in sets.items():
         graded = (f"{summary['n_labelled']} graded" if summary["n_labelled"]
                   else "none has a gold answer, so no accuracy")
@@ -205,19 +205,17 @@ def cmd_eval(args) -> int:
 
 
 def base_evals(run_dir: Path, sets: dict) -> dict:
-    """The base model's evaluation of each of `sets` from the run's summary.json (its step-0
-    evaluation), where it covered as many prompts: what the trained model's figures are read against."""
+    """The base model's evaluation of each of `sets` from the run (its step-0 evaluation, as the
+    report reads it), where it covered as many prompts: what the trained model's figures are read against."""
+    from ttrl.rundir import ReportError, load_run
+
     try:
-        evals = json.loads((run_dir / "summary.json").read_text()).get("evals") or {}
-    except (OSError, ValueError, AttributeError):
+        run = load_run(run_dir)
+    except ReportError:
         return {}
-    out = {}
-    for name, summary in sets.items():
-        rows = evals.get(name) or []
-        if rows and isinstance(rows[0], dict) and rows[0].get("step") == 0 and \
-                rows[0].get("n_prompts") == summary.get("n_prompts"):
-            out[name] = rows[0]
-    return out
+    bases = {name: run.base(name) for name in sets}
+    return {name: base for name, base in bases.items()
+            if base and base.get("n_prompts") == sets[name].get("n_prompts")}
 
 
 def cmd_export(args) -> int:

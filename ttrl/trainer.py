@@ -139,10 +139,8 @@ def guard(r: Training, cfg: Config, run_dir: Path) -> dict:
         return {"step": fired, "rolled_back": False, "collapse_step": fired,
                 "why": f"the collapse watch fired at step {fired}; training stopped there (train.guard=stop)"}
     policy, dist = r.learner.policy, r.learner.dist
-    critic = critic_parts(policy.critic, dist)
-    state = (load_sharded(run_dir, r.model, policy.optimizer, policy.scheduler, dist, critic, upto=upto)
-             if cfg.train.parallel == "fsdp" else
-             load_checkpoint(run_dir, r.model, policy.optimizer, policy.scheduler, critic, upto=upto))
+    state = load_latest(run_dir, cfg, r.model, policy.optimizer, policy.scheduler,
+                        critic_parts(policy.critic, dist), dist, upto=upto)
     if state is None:
         out = {"step": fired, "rolled_back": False, "collapse_step": fired,
                "why": f"the collapse watch fired at step {fired}, but no checkpoint of step {upto} or before is kept "
@@ -182,8 +180,7 @@ def resumed_state(run_dir: Path, cfg: Config, model, optimizer, scheduler, criti
     train.parallel=fsdp every rank its shards); settings that differ from the checkpointed run are
     named (model.* ones refused: the weights would not fit). A key the checkpointed run's version
     did not have counts as set to its default."""
-    state = (load_sharded(run_dir, model, optimizer, scheduler, dist or Dist(), critic) if cfg.train.parallel == "fsdp"
-             else load_checkpoint(run_dir, model, optimizer, scheduler, critic))
+    state = load_latest(run_dir, cfg, model, optimizer, scheduler, critic, dist or Dist())
     if state is None:
         warn(f"no checkpoint in {run_dir}/{CHECKPOINTS}; starting from step 0")
         return None
@@ -216,6 +213,15 @@ def resumed_state(run_dir: Path, cfg: Config, model, optimizer, scheduler, criti
     if is_main_process():
         print(f"resuming from {state['path']} (step {state['step']})", file=sys.stderr)
     return state
+
+
+def load_latest(run_dir: Path, cfg: Config, model, optimizer, scheduler, critic: tuple | None, dist: Dist,
+                upto: int | None = None) -> dict | None:
+    """The newest readable checkpoint (of step `upto` or before, when given) restored, in the format
+    train.parallel writes: sharded under fsdp (every rank its shards), whole otherwise; its state or None."""
+    if cfg.train.parallel == "fsdp":
+        return load_sharded(run_dir, model, optimizer, scheduler, dist, critic, upto=upto)
+    return load_checkpoint(run_dir, model, optimizer, scheduler, critic, upto=upto)
 
 
 @dataclass
