@@ -225,3 +225,19 @@ def test_contrasted_labels_under_two_processes_match_one(tmp_path):
              for runs in (logged[0], map(json.loads, (plain / "rollouts.jsonl").read_text().splitlines()))]
     assert first[0] != first[1], first  # step 1 has the same samples: contrast changed labels
     _assert_same_run(one, two)
+
+
+def test_model_dtype_is_the_precision_forwards_compute_in(monkeypatch):
+    """bf16 is mixed precision over float32 weights, on CPU too; a launch asking for another
+    precision than model.dtype is refused rather than one of the two silently winning."""
+    from ttrl.distributed import make_accelerator
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert make_accelerator("bfloat16").mixed_precision == "bf16"
+    assert make_accelerator("float32").mixed_precision == "no"  # a second run in the process may change it
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert make_accelerator("float32").mixed_precision == "bf16"  # the launch's mixed precision, fp32 weights
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ConfigError, match="model.dtype") as e:
+        make_accelerator("bfloat16")
+    assert e.value.key == "model.dtype"

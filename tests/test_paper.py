@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from ttrl.config import CONFIGS_DIR, ConfigError, bundled_configs, find_config, load_config
 from ttrl.trainer import train
@@ -27,16 +28,30 @@ def test_paper_config_matches_the_official_script(name):
 
 
 def test_a_paper_config_runs_a_step_of_a_tiny_model(tmp_path):
+    """As shipped (bf16, lr 5e-7): the step moves the weights. Trained in bf16 itself, AdamW's
+    ~5e-7 steps round away on nearly every weight; the trained weights stay float32 and bf16 is
+    what the forwards compute in."""
+    from safetensors.torch import load_file
+
+    from ttrl.models import load_model, trained_weights
+
     cfg = load_config(PAPER / "aime2024.yaml", [
-        "model.name=smollm2-135m", f"model.architecture={TINY_ARCH}", "model.dtype=float32",
+        "model.name=smollm2-135m", f"model.architecture={TINY_ARCH}",
         "rollout.n_votes=4", "reward.n_train_samples=2", "rollout.max_new_tokens=4", "train.steps=1",
         "train.prompts_per_step=2", "eval.before=false", "eval.every=0", "eval.n_samples=1", "eval.greedy=false",
         "eval.max_new_tokens=4", "data.limit=2"])
+    assert cfg.model.dtype == "bfloat16"
     train(cfg, tmp_path, quiet=True)
     (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
               if "train/reward" in line]
     assert row["optim/steps"] == 2  # one optimizer step per prompt, as ppo_mini_batch_size=1
     assert row["optim/lr"] == 5e-7  # a 1-step run has int(0.03 * 1) = 0 warm-up steps: the cosine's start
+    before, _ = load_model(trained_weights(cfg.model), seed=cfg.train.seed)
+    after = load_file(tmp_path / "model" / "model.safetensors")
+    layers = [k for k in after if ".layers." in k and k.endswith("proj.weight")]
+    assert layers and all(after[k].dtype == torch.float32 for k in layers)
+    moved = sum(int((after[k] != before.state_dict()[k]).sum()) for k in layers)
+    assert moved > 0.9 * sum(after[k].numel() for k in layers), moved
 
 
 @pytest.mark.parametrize("spelling", ["paper/amc", "paper/amc.yaml", "configs/paper/amc.yaml"])

@@ -49,7 +49,9 @@ class ModelConfig:
     """Config overrides, e.g. {num_hidden_layers: 2}: build a RANDOMLY initialised model of the
     named model's shape (tests, benchmarks). Empty = load the pretrained weights."""
     dtype: str = "float32"
-    """float32 (fastest on CPU), bfloat16 or float16 (GPU)."""
+    """The dtype forwards compute in: float32, bfloat16 or float16 (GPU). Trained weights stay
+    float32 (mixed precision: AdamW's small steps would round away in bf16); frozen ones (LoRA's
+    base, the KL reference) are held in this dtype."""
     chat_template: bool = True
     """Wrap each prompt as a user chat turn when the tokenizer has a template."""
     lora_rank: int = 0

@@ -27,22 +27,47 @@ def shard(n: int, rank: int, world: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
-def make_accelerator():
-    """An Accelerator configured from the launcher's environment (torchrun / accelerate launch).
+MIXED = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
+"""model.dtype -> accelerate's mixed_precision."""
+
+
+def make_accelerator(dtype: str = "float32"):
+    """An Accelerator configured from the launcher's environment (torchrun / accelerate launch)
+    and from model.dtype, the dtype forwards compute in: bf16 or fp16 is mixed precision over
+    float32 trained weights (`ttrl.models.trained_weights`), as accelerate's `mixed_precision` or
+    FSDP2's MixedPrecisionPolicy run it. A launch that asks for another precision than
+    model.dtype is refused. On CPU bf16 runs (AVX-512 BF16 makes it the faster; benchmarks/README.md,
+    update_dtype.py); fp16 does not, and the run stays in float32.
 
     Buffers (rotary tables, the same on every rank) are not broadcast on each forward: that
-    would be a collective per forward, and ranks need not run equally many. On CPU we stay in
-    float32: bf16 autocast there is slower and would change results.
+    would be a collective per forward, and ranks need not run equally many.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     cpu = not torch.cuda.is_available()
     asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if cpu and asked != "no":
-        warn(f"mixed precision {asked!r} ignored on CPU; training in float32")
-    return Accelerator(cpu=cpu, mixed_precision="no" if cpu else None,
+    wanted = MIXED[dtype]
+    if "no" not in (asked, wanted) and asked != wanted:
+        raise ConfigError(f"config key 'model.dtype' = {dtype!r} computes in {wanted}, but this launch asks for "
+                          f"mixed precision {asked!r}: set model.dtype to match the accelerate config "
+                          f"(or drop mixed_precision from it)", "model.dtype")
+    mixed = wanted if wanted != "no" else asked
+    if cpu and mixed == "fp16":
+        warn("fp16 is not run on CPU; training in float32 (model.dtype=bfloat16 computes in bf16 there)")
+        mixed = "no"
+    _forget_precision(mixed)
+    return Accelerator(cpu=cpu, mixed_precision=mixed,
                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+
+
+def _forget_precision(mixed: str) -> None:
+    """accelerate keeps one precision per process: a second run in the same process (a notebook,
+    the tests) with another model.dtype starts from a fresh state instead of failing."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
+        AcceleratorState._reset_state()
 
 
 class Dist:
@@ -84,7 +109,7 @@ class Dist:
             return model
         from ttrl.fsdp import shard_model
 
-        bf16 = self.device.type == "cuda" and self.accelerator.mixed_precision == "bf16"
+        bf16 = self.device.type == "cuda" and self.accelerator.mixed_precision == "bf16"  # gloo: float32
         return shard_model(model, self.device, self.world, bf16=bf16)
 
     def prepare(self, model, optimizer):

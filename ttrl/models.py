@@ -175,6 +175,18 @@ def _derives(kind, settings: dict, key: str) -> bool:
         return False
 
 
+def trained_weights(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` for weights that will be trained: a full fine-tune keeps them in float32 whatever
+    model.dtype says, and model.dtype becomes the dtype its forwards compute in (mixed precision,
+    `ttrl.distributed.make_accelerator`). AdamW moves a weight by about the learning rate per step
+    (5e-7 in the paper's configs), far below bf16's resolution (~0.4% of the weight): trained in
+    bf16 itself, a step leaves over 99% of the weights unchanged. Frozen weights (LoRA's base, the
+    KL reference) stay in model.dtype."""
+    if cfg.lora_rank > 0 or (Path(cfg.name).expanduser() / ADAPTER_CONFIG).is_file():
+        return cfg
+    return dataclasses.replace(cfg, dtype="float32")
+
+
 def load_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu"):
     """(model, tokenizer) on `device`. `cfg.architecture` set -> random weights of that shape,
     initialised on `device` itself (seeded: the same seed and device give the same weights);

@@ -233,8 +233,11 @@ def plan(cfg: Config, gpus: int = 1, gpu_memory_gb: float | None = 80.0, fsdp: b
     m, algo, r = cfg.model, cfg.algorithm, cfg.rollout
     d = torch.finfo(_dtype(cfg)).bits // 8
     lora = m.lora_rank
-    trainable = shape.lora_params(lora) * 4 if lora else shape.params * d  # peft keeps adapters in float32
-    weights = shape.params * d
+    # Trained weights are float32 (peft's adapters; a full fine-tune's, ttrl.models.trained_weights),
+    # frozen ones (LoRA's base, the KL reference) in model.dtype, which is also what forwards compute in.
+    trainable = shape.lora_params(lora) * 4 if lora else shape.params * 4
+    weights = shape.params * d if lora else trainable
+    frozen = shape.params * d
     notes = []
 
     # What stays allocated between phases (the update frees its gradients when it ends).
@@ -243,11 +246,11 @@ def plan(cfg: Config, gpus: int = 1, gpu_memory_gb: float | None = 80.0, fsdp: b
         state["LoRA adapters"] = trainable
     state["AdamW state"] = 2 * trainable // k
     if algo.kl_coef > 0:
-        state["KL reference model"] = weights
+        state["KL reference model"] = frozen
         if fsdp:
             notes.append("the KL reference model is a full copy on every GPU (it is not sharded)")
     if algo.advantage == "ppo":
-        backbone = (shape.params - shape.head_params) * d
+        backbone = (shape.params - shape.head_params) * (d if lora else 4)
         critic_train = shape.lora_params(lora) * 4 if lora else backbone
         # sharded like the policy under FSDP (train.parallel=fsdp)
         state["PPO critic (weights, gradients, AdamW)"] = (backbone + 3 * critic_train) // k + 16 * shape.hidden
@@ -258,7 +261,9 @@ def plan(cfg: Config, gpus: int = 1, gpu_memory_gb: float | None = 80.0, fsdp: b
     # Rollout and evaluation: FSDP gathers the whole model for them; LoRA samples from merged weights.
     sampling_state = dict(state)
     if fsdp:
-        sampling_state["weights (gathered for sampling)"] = weights
+        sampling_state["weights (gathered for sampling)"] = frozen
+    elif not lora and d < 4:  # autocast keeps a model.dtype copy of each weight it casts while it runs
+        sampling_state["weights in model.dtype (mixed precision)"] = frozen
     if lora:
         sampling_state["LoRA merged weights"] = sum(i * o for i, o in shape.adapted) * d
     resident = sum(sampling_state.values())
@@ -303,6 +308,8 @@ def plan(cfg: Config, gpus: int = 1, gpu_memory_gb: float | None = 80.0, fsdp: b
     chunk = chunk_positions(algo.logprob_chunk_mb, shape.vocab)
     kept, work = _forward_bytes(shape, d, lora, rows, groups, prompt_tokens, r.max_new_tokens, ckpt, chunk)
     update = {**state, "gradients": trainable // k}
+    if not fsdp and not lora and d < 4:
+        update["weights in model.dtype (mixed precision)"] = frozen
     if fsdp:
         update["weights (layers gathered in turn)"] = 2 * shape.layer_params * d
     update["activations kept for the backward"] = kept

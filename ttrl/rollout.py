@@ -149,8 +149,14 @@ def sample_next(logits: torch.Tensor, s: Sampling, uniforms: torch.Tensor | None
     Sampling is by inverse CDF: row r takes the first token whose cumulative probability exceeds
     `uniforms[r]` (in [0, 1)), an exact draw up to float32 rounding of the CDF. One uniform per row,
     where a Gumbel/exponential race needs a random number per vocabulary entry (49k per row, the
-    single most expensive op of a CPU decode step when we measured it).
+    single most expensive op of a CPU decode step when we measured it). All in float32, also
+    under mixed precision (CPU autocast would run the entropy's dot product in bf16).
     """
+    with torch.autocast(logits.device.type, enabled=False):
+        return _sample_next(logits.float(), s, uniforms)
+
+
+def _sample_next(logits: torch.Tensor, s: Sampling, uniforms: torch.Tensor | None):
     logp = tempered_logprobs(logits, s.temperature)
     p = logp.exp()
     entropy = -torch.linalg.vecdot(p, logp)
@@ -347,7 +353,9 @@ def _batch_rows(model, prompt_ids: list[list[int]], s: Sampling) -> int:
     if param.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(param.device)
         free += torch.cuda.memory_reserved(param.device) - torch.cuda.memory_allocated(param.device)  # torch's cache
-    return batch_rows(s, s.n, model.config, param.dtype, max(len(p) for p in prompt_ids), free)
+    kind = param.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else param.dtype  # the KV cache's
+    return batch_rows(s, s.n, model.config, dtype, max(len(p) for p in prompt_ids), free)
 
 
 def eos_ids(model, tokenizer) -> set[int]:

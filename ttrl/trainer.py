@@ -26,7 +26,7 @@ from ttrl.evaluation import run_evals
 from ttrl.fsdp import full_state_dict, load_sharded, save_sharded
 from ttrl.metrics import (MetricsWriter, library_bars, log_rollouts, progress_bar, read_metrics, truncate_metrics,
                           truncate_rollouts, write_atomic)
-from ttrl.models import export_model, load_model, set_gradient_checkpointing
+from ttrl.models import export_model, load_model, set_gradient_checkpointing, trained_weights
 from ttrl.plan import check_fits
 from ttrl.plugins import use_answer_checker
 from ttrl.preview import announce
@@ -243,7 +243,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Traini
     makes a resumed run continue bit for bit."""
     problems, extra = load_sets(cfg)  # bad data fails before anything is written
     use_answer_checker(cfg.data.answer_extractor, cfg.data.answer_equivalence)
-    dist = Dist(make_accelerator(), cfg.train.parallel)
+    dist = Dist(make_accelerator(cfg.model.dtype), cfg.train.parallel)
     check_critic_engine(cfg, dist)
     check_fits(cfg, dist.device)  # on CUDA: a run that cannot fit stops before the model loads
     if cfg.rollout.backend == "vllm":  # what it cannot do fails before the model loads
@@ -253,7 +253,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, stop: StopSignals) -> Traini
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
-    model, tok = load_model(cfg.model, seed=cfg.train.seed, device=dist.device)
+    model, tok = load_model(trained_weights(cfg.model), seed=cfg.train.seed, device=dist.device)
     set_gradient_checkpointing(model, cfg.algorithm.gradient_checkpointing, dist.device)
     model = dist.shard(model)  # FSDP: this rank's shards from here on (the reference model stays whole)
     ref_model = None
@@ -321,7 +321,7 @@ def check_critic_engine(cfg: Config, dist: Dist) -> None:
 
 def make_critic(cfg: Config, dist: Dist) -> Critic:
     """PPO's value model on the policy's starting weights, with its own AdamW, wrapped (or sharded) like the policy."""
-    model = dist.shard(load_critic(cfg.model, seed=cfg.train.seed, device=dist.device,
+    model = dist.shard(load_critic(trained_weights(cfg.model), seed=cfg.train.seed, device=dist.device,
                                    gradient_checkpointing=cfg.algorithm.gradient_checkpointing))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.algorithm.critic_lr,
                                   weight_decay=cfg.algorithm.weight_decay)

@@ -185,6 +185,8 @@ class VLLMSampler:
     def sync(self, model) -> None:
         """Load the trained weights into the engine (after each update), in place."""
         state = self.dist.unwrap(model).state_dict()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items()),
+        dtype = getattr(torch, self.cfg.model.dtype)  # the engine's; trained weights are float32 (trained_weights)
+        weights = ((name, w.to(dtype) if w.is_floating_point() else w) for name, w in state.items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                           "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached keys/values were computed with the old weights
