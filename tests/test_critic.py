@@ -36,6 +36,19 @@ def test_values_are_those_of_each_answer_prefix_with_the_prompt_run_once():
     assert float(values.std()) > 0  # a value per state, not one per answer
 
 
+def test_the_value_head_stays_float32_under_mixed_precision():
+    """model.dtype=bfloat16 runs forwards under autocast; the value head must not follow it."""
+    critic = _critic().eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(5)[None]}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        values = critic(**kwargs, n_values=3)
+        hidden = critic.backbone(**kwargs).last_hidden_state[:, -3:]
+    expected = (hidden.float() @ critic.head.weight.T + critic.head.bias).squeeze(-1)
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values, expected, atol=1e-6, rtol=1e-6)
+
+
 def test_critic_starts_at_zero_and_keeps_no_lm_head():
     critic = load_critic(ModelConfig(architecture=TINY_ARCH), seed=0)
     values, _ = token_values(critic, [[1, 2]], [[3, 4, 5]], pad_id=0)

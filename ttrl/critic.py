@@ -28,7 +28,7 @@ from ttrl.train_batch import StepValues, TrainBatch
 
 class ValueModel(nn.Module):
     """backbone (a transformers base model, LoRA layers included when used) + Linear(hidden, 1).
-    The head runs in float32 whatever the backbone's dtype: bf16 would round values near 1 to
+    The head runs in float32 whatever the backbone's dtype or autocast: bf16 would round values near 1 to
     ~0.004, coarser than the differences the critic has to learn."""
 
     def __init__(self, backbone: nn.Module, hidden_size: int):
@@ -45,7 +45,8 @@ class ValueModel(nn.Module):
         backbone_kwargs.setdefault("use_cache", False)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                **backbone_kwargs).last_hidden_state[:, -n_values:]
-        return self.head(hidden.float()).squeeze(-1)
+        with torch.autocast(hidden.device.type, enabled=False):  # mixed precision would run it in bf16
+            return self.head(hidden.float()).squeeze(-1)
 
 
 def load_critic(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu",
