@@ -5,8 +5,8 @@ scalar head, trained by its own AdamW at its own learning rate (`algorithm.criti
 official TTRL scripts), as verl and the TTRL paper run PPO. Why not a value head on the policy's own
 backbone, which would save that copy: the value loss would then pull on the features the policy
 samples from, and the two losses would need a weight that verl and the paper never tuned. What the
-copy costs on one GPU: one more set of weights, gradients and AdamW state (Qwen2.5-1.5B: 12 GB in
-bf16, 24 GB in float32); with LoRA (`model.lora_rank` > 0) the critic trains its own
+copy costs on one GPU: one more set of weights, gradients and AdamW state (float32 whatever
+model.dtype: Qwen2.5-1.5B, 24 GB); with LoRA (`model.lora_rank` > 0) the critic trains its own
 adapter of the same rank plus the head, so only its frozen weights are a second full copy and its
 optimizer state stays small. The LM head is dropped (for an untied 7B vocabulary, ~1 GB saved).
 
