@@ -25,7 +25,7 @@ from ttrl.checkpoint import CHECKPOINTS, checkpoint_config, is_checkpoint, list_
 from ttrl.config import Config, ConfigError, ModelConfig, load_config
 from ttrl.data import load_sets, run_sets
 from ttrl.metrics import write_atomic
-from ttrl.models import ADAPTER_CONFIG, EMBEDDED, ModelError, adapter_base, resolve
+from ttrl.models import EMBEDDED, ModelError, adapter_base, is_adapter, resolve
 from ttrl.plugins import use_answer_checker
 from ttrl.rundir import ENVIRONMENT_FILE
 
@@ -116,7 +116,7 @@ def check_model(cfg: ModelConfig) -> None:
         return
     run = next((p for p in (path, path.parent) if holds_run(p)), None)
     if run is not None and not (run / "model" / "config.json").is_file() and \
-            not (run / "model" / ADAPTER_CONFIG).is_file():
+            not is_adapter(run / "model"):
         saved = list_checkpoints(run)
         where = (f"its latest checkpoint is {saved[-1]}: `ttrl eval {run}` evaluates it, or give "
                  f"model.name={saved[-1]}" if saved else "and it saved no checkpoint either")
@@ -129,7 +129,7 @@ def check_model(cfg: ModelConfig) -> None:
         names = ", ".join(p.name for p in list_checkpoints(path.parent)) or "none yet"
         raise ModelError(f"model.name = {cfg.name!r} holds the run's checkpoints ({names}); give one of them, "
                          f"e.g. model.name={path / 'step-00000003'}")
-    resolve(adapter_base(cfg.name) if (path / ADAPTER_CONFIG).is_file() else cfg.name)
+    resolve(adapter_base(cfg.name) if is_adapter(path) else cfg.name)
 
 
 def model_settings(cfg: ModelConfig) -> ModelConfig:
@@ -139,7 +139,7 @@ def model_settings(cfg: ModelConfig) -> ModelConfig:
         from ttrl.config import config_from_dict
 
         return config_from_dict({"model": checkpoint_config(cfg.name).get("model") or {}}).model
-    if (Path(cfg.name).expanduser() / ADAPTER_CONFIG).is_file():
+    if is_adapter(cfg.name):
         return dataclasses.replace(cfg, name=adapter_base(cfg.name), lora_rank=0)
     return cfg
 
@@ -185,7 +185,7 @@ def check_not_inside(cfg: ModelConfig, run_dir: Path) -> None:
     if cfg.name == EMBEDDED or not run_dir.is_dir():
         return
     name = Path(cfg.name).expanduser()
-    base = Path(adapter_base(name)).expanduser() if (name / ADAPTER_CONFIG).is_file() else name
+    base = Path(adapter_base(name)).expanduser() if is_adapter(name) else name
     for path in {name, base}:
         if path.resolve().is_relative_to(run_dir.resolve()):
             raise ConfigError(f"model.name = {cfg.name!r} is part of the run in {run_dir} that --overwrite would "
@@ -372,7 +372,7 @@ def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Confi
         return cfg
     # The saved model has the run's shape and weights: load it as it is. A LoRA run saved only its
     # adapter: its base is rebuilt as the run built it (the same architecture and seed when random).
-    lora = (run_dir / "model" / ADAPTER_CONFIG).is_file()
+    lora = is_adapter(run_dir / "model")
     for key, value in (("name", str(run_dir / "model")), ("architecture", cfg.model.architecture if lora else {}),
                        ("lora_rank", 0)):
         if f"model.{key}" not in given:

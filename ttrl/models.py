@@ -100,7 +100,7 @@ def resolve(name: str) -> Path:
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    path = Path(name).expanduser() if (Path(name).expanduser() / ADAPTER_CONFIG).is_file() else resolve(name)
+    path = Path(name).expanduser() if is_adapter(name) else resolve(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers and tokenizers raise many types for a broken directory
@@ -182,7 +182,7 @@ def trained_weights(cfg: ModelConfig) -> ModelConfig:
     (5e-7 in the paper's configs), far below bf16's resolution (~0.4% of the weight): trained in
     bf16 itself, a step leaves over 99% of the weights unchanged. Frozen weights (LoRA's base, the
     KL reference) stay in model.dtype."""
-    if cfg.lora_rank > 0 or (Path(cfg.name).expanduser() / ADAPTER_CONFIG).is_file():
+    if cfg.lora_rank > 0 or is_adapter(cfg.name):
         return cfg
     return dataclasses.replace(cfg, dtype="float32")
 
@@ -194,7 +194,7 @@ def load_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cp
     Every check (config, shape, LoRA targets, tokenizer) runs before any weight is touched."""
     from transformers import AutoModelForCausalLM
 
-    if (Path(cfg.name).expanduser() / ADAPTER_CONFIG).is_file():
+    if is_adapter(cfg.name):
         return load_adapter(cfg, seed, device)
     config = model_config(cfg)
     dtype = getattr(torch, cfg.dtype)
@@ -246,6 +246,11 @@ def check_tokenizer(tok, config, name: str) -> None:
 
 
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter(name: str | Path) -> bool:
+    """`name` is a directory holding a saved LoRA adapter (peft's adapter_config.json), not a whole model."""
+    return (Path(name).expanduser() / ADAPTER_CONFIG).is_file()
 
 
 def adapter_base(path: str | Path) -> str:
