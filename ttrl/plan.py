@@ -238,6 +238,9 @@ def plan(cfg: Config, gpus: int = 1, gpu_memory_gb: float | None = 80.0, fsdp: b
     trainable = shape.lora_params(lora) * 4 if lora else shape.params * 4
     weights = shape.params * d if lora else trainable
     frozen = shape.params * d
+    # Under autocast (mixed precision, not FSDP's) a model.dtype copy of each float32 trained weight
+    # it casts is kept while it runs: the rollout, and the update until its backward.
+    casts = {} if fsdp or lora or d == 4 else {"weights in model.dtype (mixed precision)": frozen}
     notes = []
 
     # What stays allocated between phases (the update frees its gradients when it ends).
@@ -262,8 +265,7 @@ def plan(cfg: Config, gpus: int = 1, gpu_memory_gb: float | None = 80.0, fsdp: b
     sampling_state = dict(state)
     if fsdp:
         sampling_state["weights (gathered for sampling)"] = frozen
-    elif not lora and d < 4:  # autocast keeps a model.dtype copy of each weight it casts while it runs
-        sampling_state["weights in model.dtype (mixed precision)"] = frozen
+    sampling_state.update(casts)
     if lora:
         sampling_state["LoRA merged weights"] = sum(i * o for i, o in shape.adapted) * d
     resident = sum(sampling_state.values())
@@ -307,9 +309,7 @@ def plan(cfg: Config, gpus: int = 1, gpu_memory_gb: float | None = 80.0, fsdp: b
     rows, groups = sum(len(pc.samples) for pc in worst), len(worst)
     chunk = chunk_positions(algo.logprob_chunk_mb, shape.vocab)
     kept, work = _forward_bytes(shape, d, lora, rows, groups, prompt_tokens, r.max_new_tokens, ckpt, chunk)
-    update = {**state, "gradients": trainable // k}
-    if not fsdp and not lora and d < 4:
-        update["weights in model.dtype (mixed precision)"] = frozen
+    update = {**state, "gradients": trainable // k, **casts}
     if fsdp:
         update["weights (layers gathered in turn)"] = 2 * shape.layer_params * d
     update["activations kept for the backward"] = kept

@@ -153,7 +153,7 @@ def sample_next(logits: torch.Tensor, s: Sampling, uniforms: torch.Tensor | None
     under mixed precision (CPU autocast would run the entropy's dot product in bf16).
     """
     with torch.autocast(logits.device.type, enabled=False):
-        return _sample_next(logits.float(), s, uniforms)
+        return _sample_next(logits, s, uniforms)  # tempered_logprobs works in float32
 
 
 def _sample_next(logits: torch.Tensor, s: Sampling, uniforms: torch.Tensor | None):
